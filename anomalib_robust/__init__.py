@@ -1,0 +1,16 @@
+"""anomalib-robust: adversarially robust industrial anomaly detection for anomalib.
+
+Importing the package registers its models with anomalib (they are ``AnomalibModule`` subclasses, which is how
+anomalib's ``get_model``, ``list_models`` and CLI find models) and its callbacks with the CLI shorthands.
+
+Example:
+    >>> from anomalib.engine import Engine
+    >>> from anomalib_robust import AdvRAD
+    >>> from anomalib_robust.data import FashionMNIST
+    >>> Engine(max_steps=10).fit(AdvRAD.cpu_preset(), datamodule=FashionMNIST())  # doctest: +SKIP
+"""
+
+from anomalib_robust.models import AdvRAD
+
+__all__ = ["AdvRAD"]
+__version__ = "0.1.0"

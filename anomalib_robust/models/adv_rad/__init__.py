@@ -1,0 +1,3 @@
+"""AdvRAD."""
+from anomalib_robust.models.adv_rad.lightning_model import AdvRAD
+__all__ = ["AdvRAD"]

@@ -1,0 +1,272 @@
+"""AdvRAD: Adversarially Robust Anomaly Detection through diffusion-model robust reconstruction.
+
+Paper: Chen et al., "Adversarially Robust Industrial Anomaly Detection Through Diffusion Model" (seed 000). A DDPM
+trained on normal images reconstructs a test image from diffusion step k; the Gaussian noise dominates both the
+anomaly and any adversarial perturbation, so the reconstruction "repairs" both and the reconstruction error stays a
+robust anomaly score (sec. 4.3, Alg. 1-4).
+
+Example:
+    >>> from anomalib.engine import Engine
+    >>> from anomalib_robust import AdvRAD
+    >>> from anomalib_robust.data import FashionMNIST
+    >>> model = AdvRAD(image_size=(32, 32), base_channels=32, channel_mult=(1, 2, 2, 2))
+    >>> engine = Engine(max_steps=1500)
+    >>> engine.fit(model, datamodule=FashionMNIST())  # doctest: +SKIP
+    >>> engine.test(model, datamodule=FashionMNIST())  # doctest: +SKIP
+
+From the CLI (the plugin is loaded automatically once installed):
+
+    anomalib train --model AdvRAD --data MVTecAD --data.category bottle
+    anomalib train --config configs/model/adv_rad_cpu.yaml
+"""
+
+import inspect
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch
+from anomalib.metrics import Evaluator
+from anomalib.models.components import AnomalibModule
+from anomalib.post_processing import PostProcessor
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torchvision.transforms.v2 import Resize
+
+from anomalib_robust.models.adv_rad.scoring import DEFAULT_SCALES
+from anomalib_robust.models.adv_rad.torch_model import AdvRADModel
+
+logger = logging.getLogger(__name__)
+
+ARCHITECTURE_ARGS = (
+    "image_size",
+    "in_channels",
+    "base_channels",
+    "channel_mult",
+    "layers_per_block",
+    "attention_resolutions",
+    "num_heads",
+    "num_timesteps",
+    "beta_schedule",
+)
+"""Init args that shape the weights; a checkpoint's values for them win over the constructor's."""
+
+NORMAL_STATISTICS_SEED = 0
+
+
+class AdvRAD(AnomalibModule):
+    """AdvRAD anomaly detector (seed 000) as an anomalib model.
+
+    Defaults are the paper's (256 x 256, 128-channel U-Net with attention at 16 x 16 and one head, T = 1000, linear
+    schedule, hybrid loss with lambda = 0.001, Adam lr 1e-4, k = 100, one-shot reconstruction). Train with batch size 2
+    for 30k iterations to match appendix C.1 (``--data.train_batch_size 2 --trainer.max_steps 30000``);
+    ``configs/model/adv_rad_cpu.yaml`` is a small preset that trains in minutes on a CPU.
+
+    Images enter in [0, 1]; the pre-processor only resizes (no ImageNet normalisation), the torch model maps to
+    [-1, 1]. The reconstruction method, k and the noise draws are inference-time choices: change them on a trained
+    model with :meth:`set_reconstruction` or the init args when loading a checkpoint.
+
+    Args:
+        image_size (Sequence[int]): Size the pre-processor resizes to, and the U-Net's input. Defaults to (256, 256).
+        in_channels (int): Image channels. Defaults to ``3``.
+        base_channels (int): Channels of the first U-Net level. Defaults to ``128``.
+        channel_mult (Sequence[int]): Channel multiplier per U-Net level. Defaults to ``(1, 1, 2, 2, 4, 4)``.
+        layers_per_block (int): Residual blocks per level. Defaults to ``2``.
+        attention_resolutions (Sequence[int]): Feature-map sizes with self-attention. Defaults to ``(16,)``.
+        num_heads (int): Attention heads. Defaults to ``1``.
+        dropout (float): Dropout in residual blocks. Defaults to ``0.0``.
+        num_timesteps (int): Diffusion steps T. Defaults to ``1000``.
+        beta_schedule (str): ``"linear"`` or ``"cosine"``. Defaults to ``"linear"``.
+        vb_weight (float): lambda of the hybrid loss. Defaults to ``0.001``.
+        learning_rate (float): Adam learning rate. Defaults to ``1e-4``.
+        diffusion_step (int): k. Defaults to ``100``.
+        reconstruction (str): ``"one_shot"``, ``"arbitrary_shot"`` or ``"full_shot"``. Defaults to ``"one_shot"``.
+        step_schedule (Sequence[int] | None): S for ``"arbitrary_shot"``. Defaults to ``None``.
+        scales (Sequence[float]): Scale schedule of Alg. 4. Defaults to ``(1, 0.5, 0.25, 0.125)``.
+        mean_filter_size (int): Mean filter size s of Alg. 4. Defaults to ``3``.
+        num_noise_draws (int): Noise draws averaged per image at inference. Defaults to ``1``.
+        noise_seed (int | None): Seed for the inference noise of validation, test and predict runs (reproducible
+            evaluation); ``None`` draws fresh noise every time, which is part of the defence. Defaults to ``None``.
+        pre_processor, post_processor, evaluator, visualizer: anomalib components (``True`` for the defaults).
+    """
+
+    def __init__(
+        self,
+        image_size: Sequence[int] = (256, 256),
+        in_channels: int = 3,
+        base_channels: int = 128,
+        channel_mult: Sequence[int] = (1, 1, 2, 2, 4, 4),
+        layers_per_block: int = 2,
+        attention_resolutions: Sequence[int] = (16,),
+        num_heads: int = 1,
+        dropout: float = 0.0,
+        num_timesteps: int = 1000,
+        beta_schedule: str = "linear",
+        vb_weight: float = 1e-3,
+        learning_rate: float = 1e-4,
+        diffusion_step: int = 100,
+        reconstruction: str = "one_shot",
+        step_schedule: Sequence[int] | None = None,
+        scales: Sequence[float] = DEFAULT_SCALES,
+        mean_filter_size: int = 3,
+        num_noise_draws: int = 1,
+        noise_seed: int | None = None,
+        pre_processor: PreProcessor | bool = True,
+        post_processor: PostProcessor | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        if pre_processor is True:
+            pre_processor = self.configure_pre_processor(tuple(image_size))
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        self.learning_rate = learning_rate
+        self.noise_seed = noise_seed
+        self.model = self._build_model(self.hparams)
+        self._noise_generator: torch.Generator | None = None
+        self._statistics_step: int | None = None
+
+    @staticmethod
+    def _build_model(hparams: dict[str, Any]) -> AdvRADModel:
+        names = inspect.signature(AdvRADModel).parameters
+        return AdvRADModel(**{name: hparams[name] for name in names if name in hparams})
+
+    @classmethod
+    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
+        """Resize to the model's input size; no normalisation (AdvRAD works on [0, 1] images, mapped to [-1, 1])."""
+        return PreProcessor(transform=Resize(image_size or (256, 256), antialias=True))
+
+    def set_reconstruction(
+        self,
+        diffusion_step: int | None = None,
+        reconstruction: str | None = None,
+        step_schedule: Sequence[int] | None = None,
+    ) -> None:
+        """Switch k and/or the reconstruction algorithm of a trained model (no retraining)."""
+        diffusion_step = diffusion_step or self.model.diffusion_step
+        reconstruction = reconstruction or self.model.reconstruction
+        self.model.set_reconstruction(diffusion_step, reconstruction, step_schedule)
+        self.hparams.update(diffusion_step=diffusion_step, reconstruction=reconstruction, step_schedule=step_schedule)
+
+    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """One step of the hybrid objective (eq. 10)."""
+        del args, kwargs  # These variables are not used.
+        losses = self.model(batch.image)
+        self.log("train_loss", losses["loss"], on_epoch=True, prog_bar=True, logger=True)
+        self.log_dict({"train_loss_simple": losses["simple"], "train_loss_vb": losses["vb"]}, on_epoch=True)
+        return {"loss": losses["loss"]}
+
+    def _predict(self, batch: Batch) -> Batch:
+        predictions = self.model(batch.image, generator=self._noise_generator)
+        return batch.update(**predictions._asdict())
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Score the validation images (for the post-processor's threshold and normalisation)."""
+        del args, kwargs  # These variables are not used.
+        return self._predict(batch)
+
+    def test_step(self, batch: Batch, batch_idx: int, *args, **kwargs) -> STEP_OUTPUT:
+        """Score the test images."""
+        del args, kwargs, batch_idx  # These variables are not used.
+        return self._predict(batch)
+
+    def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> STEP_OUTPUT:
+        """Score images to predict."""
+        del batch_idx, dataloader_idx  # These variables are not used.
+        return self._predict(batch)
+
+    @torch.no_grad()
+    def fit_normal_statistics(self) -> None:
+        """Mean Err_ms of the normal training images with the current weights (Alg. 4 line 9), stored as a buffer.
+
+        Uses seeded noise so that the statistics of a given checkpoint are reproducible.
+        """
+        datamodule = getattr(self.trainer, "datamodule", None)
+        dataloader = datamodule.train_dataloader() if datamodule is not None else self.trainer.train_dataloader
+        if dataloader is None:
+            msg = "AdvRAD needs the training dataloader to compute the normal error statistics of Alg. 4"
+            raise RuntimeError(msg)
+        was_training = self.model.training
+        self.model.eval()
+        generator = torch.Generator(device=self.device).manual_seed(NORMAL_STATISTICS_SEED)
+        total, count = torch.zeros_like(self.model.normal_error_map), 0
+        for batch in dataloader:
+            images = batch.image.to(self.device)
+            if self.pre_processor is not None and self.pre_processor.transform is not None:
+                images = self.pre_processor.transform(images)
+            total += self.model.error_map(images, generator).sum(dim=0, keepdim=True)
+            count += images.shape[0]
+        self.model.set_normal_error_map(self.trainer.strategy.reduce(total, reduce_op="sum") / count)
+        self.model.train(was_training)
+        self._statistics_step = self.global_step
+
+    def on_validation_start(self) -> None:
+        """Refresh the normal error statistics when the weights changed since they were computed."""
+        if self.trainer.state.fn == "fit" and self._statistics_step != self.global_step:
+            self.fit_normal_statistics()
+        self._start_inference()
+
+    def on_train_end(self) -> None:
+        """Make sure the final weights come with their statistics, even when training ends without a validation."""
+        if self._statistics_step != self.global_step:
+            self.fit_normal_statistics()
+
+    def on_test_start(self) -> None:
+        """Check the statistics exist and seed the inference noise if requested."""
+        self._start_inference()
+
+    def on_predict_start(self) -> None:
+        """Check the statistics exist and seed the inference noise if requested."""
+        self._start_inference()
+
+    def _start_inference(self) -> None:
+        self.model.check_fitted()
+        self._noise_generator = (
+            None if self.noise_seed is None else torch.Generator(device=self.device).manual_seed(self.noise_seed)
+        )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Rebuild the torch model with the checkpoint's architecture when it differs from the constructor's.
+
+        The weights define the architecture, so ``anomalib test --model AdvRAD --ckpt_path ...`` works without
+        repeating the training configuration; inference-time args (k, reconstruction, noise draws) stay as given.
+        """
+        super().on_load_checkpoint(checkpoint)
+        saved = checkpoint.get("hyper_parameters", {})
+        missing = [name for name in ARCHITECTURE_ARGS if name not in saved]
+        if missing:
+            msg = f"checkpoint is not an AdvRAD checkpoint: its hyper_parameters lack {missing}"
+            raise ValueError(msg)
+        changed = {
+            name: saved[name] for name in ARCHITECTURE_ARGS if _as_list(saved[name]) != _as_list(self.hparams[name])
+        }
+        if changed:
+            logger.warning("Rebuilding AdvRAD with the checkpoint's architecture: %s", changed)
+            self.hparams.update(changed)
+            self.model = self._build_model(self.hparams).to(self.device)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """Adam with the paper's learning rate 1e-4 (appendix C.1)."""
+        return torch.optim.Adam(self.model.parameters(), lr=self.learning_rate)
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """No sanity validation: the normal statistics only exist once training started."""
+        return {"num_sanity_val_steps": 0}
+
+    @property
+    def learning_type(self) -> LearningType:
+        """AdvRAD learns from normal images only."""
+        return LearningType.ONE_CLASS
+
+
+def _as_list(value: Any) -> Any:  # noqa: ANN401
+    """Compare hyper-parameters saved as tuples or lists alike."""
+    return list(value) if isinstance(value, tuple | list) else value
