@@ -159,8 +159,13 @@ class AdvRAD(AnomalibModule):
         """One step of the hybrid objective (eq. 10)."""
         del args, kwargs  # These variables are not used.
         losses = self.model(batch.image)
-        self.log("train_loss", losses["loss"], on_epoch=True, prog_bar=True, logger=True)
-        self.log_dict({"train_loss_simple": losses["simple"], "train_loss_vb": losses["vb"]}, on_epoch=True)
+        batch_size = batch.image.shape[0]
+        self.log("train_loss", losses["loss"], on_epoch=True, prog_bar=True, logger=True, batch_size=batch_size)
+        self.log_dict(
+            {"train_loss_simple": losses["simple"], "train_loss_vb": losses["vb"]},
+            on_epoch=True,
+            batch_size=batch_size,
+        )
         return {"loss": losses["loss"]}
 
     def _predict(self, batch: Batch) -> Batch:

@@ -1,0 +1,139 @@
+"""``RobustEval`` end to end with ``Engine.test`` on the embedded Fashion-MNIST data (Padim, random-init backbone)."""
+
+import json
+import math
+
+import pytest
+import torch
+from anomalib.engine import Engine
+from anomalib.models import Padim
+from torch.utils.data import DataLoader
+
+from anomalib_robust.callbacks import RobustEval
+from anomalib_robust.data import FashionMNIST
+
+SIZE = 32
+
+
+class Quantise(torch.nn.Module):
+    """A pre-processing stage outside autograd (8-bit rounding through numpy), then Padim's own normalisation."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(torch.from_numpy((x.detach().cpu().numpy() * 255).round() / 255))
+
+
+@pytest.fixture(scope="module")
+def datamodule(tmp_path_factory: pytest.TempPathFactory) -> FashionMNIST:
+    datamodule = FashionMNIST(
+        category="trouser",
+        root="embedded",
+        image_size=SIZE,
+        num_train=16,
+        num_test=32,
+        train_batch_size=16,
+        eval_batch_size=8,
+        cache_dir=tmp_path_factory.mktemp("cache"),
+    )
+    datamodule.setup()
+    return datamodule
+
+
+@pytest.fixture(scope="module")
+def padim(datamodule: FashionMNIST, tmp_path_factory: pytest.TempPathFactory) -> Padim:
+    torch.manual_seed(0)
+    model = Padim(backbone="resnet18", pre_trained=False, pre_processor=Padim.configure_pre_processor((SIZE, SIZE)))
+    root = tmp_path_factory.mktemp("fit")
+    Engine(default_root_dir=root, max_epochs=1, logger=False, enable_progress_bar=False).fit(model, datamodule=datamodule)
+    return model
+
+
+def _engine(root: object, callbacks: list | None = None) -> Engine:
+    return Engine(default_root_dir=root, logger=False, enable_progress_bar=False, callbacks=callbacks or [])
+
+
+def test_reports_logs_and_leaves_clean_metrics_unchanged(padim: Padim, datamodule: FashionMNIST, tmp_path) -> None:
+    (clean,) = _engine(tmp_path / "plain").test(padim, datamodule=datamodule, verbose=False)
+    callback = RobustEval(attacks=["pgd", "apgd"], eps=[1 / 255, 4 / 255], steps=5, n_queries=40)
+    (metrics,) = _engine(tmp_path / "robust", [callback]).test(padim, datamodule=datamodule, verbose=False)
+
+    assert {key: value for key, value in metrics.items() if not key.startswith("robust/")} == clean
+    report = callback.report
+    assert metrics["robust/clean/image_AUROC"] == pytest.approx(report.clean_image_auroc)
+    assert metrics["robust/pgd_linf_eps0.01569/image_AUROC"] < report.clean_image_auroc
+    assert report.clean_pixel_auroc is not None
+    assert "robust/pgd_linf_eps0.01569/pixel_AUROC" in metrics
+    verdicts = {check.name: check.passed for check in report.checks}
+    assert verdicts == {
+        "AUROC does not increase with eps": True,
+        "AUROC does not increase with steps": True,
+        "very large eps drives AUROC to near 0": True,
+        "black-box Square does not beat white-box attacks": True,
+    }
+
+    directory = next((tmp_path / "robust").rglob("robust_eval")) / "linf"
+    written = json.loads((directory / "report.json").read_text())
+    assert written["model"] == "Padim" and not written["gradient_masking_suspected"]
+    assert len((directory / "report.csv").read_text().splitlines()) == 2 + len(report.results)
+    assert (directory / "auroc_vs_eps.png").stat().st_size > 0
+    assert (directory / "adversarial_examples.png").stat().st_size > 0
+    assert not list(directory.glob(".*"))  # no temporary files left behind
+
+
+def test_seeded_evaluation_reproduces(padim: Padim, datamodule: FashionMNIST) -> None:
+    settings = {"attacks": ["pgd"], "eps": 2 / 255, "steps": 3, "sanity_checks": False, "plots": False}
+    first = RobustEval(**settings).evaluate(padim, datamodule.test_dataloader())
+    second = RobustEval(**settings).evaluate(padim, datamodule.test_dataloader())
+    assert first.to_dict() == second.to_dict()
+
+
+def test_unattackable_score_is_reported_with_reason(padim: Padim, datamodule: FashionMNIST) -> None:
+    original = padim.pre_processor
+    padim.pre_processor = Quantise(original)
+    try:
+        report = RobustEval(attacks=["pgd", "square"], eps=4 / 255, steps=2, n_queries=20, plots=False).evaluate(
+            padim, datamodule.test_dataloader()
+        )
+    finally:
+        padim.pre_processor = original
+    pgd = next(result for result in report.results if result.attack == "PGD")
+    square = next(result for result in report.results if result.attack == "Square")
+    assert pgd.status == "not attackable" and "BPDA" in pgd.reason and pgd.image_auroc is None
+    assert square.status == "ok" and square.image_auroc is not None
+    assert "not differentiable" in str(report.table().rows) or any(result.reason for result in report.results)
+
+
+def test_randomised_detector_is_attacked_with_eot(padim: Padim, datamodule: FashionMNIST) -> None:
+    padim.model.stochastic = True
+    try:
+        with pytest.raises(ValueError, match="needs EOT: eot_samples must be >= 2"):
+            RobustEval(eot_samples=1).evaluate(padim, datamodule.test_dataloader())
+        report = RobustEval(eps=2 / 255, steps=1, eot_samples=2, sanity_checks=False, plots=False, max_samples=8)
+        report = report.evaluate(padim, datamodule.test_dataloader())
+    finally:
+        del padim.model.stochastic
+    assert report.eot_samples == 2
+    assert [result.attack for result in report.results] == ["EOT-PGD"]
+
+
+def test_bad_input_is_rejected(padim: Padim, datamodule: FashionMNIST) -> None:
+    for kwargs, message in [
+        ({"eps": 0}, "eps must be a finite number > 0"),
+        ({"eps": [2 / 255, math.nan]}, "eps must be a finite number > 0"),
+        ({"steps": 0}, "steps must be an integer >= 1"),
+        ({"norm": "L3"}, "norm must be one of"),
+        ({"attacks": ["fgsm"]}, "Unknown attack 'fgsm'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            RobustEval(**kwargs)
+    dataset = datamodule.test_data
+    normal_only = [index for index in range(len(dataset)) if not dataset[index].gt_label]
+    loader = DataLoader(torch.utils.data.Subset(dataset, normal_only), batch_size=4, collate_fn=dataset.collate_fn)
+    with pytest.raises(ValueError, match="single class"):
+        RobustEval(plots=False).evaluate(padim, loader)
+    unlabelled = DataLoader(torch.rand(4, 3, SIZE, SIZE), batch_size=2)
+    with pytest.raises(ValueError, match="labelled test batches"):
+        RobustEval(plots=False).evaluate(padim, unlabelled)
