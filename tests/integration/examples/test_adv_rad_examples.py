@@ -1,0 +1,32 @@
+"""The AdvRAD examples run as a user runs them, with tiny settings, so that they never rot."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPOSITORY = Path(__file__).resolve().parents[3]
+
+
+def run(command: list[str], cwd: Path, **environment: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env={**env, **environment}, timeout=900)
+    assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}"
+    return result
+
+
+def test_python_example(tmp_path: Path) -> None:
+    result = run(
+        [sys.executable, str(REPOSITORY / "examples" / "adv_rad_python.py"), "--max-steps", "3", "--num-train", "16",
+         "--num-test", "16", "--results", str(tmp_path)],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert "image_AUROC" in result.stdout
+    assert list(tmp_path.glob("AdvRAD/**/images/**/*.png")), "no anomaly-map visualisation was saved"
+
+
+def test_cli_example(tmp_path: Path) -> None:
+    run(["bash", "examples/adv_rad_cli.sh"], cwd=REPOSITORY, MAX_STEPS="2", NUM_TRAIN="8", NUM_TEST="8",
+        RESULTS=str(tmp_path))  # fmt: skip
+    assert list(tmp_path.glob("AdvRAD/**/*.ckpt"))
+    assert list(tmp_path.glob("AdvRAD/**/images/**/*.png"))
