@@ -210,7 +210,9 @@ class AdvRAD(AnomalibModule):
     def fit_normal_statistics(self) -> None:
         """Mean Err_ms of the normal training images with the current weights (Alg. 4 line 9), stored as a buffer.
 
-        Uses seeded noise so that the statistics of a given checkpoint are reproducible.
+        Uses seeded noise so that the statistics of a given checkpoint are reproducible. Under DDP every rank goes
+        through the whole training set (the dataloader is built outside Lightning's loops, so it is not sharded) and
+        computes the same statistics from the same synchronised weights.
         """
         datamodule = getattr(self.trainer, "datamodule", None)
         dataloader = datamodule.train_dataloader() if datamodule is not None else self.trainer.train_dataloader
@@ -227,7 +229,7 @@ class AdvRAD(AnomalibModule):
                 images = self.pre_processor.transform(images)
             total += self.model.error_map(images, generator).sum(dim=0, keepdim=True)
             count += images.shape[0]
-        self.model.set_normal_error_map(self.trainer.strategy.reduce(total, reduce_op="sum") / count)
+        self.model.set_normal_error_map(total / count)
         self.model.train(was_training)
         self._statistics_step = self.global_step
 
