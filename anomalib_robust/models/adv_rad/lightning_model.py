@@ -63,11 +63,13 @@ CPU_PRESET = {
     "layers_per_block": 1,
     "attention_resolutions": (16,),
     "learning_rate": 1e-3,
+    "mean_filter_size": 5,
 }
 """A 1.6 M-parameter U-Net at 32 x 32 that trains in minutes on a CPU (``configs/model/adv_rad_cpu.yaml``).
 
 Everything else keeps the paper's values; the learning rate is 10x the paper's so that ~1.5k iterations suffice
-instead of 30k.
+instead of 30k, and the mean filter (whose size the paper does not state) is 5 x 5, which measured best of 1, 3, 5 on
+Fashion-MNIST at 32 x 32.
 """
 
 
