@@ -89,6 +89,7 @@ def test_category_accepts_index_snake_case_and_official_names() -> None:
         ({"image_size": 7, "protocol": "semantic"}, "image_size"),
         ({"image_size": 16}, "image_size"),  # defects need 32
         ({"image_size": 64.0}, "image_size"),
+        ({"seed": None}, "seed"),
         ({"num_train": 0}, "num_train"),
         ({"num_train": 201}, "num_train"),  # the embedded subset has 200 per class
         ({"num_test": 1}, "num_test"),

@@ -1,0 +1,99 @@
+"""Small, seeded synthetic defects on object images, made with anomalib's Perlin anomaly generator.
+
+:class:`anomalib.data.utils.generators.perlin.PerlinAnomalyGenerator` (the DRAEM-style generator: a thresholded,
+rotated Perlin-noise blob filled with an augmented noise texture and blended into the image; Zavrtanik et al., "DRAEM
+- A discriminatively trained reconstruction embedding for surface anomaly detection", ICCV 2021) makes blobs of any
+size anywhere in the image. :func:`add_small_defect` keeps only the part of such a blob that lies on the object and
+within a disc around one of its object pixels, and retries until that part covers between
+:data:`MIN_AREA` and :data:`MAX_AREA` of the image and visibly changes it. The texture is averaged over the colour
+channels so a grayscale image stays grayscale.
+
+Every random draw (the generator's and this module's) comes from torch's global generator, seeded from ``seed`` inside
+:func:`torch.random.fork_rng`, so a defect depends only on the image and the seed, and the caller's random state is
+left untouched.
+
+Example:
+    >>> import torch
+    >>> image = torch.zeros(1, 64, 64, dtype=torch.uint8)
+    >>> image[:, 8:56, 16:48] = 180
+    >>> defective, mask = add_small_defect(image, seed=0)
+    >>> defective.shape, defective.dtype, mask.dtype
+    (torch.Size([1, 64, 64]), torch.uint8, torch.bool)
+    >>> MIN_AREA <= mask.float().mean().item() <= MAX_AREA
+    True
+"""
+
+import torch
+from anomalib.data.utils.generators.perlin import PerlinAnomalyGenerator
+
+MIN_AREA = 0.01
+"""Smallest defect, as a fraction of the image area."""
+
+MAX_AREA = 0.04
+"""Largest defect, as a fraction of the image area."""
+
+MIN_CONTRAST = 0.1
+"""Smallest mean absolute change of intensity (on a 0-1 scale) over the defect's pixels."""
+
+FOREGROUND_LEVEL = 25
+"""Pixels brighter than this (of 255) belong to the object (Fashion-MNIST backgrounds are black)."""
+
+BLEND_FACTOR = (0.5, 1.0)
+"""Range of the generator's blend factor: how much the noise texture replaces the image inside the blob."""
+
+RADII = (0.2, 0.16, 0.12, 0.09, 0.06, 0.0)
+"""Disc radii tried, as fractions of the image side, largest first, until the defect is at most :data:`MAX_AREA`."""
+
+MAX_ATTEMPTS = 200
+
+MIN_SIZE = 32
+"""Smallest image side: the generator's Perlin noise draws grid scales up to 32."""
+
+
+def add_small_defect(image: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paint one small defect on a grayscale object image.
+
+    Args:
+        image: ``uint8`` tensor ``[1, H, W]``.
+        seed: Seed of every random draw.
+
+    Returns:
+        The defective image (``uint8`` ``[1, H, W]``, equal to ``image`` outside the mask) and the defect mask
+        (``bool`` ``[H, W]``).
+
+    Raises:
+        ValueError: ``image`` is not a ``uint8`` ``[1, H, W]`` tensor of at least :data:`MIN_SIZE` pixels a side.
+        RuntimeError: No defect met the size and contrast limits in :data:`MAX_ATTEMPTS` draws.
+    """
+    if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 1 or min(image.shape[1:]) < MIN_SIZE:
+        msg = f"image must be a uint8 tensor [1, H, W] with H, W >= {MIN_SIZE}; got {image.dtype} {tuple(image.shape)}."
+        raise ValueError(msg)
+    height, width = image.shape[-2:]
+    pixels = image.float().div(255)
+    region = image[0] > FOREGROUND_LEVEL
+    if region.float().mean() < 2 * MIN_AREA:  # (almost) no object: anywhere will do
+        region = torch.ones_like(region)
+    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        generator = PerlinAnomalyGenerator(probability=1.0, blend_factor=BLEND_FACTOR)
+        for _ in range(MAX_ATTEMPTS):
+            augmented, blob = generator(pixels.expand(3, -1, -1))
+            candidates = (blob[0] > 0) & region
+            centres = candidates.nonzero()
+            if len(centres) == 0:
+                continue
+            centre_row, centre_col = centres[torch.randint(len(centres), (1,)).item()]
+            distance2 = (rows - centre_row) ** 2 + (cols - centre_col) ** 2
+            for radius in RADII:
+                mask = candidates & (distance2 <= (radius * max(height, width)) ** 2)
+                if mask.float().mean() <= MAX_AREA:
+                    break
+            defective = torch.where(mask, augmented.mean(0), pixels[0]).clamp(0, 1).mul(255).round().to(torch.uint8)
+            contrast = (defective[mask].float() - image[0][mask].float()).abs().mean() / 255
+            if mask.float().mean() >= MIN_AREA and contrast >= MIN_CONTRAST:
+                return defective.unsqueeze(0), mask
+    msg = (
+        f"no defect of {MIN_AREA:.0%}-{MAX_AREA:.0%} of the image with contrast {MIN_CONTRAST} in {MAX_ATTEMPTS} draws."
+    )
+    raise RuntimeError(msg)
