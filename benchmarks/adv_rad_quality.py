@@ -30,7 +30,9 @@ def baselines() -> dict[str, object]:
     """Undefended anomalib detectors with random-init backbones at 64 x 64."""
     pre_processor = Padim.configure_pre_processor(image_size=(64, 64))
     return {
-        "Padim": Padim(backbone="resnet18", pre_trained=False, layers=["layer1", "layer2"], pre_processor=pre_processor),
+        "Padim": Padim(
+            backbone="resnet18", pre_trained=False, layers=["layer1", "layer2"], pre_processor=pre_processor
+        ),
         "Patchcore": Patchcore(
             backbone="resnet18",
             pre_trained=False,
@@ -73,7 +75,9 @@ def main() -> None:
             for protocol in ("defect", "semantic")
         }
         root = arguments.output.parent / "runs"
-        results = {"AdvRAD": evaluate(AdvRAD.cpu_preset(noise_seed=0), datamodules, root, max_steps=arguments.max_steps)}
+        results = {
+            "AdvRAD": evaluate(AdvRAD.cpu_preset(noise_seed=0), datamodules, root, max_steps=arguments.max_steps)
+        }
         results |= {name: evaluate(model, datamodules, root, max_epochs=1) for name, model in baselines().items()}
         for protocol in datamodules:
             rows[CLASS_NAMES[label], protocol] = [
@@ -82,7 +86,9 @@ def main() -> None:
                 for level in ("image", "pixel")
             ]
 
-    title = f"Standard AUROC (%) on Fashion-MNIST, AdvRAD CPU preset ({arguments.max_steps} steps) vs random-init baselines"
+    title = (
+        f"Standard AUROC (%) on Fashion-MNIST, AdvRAD CPU preset ({arguments.max_steps} steps) vs random-init baselines"
+    )
     table = Table(title=title)
     for column in ("class", "protocol", *COLUMNS):
         table.add_column(column, justify="right")

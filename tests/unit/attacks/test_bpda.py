@@ -27,10 +27,10 @@ def test_forward_is_exact_and_backward_uses_the_surrogate() -> None:
 def test_non_differentiable_detector_raises_then_bpda_attacks_it(detector: torch.nn.Module, batch: tuple) -> None:
     images, labels = batch
     detector.pre_processor = Quantise()
-    with pytest.raises(NotDifferentiableError, match="ToyDetector.*BPDA.*Square"):
+    with pytest.raises(NotDifferentiableError, match=r"ToyDetector.*BPDA.*Square"):
         PGD(detector, steps=1)(images, labels)
     adversarial = PGD(detector, eps=8 / 255, steps=2, bpda={"pre_processor": None})(images, labels)
     assert not torch.equal(adversarial, images)
     assert isinstance(detector.pre_processor, Quantise)
-    with pytest.raises(ValueError, match="no submodule 'model.missing'"):
+    with pytest.raises(ValueError, match=r"no submodule 'model\.missing'"):
         PGD(detector, bpda={"model.missing": None})

@@ -13,7 +13,11 @@ def test_direction_is_plus_one_for_normal_and_minus_one_for_anomalous() -> None:
 
 @pytest.mark.parametrize(
     ("labels", "message"),
-    [(None, "labels are required"), (torch.tensor([0, 1, 2]), "0 \\(normal\\) or 1"), (torch.tensor([0, 1]), "one label")],
+    [
+        (None, "labels are required"),
+        (torch.tensor([0, 1, 2]), "0 \\(normal\\) or 1"),
+        (torch.tensor([0, 1]), "one label"),
+    ],
 )
 def test_bad_labels_are_rejected(labels: torch.Tensor | None, message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -1,0 +1,8 @@
+"""Lightning callbacks of anomalib-robust; ``--callbacks robust_eval`` in the ``anomalib`` command."""
+
+from anomalib_robust.callbacks.robust_eval import RobustEval
+from anomalib_robust.cli import register_callback
+
+register_callback("robust_eval", "anomalib_robust.callbacks.RobustEval")
+
+__all__ = ["RobustEval"]
