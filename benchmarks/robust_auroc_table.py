@@ -27,6 +27,7 @@ from rich.table import Table
 
 from anomalib_robust import AdvRAD
 from anomalib_robust.callbacks import RobustEval
+from anomalib_robust.callbacks.robust_report import format_eps
 from anomalib_robust.data import FashionMNIST
 
 THREATS = (("Linf", 2 / 255), ("L2", 0.2))
@@ -87,7 +88,12 @@ def main() -> None:
     console = Console()
     for protocol in args.protocols:
         table = Table(title=f"Image AUROC (%) on Fashion-MNIST, {protocol} protocol, {args.image_size} px")
-        for column in ("Class", "Model", "standard", *(f"robust {norm} {eps:.3g}" for norm, eps in THREATS)):
+        for column in (
+            "Class",
+            "Model",
+            "standard",
+            *(f"robust {norm} {format_eps(eps, norm)}" for norm, eps in THREATS),
+        ):
             table.add_column(column, justify="left" if column in {"Class", "Model"} else "right")
         for category in args.classes:
             datamodule = FashionMNIST(

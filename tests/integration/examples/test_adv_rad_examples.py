@@ -30,3 +30,15 @@ def test_cli_example(tmp_path: Path) -> None:
         RESULTS=str(tmp_path))  # fmt: skip
     assert list(tmp_path.glob("AdvRAD/**/*.ckpt"))
     assert list(tmp_path.glob("AdvRAD/**/images/**/*.png"))
+
+
+def test_demo(tmp_path: Path) -> None:
+    """`make demo` with tiny settings: both models trained, attacked and put in one table."""
+    result = run(
+        [sys.executable, str(REPOSITORY / "examples" / "demo.py"), "--max-steps", "3", "--num-train", "16",
+         "--num-test", "16", "--attack-steps", "2", "--eot-samples", "2", "--results", str(tmp_path)],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert "AdvRAD (CPU preset)" in result.stdout
+    assert "Padim (undefended)" in result.stdout
+    assert list(tmp_path.glob("*/robust_eval/**/report.json"))
