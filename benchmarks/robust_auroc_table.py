@@ -12,14 +12,10 @@ Example:
 """
 
 import argparse
-import contextlib
 import time
-from collections.abc import Callable, Iterator
-from unittest import mock
+from collections.abc import Callable
 
-import timm
 import torch
-import torchvision
 from anomalib.engine import Engine
 from anomalib.models import Cfa, Fastflow, Padim, Patchcore, Stfpm
 from rich.console import Console
@@ -27,26 +23,12 @@ from rich.table import Table
 
 from anomalib_robust import AdvRAD
 from anomalib_robust.callbacks import RobustEval
+from anomalib_robust.offline import random_init_backbones
 from anomalib_robust.callbacks.robust_report import format_eps
 from anomalib_robust.data import FashionMNIST
 
 THREATS = (("Linf", 2 / 255), ("L2", 0.2))
 """The paper's two threat models (sec. 5.1)."""
-
-
-@contextlib.contextmanager
-def offline_backbones() -> Iterator[None]:
-    """Build anomalib models whose constructors hard-code pretrained weights (Stfpm, Cfa) from random init."""
-    create_model = timm.create_model
-
-    class NoWeights:
-        DEFAULT = None
-
-    with (
-        mock.patch.object(timm, "create_model", lambda *args, **kw: create_model(*args, **{**kw, "pretrained": False})),
-        mock.patch.object(torchvision.models, "get_model_weights", lambda name: NoWeights),
-    ):
-        yield
 
 
 def detectors(size: int) -> dict[str, Callable[[], torch.nn.Module]]:
@@ -68,7 +50,7 @@ def detectors(size: int) -> dict[str, Callable[[], torch.nn.Module]]:
 
 def build(name: str, size: int) -> torch.nn.Module:
     """Detector ``name`` of :func:`detectors`, with backbones from random init."""
-    with offline_backbones():
+    with random_init_backbones():
         return detectors(size)[name]()
 
 

@@ -6,41 +6,21 @@ hold with margin: the attack never raises AUROC, and a very large eps drives it 
 printed (``pytest -s``).
 """
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
-import timm
 import torch
-import torchvision
 from anomalib.engine import Engine
 from anomalib.models import Cfa, Draem, Fastflow, Padim, Patchcore, ReverseDistillation, Stfpm
 from PIL import Image
 
 from anomalib_robust.callbacks import RobustEval
+from anomalib_robust.offline import random_init_backbones
 from anomalib_robust.data import FashionMNIST
 
 SIZE = 32
-
-
-@contextlib.contextmanager
-def offline_backbones() -> Iterator[None]:
-    """Build anomalib models whose constructors hard-code pretrained weights (Stfpm, Cfa) from random init."""
-    create_model = timm.create_model
-
-    class NoWeights:
-        DEFAULT = None
-
-    with (
-        mock.patch.object(
-            timm, "create_model", lambda *args, **kwargs: create_model(*args, **{**kwargs, "pretrained": False})
-        ),
-        mock.patch.object(torchvision.models, "get_model_weights", lambda name: NoWeights),
-    ):
-        yield
 
 
 def _texture_dir(root: Path) -> Path:
@@ -92,7 +72,7 @@ def test_attack_lowers_auroc_and_large_eps_drives_it_to_zero(
     name: str, datamodule: FashionMNIST, tmp_path: Path
 ) -> None:
     torch.manual_seed(0)
-    with offline_backbones():
+    with random_init_backbones():
         model = MODELS[name](tmp_path / "dtd")
     heavy = name == "Draem"  # two 128-channel U-Nets: used as initialised, on fewer images
     if not heavy:
