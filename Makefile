@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# One torch thread per process: the reference machine has 2 cores.
+# Torch threads per process on the 2-core reference machine (tests use one per worker, two workers).
 export OMP_NUM_THREADS ?= 2
 
 .PHONY: install demo test benchmarks fashion-mnist clean
@@ -22,7 +22,7 @@ demo: $(STAMP)
 
 ## test: the test suite (CPU, offline).
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 ## fashion-mnist: the full Fashion-MNIST from Debian (benchmarks use it; demo and tests use the embedded subset).
 fashion-mnist:
