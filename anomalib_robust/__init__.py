@@ -11,8 +11,9 @@ Example:
     >>> Engine(max_steps=10).fit(AdvRAD.cpu_preset(), datamodule=FashionMNIST())  # doctest: +SKIP
 """
 
+from anomalib_robust import data
 from anomalib_robust.callbacks import RobustEval
 from anomalib_robust.models import AdvRAD
 
-__all__ = ["AdvRAD", "RobustEval"]
+__all__ = ["AdvRAD", "RobustEval", "data"]
 __version__ = "0.1.0"

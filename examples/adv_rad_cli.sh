@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # AdvRAD from the anomalib command line, on the embedded Fashion-MNIST data: the commands a user types.
 # Run from the repository root:   bash examples/adv_rad_cli.sh
-# Smaller settings for a smoke run: MAX_STEPS=5 NUM_TRAIN=16 NUM_TEST=16 bash examples/adv_rad_cli.sh
+# Smaller settings for a smoke run: EPOCHS=1 NUM_TRAIN=16 NUM_TEST=16 bash examples/adv_rad_cli.sh
 set -euo pipefail
-MAX_STEPS=${MAX_STEPS:-1500}
+EPOCHS=${EPOCHS:-100}
 NUM_TRAIN=${NUM_TRAIN:-200}
 NUM_TEST=${NUM_TEST:-100}
 RESULTS=${RESULTS:-results}
@@ -12,7 +12,7 @@ DATA=(--data configs/data/fashion_mnist.yaml --data.category trouser --data.imag
 
 # 1. Train the CPU preset (the plugin is loaded into anomalib automatically once installed).
 anomalib train --config configs/model/adv_rad_cpu.yaml "${DATA[@]}" \
-  --trainer.max_steps "$MAX_STEPS" --default_root_dir "$RESULTS"
+  --trainer.max_epochs "$EPOCHS" --trainer.check_val_every_n_epoch "$EPOCHS" --default_root_dir "$RESULTS"
 CKPT=$(ls -t "$RESULTS"/AdvRAD/FashionMNIST/trouser/v*/weights/lightning/model.ckpt | head -n 1)
 
 # 2. Test it: the architecture comes from the checkpoint, so `--model AdvRAD` is enough.

@@ -1,7 +1,7 @@
 """Train AdvRAD on the embedded Fashion-MNIST data with anomalib's Engine, test it and save its anomaly maps.
 
     python examples/adv_rad_python.py                      # CPU preset, a few minutes
-    python examples/adv_rad_python.py --max-steps 20       # a quick smoke run
+    python examples/adv_rad_python.py --epochs 1           # a quick smoke run
 
 The test images with their anomaly maps are written by anomalib's visualizer under
 ``<results>/AdvRAD/FashionMNIST/<category>/latest/images``.
@@ -20,7 +20,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--category", default="trouser", help="Fashion-MNIST class trained on (name or 0-9)")
     parser.add_argument("--protocol", default="defect", choices=["defect", "semantic"])
-    parser.add_argument("--max-steps", type=int, default=1500, help="training iterations")
+    parser.add_argument("--epochs", type=int, default=100, help="training epochs")
     parser.add_argument("--num-train", type=int, default=200)
     parser.add_argument("--num-test", type=int, default=100)
     parser.add_argument("--results", type=Path, default=Path("results"))
@@ -35,7 +35,12 @@ def main() -> None:
         train_batch_size=16,
     )
     model = AdvRAD.cpu_preset()
-    engine = Engine(max_steps=arguments.max_steps, default_root_dir=arguments.results, logger=False)
+    engine = Engine(
+        max_epochs=arguments.epochs,
+        check_val_every_n_epoch=arguments.epochs,  # normal statistics and threshold once, after training
+        default_root_dir=arguments.results,
+        logger=False,
+    )
     engine.fit(model, datamodule=datamodule)
     (metrics,) = engine.test(model, datamodule=datamodule)
     for name, value in sorted(metrics.items()):

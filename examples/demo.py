@@ -7,7 +7,7 @@
 4. Print one table with both models.
 
     python examples/demo.py                 # `make demo`; about 10 minutes on 2 CPU cores
-    python examples/demo.py --max-steps 5   # smoke run
+    python examples/demo.py --epochs 1      # smoke run
 """
 
 import argparse
@@ -47,7 +47,7 @@ def evaluate(name: str, model: object, datamodule: FashionMNIST, arguments: argp
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--category", default="trouser", help="Fashion-MNIST class (name or 0-9)")
-    parser.add_argument("--max-steps", type=int, default=1500, help="AdvRAD training iterations")
+    parser.add_argument("--epochs", type=int, default=100, help="AdvRAD training epochs (13 iterations each)")
     parser.add_argument("--num-train", type=int, default=200)
     parser.add_argument("--num-test", type=int, default=100)
     parser.add_argument("--attack-steps", type=int, default=10)
@@ -74,7 +74,8 @@ def main() -> None:
             AdvRAD.cpu_preset(),
             datamodule,
             arguments,
-            max_steps=arguments.max_steps,
+            max_epochs=arguments.epochs,
+            check_val_every_n_epoch=arguments.epochs,  # the normal statistics are computed once, at the end
         ),
         "Padim (undefended)": evaluate("Padim", padim, datamodule, arguments, max_epochs=1),
     }

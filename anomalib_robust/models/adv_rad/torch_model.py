@@ -200,7 +200,7 @@ class AdvRADModel(nn.Module):
         if tuple(images.shape[-2:]) != self.image_size:
             msg = f"images must be {self.image_size} (the model's image_size), got {tuple(images.shape[-2:])}"
             raise ValueError(msg)
-        if not torch.isfinite(images).all():
+        if not torch.compiler.is_exporting() and not torch.isfinite(images).all():  # data-dependent: eager only
             msg = "images contain NaN or inf values"
             raise ValueError(msg)
 
@@ -213,22 +213,55 @@ class AdvRADModel(nn.Module):
         xt = q_sample(self.schedule, x0, t, noise)
         return hybrid_loss(self.schedule, self.denoise(xt, t), x0, xt, t, noise, self.vb_weight)
 
-    def reconstruct(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Robust reconstruction of images in [0, 1] (returned in the same scale, not clipped)."""
+    def reconstruct(
+        self,
+        images: torch.Tensor,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Robust reconstruction of images in [0, 1] (returned in the same scale, not clipped).
+
+        ``noise`` is the eps of Alg. 1 (drawn here when ``None``). Without a generator it is drawn with
+        ``randn_like``, which an exported graph keeps as an in-graph random op (ONNX ``RandomNormalLike``).
+        """
         x0 = images * 2 - 1
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        if noise is None:
+            noise = (
+                torch.randn_like(x0)
+                if generator is None
+                else torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            )
         if self.reconstruction == "one_shot":
             reconstruction = one_shot(self.denoise, self.schedule, x0, self.diffusion_step, noise)
         else:
             reconstruction = arbitrary_shot(self.denoise, self.schedule, x0, self.step_schedule, noise, generator)
         return (reconstruction + 1) / 2
 
-    def error_map(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Err_ms of Alg. 4, averaged over ``num_noise_draws`` reconstructions; ``(B, 1, H, W)``."""
+    def error_map(
+        self,
+        images: torch.Tensor,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Err_ms of Alg. 4, averaged over ``num_noise_draws`` reconstructions; ``(B, 1, H, W)``.
+
+        ``noise`` fixes the diffusion noise: ``(num_noise_draws, B, C, H, W)``, one eps per draw (``None`` draws it).
+        """
         self._check_images(images)
+        if noise is not None and noise.shape != (self.num_noise_draws, *images.shape):
+            msg = (
+                f"noise must be (num_noise_draws, *images.shape) = {(self.num_noise_draws, *images.shape)}, "
+                f"got {tuple(noise.shape)}"
+            )
+            raise ValueError(msg)
         maps = [
-            multiscale_error_map(images, self.reconstruct(images, generator), self.scales, self.mean_filter_size)
-            for _ in range(self.num_noise_draws)
+            multiscale_error_map(
+                images,
+                self.reconstruct(images, generator, None if noise is None else noise[draw]),
+                self.scales,
+                self.mean_filter_size,
+            )
+            for draw in range(self.num_noise_draws)
         ]
         return torch.stack(maps).mean(0)
 
@@ -250,9 +283,14 @@ class AdvRADModel(nn.Module):
         self,
         images: torch.Tensor,
         generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor] | InferenceBatch:
-        """Training: hybrid loss terms. Eval: ``InferenceBatch(pred_score, anomaly_map)`` for images in [0, 1]."""
+        """Training: hybrid loss terms. Eval: ``InferenceBatch(pred_score, anomaly_map)`` for images in [0, 1].
+
+        ``noise`` (eval only) fixes the diffusion noise, see :meth:`error_map`.
+        """
         if self.training:
             return self.training_loss(images)
-        anomaly_map, score = deviation_from_normal(self.error_map(images, generator), self.normal_error_map)
+        error_map = self.error_map(images, generator, noise)
+        anomaly_map, score = deviation_from_normal(error_map, self.normal_error_map)
         return InferenceBatch(pred_score=score, anomaly_map=anomaly_map)

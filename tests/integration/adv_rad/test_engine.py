@@ -6,6 +6,7 @@ import pytest
 import torch
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from anomalib_robust import AdvRAD
 
@@ -118,3 +119,18 @@ def test_bad_images_are_a_clear_error(trained: tuple[AdvRAD, Engine, Path]) -> N
         model.model(torch.rand(1, 1, 32, 32))
     with pytest.raises(ValueError, match="NaN or inf"):
         model.model(torch.full((1, 3, 32, 32), float("nan")))
+
+
+def test_checkpoint_without_validation_still_has_statistics(
+    mvtec_root: Path,
+    tmp_path: Path,
+    tiny_advrad: dict,
+) -> None:
+    """A checkpoint saved mid-training, with no validation run yet, carries the statistics of its weights."""
+    model = AdvRAD(**tiny_advrad)
+    every_two_steps = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
+    engine = Engine(max_steps=2, check_val_every_n_epoch=5, callbacks=[every_two_steps], logger=False)
+    engine.fit(model, datamodule=_datamodule(mvtec_root))
+    restored = AdvRAD.load_from_checkpoint(every_two_steps.last_model_path or every_two_steps.best_model_path)
+    assert bool(restored.model.is_fitted)
+    torch.testing.assert_close(restored.model.normal_error_map, model.model.normal_error_map)

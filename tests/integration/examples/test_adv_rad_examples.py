@@ -17,7 +17,7 @@ def run(command: list[str], cwd: Path, **environment: str) -> subprocess.Complet
 
 def test_python_example(tmp_path: Path) -> None:
     result = run(
-        [sys.executable, str(REPOSITORY / "examples" / "adv_rad_python.py"), "--max-steps", "3", "--num-train", "16",
+        [sys.executable, str(REPOSITORY / "examples" / "adv_rad_python.py"), "--epochs", "1", "--num-train", "16",
          "--num-test", "16", "--results", str(tmp_path)],
         cwd=tmp_path,
     )  # fmt: skip
@@ -26,7 +26,7 @@ def test_python_example(tmp_path: Path) -> None:
 
 
 def test_cli_example(tmp_path: Path) -> None:
-    run(["bash", "examples/adv_rad_cli.sh"], cwd=REPOSITORY, MAX_STEPS="2", NUM_TRAIN="8", NUM_TEST="8",
+    run(["bash", "examples/adv_rad_cli.sh"], cwd=REPOSITORY, EPOCHS="1", NUM_TRAIN="8", NUM_TEST="8",
         RESULTS=str(tmp_path))  # fmt: skip
     assert list(tmp_path.glob("AdvRAD/**/*.ckpt"))
     assert list(tmp_path.glob("AdvRAD/**/images/**/*.png"))
@@ -35,7 +35,7 @@ def test_cli_example(tmp_path: Path) -> None:
 def test_demo(tmp_path: Path) -> None:
     """`make demo` with tiny settings: both models trained, attacked and put in one table."""
     result = run(
-        [sys.executable, str(REPOSITORY / "examples" / "demo.py"), "--max-steps", "3", "--num-train", "16",
+        [sys.executable, str(REPOSITORY / "examples" / "demo.py"), "--epochs", "1", "--num-train", "16",
          "--num-test", "16", "--attack-steps", "2", "--eot-samples", "2", "--results", str(tmp_path)],
         cwd=tmp_path,
     )  # fmt: skip
