@@ -1,8 +1,10 @@
 """Lightning callbacks of anomalib-robust; ``--callbacks robust_eval`` in the ``anomalib`` command."""
 
+from anomalib_robust.callbacks.certify import CertifyEval
 from anomalib_robust.callbacks.robust_eval import RobustEval
 from anomalib_robust.cli import register_callback
 
 register_callback("robust_eval", "anomalib_robust.callbacks.RobustEval")
+register_callback("certify", "anomalib_robust.callbacks.CertifyEval")
 
-__all__ = ["RobustEval"]
+__all__ = ["CertifyEval", "RobustEval"]

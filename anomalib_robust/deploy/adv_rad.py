@@ -1,0 +1,153 @@
+"""Export of AdvRAD's one-shot pipeline to Torch, ONNX and OpenVINO (seed 000, Alg. 1 and 4, appendix D.5).
+
+The exported graph is the whole deployed detector: image in [0, 1] -> resize (pre-processor) -> diffuse to step k ->
+U-Net -> one-shot x0 -> multi-scale error map -> deviation from the stored normal error map -> anomaly map and score
+(-> anomalib's post-processor: normalised score, label and mask).
+
+How the diffusion noise enters the graph (``noise``):
+
+- ``"random"`` (default, what ``anomalib export`` writes): eps is drawn inside the graph by an ONNX
+  ``RandomNormalLike`` op (OpenVINO converts it to its ``RandomUniform`` + Box-Muller), so every inference draws fresh
+  noise exactly as the PyTorch model does. This keeps the defence of the paper: the reconstruction is random, an
+  attacker cannot precompute it and must use EOT (sec. 5.6). The graph has one input, ``input``, so anomalib's
+  ``OpenVINOInferencer`` uses it unchanged. Scores vary from call to call like the PyTorch model's. OpenVINO
+  seeds each compiled model afresh; ONNX Runtime seeds once per process (sessions of one process start from the
+  same draw), so a server should call ``onnxruntime.set_seed`` with a secret random seed at start-up.
+- ``"input"``: eps is a second graph input ``noise`` of shape ``(num_noise_draws, B, C, H, W)`` (H, W = the model's
+  image size). For parity checks and for callers that manage their own randomness; a caller that feeds constant
+  noise turns AdvRAD into a deterministic detector that white-box attacks without EOT can target, so do not deploy
+  it with fixed noise. anomalib's inferencers feed one input only and cannot run this variant.
+
+OpenVINO on CPUs with bf16 support computes in bf16 unless compiled with ``{"INFERENCE_PRECISION_HINT": "f32"}``
+(e.g. ``OpenVINOInferencer(path, device="CPU", config=...)``); scores then move by ~3e-3 relative.
+
+Example:
+    >>> from anomalib_robust.deploy import export_adv_rad
+    >>> export_adv_rad(model, "exported", export_type="openvino")  # doctest: +SKIP
+    PosixPath('exported/weights/openvino/model.xml')
+"""
+
+from pathlib import Path
+from tempfile import TemporaryDirectory
+from typing import TYPE_CHECKING
+
+import torch
+from anomalib.deploy import ExportType
+from anomalib.models.components.base.export_mixin.utils import create_export_root
+
+if TYPE_CHECKING:
+    from anomalib_robust.models.adv_rad.lightning_model import AdvRAD
+
+NOISE_MODES = ("random", "input")
+EXPORT_TYPES = (ExportType.TORCH, ExportType.ONNX, ExportType.OPENVINO)
+
+
+def check_exportable(model: "AdvRAD", input_size: tuple[int, int] | None = None) -> None:
+    """Raise a clear error when ``model`` cannot be exported as the one-shot pipeline at ``input_size``.
+
+    Needs the normal error map of Alg. 4 (a fitted model) and one-shot reconstruction (Alg. 1). Without a resizing
+    pre-processor the graph only takes the U-Net's own image size, so ``input_size`` must be that size.
+    """
+    model.model.check_fitted()
+    if model.model.reconstruction != "one_shot":
+        msg = (
+            f"only one-shot reconstruction (Alg. 1) can be exported, got reconstruction="
+            f"{model.model.reconstruction!r}; call model.set_reconstruction(reconstruction='one_shot') first"
+        )
+        raise ValueError(msg)
+    if input_size is not None and (len(input_size) != 2 or any(int(side) < 1 for side in input_size)):
+        msg = f"input_size must be (height, width) with positive sides, got {input_size}"
+        raise ValueError(msg)
+    transform = model.pre_processor.transform if model.pre_processor else None
+    if transform is None:
+        image_size = tuple(model.model.image_size)
+        if input_size is None or tuple(input_size) != image_size:
+            msg = (
+                f"AdvRAD has no resizing pre-processor, so the exported graph only takes {image_size} images: pass "
+                f"input_size={image_size} (got {input_size}; None means a dynamic size the U-Net cannot take)"
+            )
+            raise ValueError(msg)
+
+
+def export_adv_rad(
+    model: "AdvRAD",
+    export_root: Path | str,
+    export_type: ExportType | str = ExportType.OPENVINO,
+    input_size: tuple[int, int] | None = None,
+    noise: str = "random",
+    model_file_name: str = "model",
+) -> Path:
+    """Export a fitted AdvRAD; returns the path of the written model file.
+
+    Args:
+        model (AdvRAD): A fitted AdvRAD (trained, or loaded from a checkpoint).
+        export_root (Path | str): Directory; files go to ``<export_root>/weights/<export_type>/``.
+        export_type (ExportType | str): ``"torch"``, ``"onnx"`` or ``"openvino"``. Defaults to ``"openvino"``.
+        input_size (tuple[int, int] | None): Fixed (H, W) of the graph input; ``None`` keeps H and W dynamic (the
+            pre-processor resizes). Defaults to ``None``.
+        noise (str): ``"random"`` (in-graph noise) or ``"input"`` (noise as a second input), see the module
+            docstring. Defaults to ``"random"``.
+        model_file_name (str): File name without extension. Defaults to ``"model"``.
+    """
+    try:
+        export_type = ExportType(export_type)
+    except ValueError:
+        export_type = None
+    if export_type not in EXPORT_TYPES:
+        msg = f"export_type must be one of {[str(kind.value) for kind in EXPORT_TYPES]}, got {export_type!r}"
+        raise ValueError(msg)
+    if noise not in NOISE_MODES:
+        msg = f"noise must be one of {NOISE_MODES}, got {noise!r}"
+        raise ValueError(msg)
+    check_exportable(model, input_size)
+    if noise == "random":
+        if export_type == ExportType.TORCH:
+            return model.to_torch(export_root, model_file_name)
+        if export_type == ExportType.ONNX:
+            return model.to_onnx(export_root, model_file_name, input_size)
+        return model.to_openvino(export_root, model_file_name, input_size)
+    if export_type == ExportType.TORCH:
+        msg = "noise='input' applies to ONNX and OpenVINO graphs; a Torch export takes noise as forward(batch, noise)"
+        raise ValueError(msg)
+    if export_type == ExportType.ONNX:
+        return _onnx_with_noise_input(
+            model, create_export_root(export_root, ExportType.ONNX), model_file_name, input_size
+        )
+    import openvino as ov  # optional dependency: the ``openvino`` extra
+
+    with TemporaryDirectory() as onnx_directory:
+        onnx_path = _onnx_with_noise_input(model, Path(onnx_directory), model_file_name, input_size)
+        ov_model_path = create_export_root(export_root, ExportType.OPENVINO) / f"{model_file_name}.xml"
+        ov.save_model(ov.convert_model(onnx_path), ov_model_path)
+    return ov_model_path
+
+
+def _onnx_with_noise_input(
+    model: "AdvRAD",
+    directory: Path,
+    model_file_name: str,
+    input_size: tuple[int, int] | None,
+) -> Path:
+    """ONNX graph of ``model(input, noise)`` with a dynamic batch (and dynamic H, W when ``input_size`` is None)."""
+    model.eval()
+    # a dynamic example must differ from the U-Net's size, or the exporter specialises the resize away
+    height, width = input_size or tuple(2 * side for side in model.model.image_size)
+    images = torch.rand(2, model.model.in_channels, height, width, device=model.device)
+    noise_shape = (model.model.num_noise_draws, 2, model.model.in_channels, *model.model.image_size)
+    noise = torch.randn(noise_shape, device=model.device)
+    outputs = model(images, noise)
+    output_names = [name for name, value in outputs._asdict().items() if value is not None]
+    batch = torch.export.Dim("batch")
+    image_shape = {0: batch} if input_size else {0: batch, 2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
+    onnx_path = directory / f"{model_file_name}.onnx"
+    torch.onnx.export(
+        model,
+        (images, noise),
+        str(onnx_path),
+        input_names=["input", "noise"],
+        output_names=output_names,
+        dynamo=True,
+        opset_version=18,
+        dynamic_shapes={"batch": image_shape, "noise": {1: batch}},
+    )
+    return onnx_path

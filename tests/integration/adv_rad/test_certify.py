@@ -1,0 +1,61 @@
+"""``CertifyEval`` on a tiny trained AdvRAD through anomalib's Engine, and the certification example."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from anomalib.data import MVTecAD
+from anomalib.engine import Engine
+
+from anomalib_robust import AdvRAD
+from anomalib_robust.callbacks import CertifyEval
+from anomalib_robust.cli import CALLBACKS
+
+EXAMPLE = Path(__file__).parents[3] / "examples" / "certify_adv_rad.py"
+
+
+def test_callback_reports_table_11_shape(mvtec_root: Path, tiny_advrad: dict, tmp_path: Path) -> None:
+    datamodule = MVTecAD(root=mvtec_root, category="disc", train_batch_size=4, eval_batch_size=4, num_workers=0)
+    model = AdvRAD(**tiny_advrad)
+    callback = CertifyEval(
+        sigmas=(0.125, 0.25), radii=(0.0, 0.05, 0.5), n0=3, n=12, alpha=0.1, batch_size=48, output_dir=tmp_path
+    )
+    engine = Engine(max_steps=2, default_root_dir=tmp_path, logger=False, callbacks=[callback])
+    engine.fit(model, datamodule=datamodule)
+    results = engine.test(model, datamodule=datamodule)
+
+    report = callback.report
+    assert report is not None and report.num_samples == 8
+    assert [result.sigma for result in report.results] == [0.125, 0.25]
+    for result in report.results:
+        values = [result.certified_auc[radius] for radius in report.radii]
+        assert all(0.0 <= value <= 1.0 for value in values)
+        assert values == sorted(values, reverse=True)
+        assert results[0][f"certify/sigma{result.sigma:g}/radius0.05/AUC"] == pytest.approx(values[1])
+    directory = tmp_path / "certify"
+    saved = json.loads((directory / "report.json").read_text())
+    assert saved["n"] == 12 and len(saved["results"]) == 2
+    assert len((directory / "report.csv").read_text().splitlines()) == 1 + 2 * 3
+    assert (directory / "certified_auc_vs_radius.png").stat().st_size > 0
+    assert CALLBACKS["certify"] == "anomalib_robust.callbacks.CertifyEval"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"sigmas": (0.0,)}, "sigma"), ({"radii": (-0.1,)}, "radius"), ({"n0": 0}, "n0"), ({"alpha": 1.5}, "alpha")],
+)
+def test_callback_rejects_bad_settings(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        CertifyEval(**kwargs)
+
+
+def test_example_runs_with_tiny_settings(tmp_path: Path) -> None:
+    command = [sys.executable, str(EXAMPLE), "--tiny", "--output", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env, check=False)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "Certified AUC" in completed.stdout
+    assert (tmp_path / "certify" / "certified_auc_vs_radius.png").is_file()
