@@ -6,7 +6,7 @@ Patchcore use random-init ResNet-18 backbones (no weights can be downloaded here
 on the same data. Prints a table per class and the mean, and writes it as Markdown (for the README) to ``--output``.
 
     make fashion-mnist   # the full data set from Debian; without it the embedded subset is used
-    python benchmarks/adv_rad_quality.py --classes 0 1 2 --max-steps 1500
+    python benchmarks/adv_rad_quality.py --classes 0 1 2 --epochs 100
 """
 
 import argparse
@@ -53,7 +53,7 @@ def evaluate(model: object, datamodules: dict[str, FashionMNIST], root: Path, **
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--classes", nargs="+", type=int, default=list(range(10)))
-    parser.add_argument("--max-steps", type=int, default=1500, help="AdvRAD training iterations")
+    parser.add_argument("--epochs", type=int, default=100, help="AdvRAD training epochs (13 iterations each)")
     parser.add_argument("--num-train", type=int, default=200)
     parser.add_argument("--num-test", type=int, default=200)
     parser.add_argument("--output", type=Path, default=Path("results/benchmarks/adv_rad_quality.md"))
@@ -76,7 +76,13 @@ def main() -> None:
         }
         root = arguments.output.parent / "runs"
         results = {
-            "AdvRAD": evaluate(AdvRAD.cpu_preset(noise_seed=0), datamodules, root, max_steps=arguments.max_steps)
+            "AdvRAD": evaluate(
+                AdvRAD.cpu_preset(noise_seed=0),
+                datamodules,
+                root,
+                max_epochs=arguments.epochs,
+                check_val_every_n_epoch=arguments.epochs,
+            ),
         }
         results |= {name: evaluate(model, datamodules, root, max_epochs=1) for name, model in baselines().items()}
         for protocol in datamodules:
@@ -87,7 +93,7 @@ def main() -> None:
             ]
 
     title = (
-        f"Standard AUROC (%) on Fashion-MNIST, AdvRAD CPU preset ({arguments.max_steps} steps) vs random-init baselines"
+        f"Standard AUROC (%) on Fashion-MNIST, AdvRAD CPU preset ({arguments.epochs} epochs) vs random-init baselines"
     )
     table = Table(title=title)
     for column in ("class", "protocol", *COLUMNS):
