@@ -23,3 +23,12 @@ def test_model_configs_instantiate(name: str) -> None:
     model = AdvRAD(**config["init_args"])
     expected = (256, 256) if name == "adv_rad.yaml" else CPU_PRESET["image_size"]
     assert model.model.image_size == expected
+
+
+def test_certify_callback_config_instantiates() -> None:
+    from anomalib_robust.callbacks import CertifyEval
+
+    (config,) = yaml.safe_load((CONFIGS.parent / "callbacks" / "certify.yaml").read_text())
+    assert config["class_path"] == "anomalib_robust.callbacks.CertifyEval"
+    callback = CertifyEval(**config["init_args"])
+    assert callback.sigmas == [0.0625, 0.125, 0.25]
