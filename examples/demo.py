@@ -6,7 +6,7 @@
    (seed 000, eq. 1) at eps = 2/255 - with EOT over AdvRAD's diffusion noise, as the paper attacks it (sec. 5.6).
 4. Print one table with both models.
 
-    python examples/demo.py                 # `make demo`
+    python examples/demo.py                 # `make demo`, about 5 minutes on 2 CPU cores
     python examples/demo.py --epochs 1      # smoke run
 """
 
