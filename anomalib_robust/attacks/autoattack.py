@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from anomalib_robust.attacks.apgd import APGD
-from anomalib_robust.attacks.base import Attack, check_count, keep_worst_case
+from anomalib_robust.attacks.base import Attack, check_count
 from anomalib_robust.attacks.pgd import PGD
 from anomalib_robust.attacks.square import Square
 
@@ -69,13 +69,7 @@ class AutoAttack(Attack):
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Per sample, the highest ``y * A(x)`` over the ensemble's adversarial examples."""
-        best, best_objective = images, self.detector.objective(images, labels)
-        for attack in self.attacks:
-            adversarial = attack.forward(images, labels)
-            best, best_objective = keep_worst_case(
-                best, best_objective, adversarial, self.detector.objective(adversarial, labels)
-            )
-        return best
+        return self.worst_case(images, labels, (attack.forward(images, labels) for attack in self.attacks))
 
     def _settings(self) -> dict[str, object]:
         return {

@@ -15,7 +15,7 @@ Example:
 import math
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -134,6 +134,19 @@ class Attack(ABC):
 
     def _settings(self) -> dict[str, object]:
         return {"norm": self.norm, "eps": round(self.eps, 6)}
+
+    def worst_case(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        candidates: Iterable[torch.Tensor],
+    ) -> torch.Tensor:
+        """Per sample, whichever of ``images`` and the ``candidates`` has the highest (EOT) objective ``y * A(x)``."""
+        best, best_objective = images, self.detector.objective(images, labels)
+        for candidate in candidates:
+            objective = self.detector.objective(candidate, labels)
+            best, best_objective = keep_worst_case(best, best_objective, candidate, objective)
+        return best
 
     def __repr__(self) -> str:
         settings = ", ".join(f"{key}={value}" for key, value in self._settings().items())

@@ -17,7 +17,7 @@ import torch
 import torchattacks
 from torch import nn
 
-from anomalib_robust.attacks.base import Attack, check_count, check_positive, keep_worst_case
+from anomalib_robust.attacks.base import Attack, check_count, check_positive
 from anomalib_robust.attacks.logits import two_logit_score
 
 
@@ -72,13 +72,8 @@ class Square(Attack):
         )
         square.set_device(images.device)
         square.init_hyperparam(images)
-        best, best_objective = images, self.detector.objective(images, labels)
-        for _ in range(self.restarts):
-            _, adversarial = square.attack_single_run(images, labels)
-            best, best_objective = keep_worst_case(
-                best, best_objective, adversarial, self.detector.objective(adversarial, labels)
-            )
-        return best
+        runs = (square.attack_single_run(images, labels)[1] for _ in range(self.restarts))
+        return self.worst_case(images, labels, runs)
 
     def _settings(self) -> dict[str, object]:
         return {**super()._settings(), "n_queries": self.n_queries}
