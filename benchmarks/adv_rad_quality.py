@@ -10,6 +10,7 @@ on the same data. Prints a table per class and the mean, and writes it as Markdo
 """
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -61,7 +62,15 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
     rows: dict[tuple[str, str], list[float | None]] = {}
+    root = arguments.output.parent / "runs"
     for label in arguments.classes:
+        # Finished classes are kept as JSON next to the runs, so an interrupted benchmark resumes where it stopped.
+        finished = root / f"adv_rad_quality_class{label}_epochs{arguments.epochs}.json"
+        if finished.exists():
+            rows |= {
+                (CLASS_NAMES[label], protocol): values for protocol, values in json.loads(finished.read_text()).items()
+            }
+            continue
         seed_everything(0)
         datamodules = {
             protocol: FashionMNIST(
@@ -74,7 +83,6 @@ def main() -> None:
             )
             for protocol in ("defect", "semantic")
         }
-        root = arguments.output.parent / "runs"
         results = {
             "AdvRAD": evaluate(
                 AdvRAD.cpu_preset(noise_seed=0),
@@ -91,6 +99,10 @@ def main() -> None:
                 for model in ("AdvRAD", "Padim", "Patchcore")
                 for level in ("image", "pixel")
             ]
+        root.mkdir(parents=True, exist_ok=True)
+        temporary = finished.with_suffix(".tmp")
+        temporary.write_text(json.dumps({protocol: rows[CLASS_NAMES[label], protocol] for protocol in datamodules}))
+        temporary.replace(finished)
 
     title = (
         f"Standard AUROC (%) on Fashion-MNIST, AdvRAD CPU preset ({arguments.epochs} epochs) vs random-init baselines"

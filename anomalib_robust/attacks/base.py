@@ -115,8 +115,10 @@ class Attack(ABC):
 
     @property
     def label(self) -> str:
-        """Display name, ``EOT-`` prefixed when the detector is scored with more than one draw."""
-        return f"EOT-{self.name}" if self.detector.eot_samples > 1 else self.name
+        """Display name, ``EOT-`` prefixed when the detector is scored with more than one draw, ``BPDA+`` when
+        stages of it are differentiated through a surrogate."""
+        label = f"EOT-{self.name}" if self.detector.eot_samples > 1 else self.name
+        return f"BPDA+{label}" if self.detector.bpda else label
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Adversarial version of ``images`` for anomalib ``labels``, with the model and global RNG left as found."""

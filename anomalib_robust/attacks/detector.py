@@ -123,8 +123,9 @@ class DetectorScore(nn.Module):
 
     @property
     def name(self) -> str:
-        """Class name of the wrapped detector, for reports and errors."""
-        return type(self.detector).__name__
+        """Name of the wrapped detector (an ``AnomalibModule``'s ``name``, else its class name), for reports."""
+        name = getattr(self.detector, "name", None)
+        return name if isinstance(name, str) else type(self.detector).__name__
 
     @property
     def threshold(self) -> float | None:

@@ -8,7 +8,12 @@ anomalib has accumulated its own test metrics (which the callback does not touch
 - logs ``robust/<attack>_<norm>_eps<eps>/image_AUROC`` (and ``pixel_AUROC``, ``robust/clean/...``) to the Lightning
   loggers, so they also appear in the dictionary ``Engine.test`` returns;
 - writes ``report.json``, ``report.csv``, ``auroc_vs_eps.png`` and ``adversarial_examples.png`` to
-  ``<default_root_dir>/robust_eval/<norm>/``.
+  ``<default_root_dir>/robust_eval/<norm>/`` (``robust_eval/<defense>/<norm>/`` with a defense).
+
+With ``defense`` (a :class:`~anomalib_robust.defenses.DiffusionPurifier`: DiffPure, TMA) the evaluated system is the
+purifier in front of the tested detector (:class:`~anomalib_robust.defenses.Purified`): its standard AUROC, and its
+robust AUROC under attacks through the purifier, with full gradients through the whole chain (``"full"``, EOT) and
+with BPDA (identity backward through the purifier, ``"bpda"``, EOT), as ``purifier_gradients`` selects.
 
 Attacks run on the raw [0, 1] test images (the callback reads the test set itself, before the pre-processor) and on the
 raw anomaly score. A randomised detector (``model.model.stochastic = True``) is attacked and scored with EOT over
@@ -32,6 +37,7 @@ Example:
 
 import itertools
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +55,10 @@ from anomalib_robust.attacks import ATTACKS, Attack, DetectorScore, NotDifferent
 from anomalib_robust.attacks.base import check_count, check_norm, check_positive
 from anomalib_robust.callbacks.robust_plots import plot_adversarial_grid, plot_auroc_vs_eps
 from anomalib_robust.callbacks.robust_report import AttackResult, RobustReport, format_eps, sanity_checks
+from anomalib_robust.defenses import DiffusionPurifier, Purified
+
+PURIFIER_GRADIENTS = ("full", "bpda")
+"""How attacks differentiate through a defense's purifier: the whole chain, or BPDA with the identity backward."""
 
 LARGE_EPS = 0.5
 """Default very large radius of the sanity check: half the pixel range, per pixel (L_inf) or in RMS terms (L_2,
@@ -90,6 +100,10 @@ class RobustEval(Callback):
         num_grid_images: images in that grid.
         output_dir: where to write; ``None`` for the trainer's ``default_root_dir``.
         seed: seeds attacks and the detector's randomness; the global RNG is restored afterwards.
+        defense: a diffusion purifier (DiffPure, TMA) put in front of the tested detector; ``None`` evaluates the
+            detector itself.
+        purifier_gradients: with a defense, attack through the purifier with ``"full"`` gradients, ``"bpda"``, or
+            both (each configured attack runs once per mode).
     """
 
     def __init__(
@@ -112,6 +126,8 @@ class RobustEval(Callback):
         num_grid_images: int = 4,
         output_dir: str | Path | None = None,
         seed: int = 0,
+        defense: DiffusionPurifier | None = None,
+        purifier_gradients: Sequence[str] = PURIFIER_GRADIENTS,
     ) -> None:
         super().__init__()
         self.attacks = [attacks] if isinstance(attacks, str) else list(attacks)
@@ -146,6 +162,14 @@ class RobustEval(Callback):
         self.num_grid_images = num_grid_images
         self.output_dir = output_dir
         self.seed = seed
+        if defense is not None and not isinstance(defense, DiffusionPurifier):
+            msg = f"defense must be a DiffusionPurifier (DiffPure, TMA) or None, got {type(defense).__name__}."
+            raise TypeError(msg)
+        self.defense = defense
+        self.purifier_gradients = [purifier_gradients] if isinstance(purifier_gradients, str) else purifier_gradients
+        if not self.purifier_gradients or any(mode not in PURIFIER_GRADIENTS for mode in self.purifier_gradients):
+            msg = f"purifier_gradients must be a non-empty subset of {PURIFIER_GRADIENTS}, got {purifier_gradients!r}."
+            raise ValueError(msg)
         self.report: RobustReport | None = None
         """The last report, also on non-zero ranks."""
 
@@ -180,7 +204,10 @@ class RobustEval(Callback):
         return report
 
     def _publish(self, report: RobustReport, grid: dict | None, root: Path) -> None:
-        directory = root / "robust_eval" / self.norm.lower()
+        directory = root / "robust_eval"
+        if self.defense is not None:
+            directory /= re.sub(r"[^a-z0-9]+", "_", report.model.lower()).strip("_")
+        directory /= self.norm.lower()
         Console().print(report.table())
         report.write(directory)
         if self.plots:
@@ -197,6 +224,8 @@ class RobustEval(Callback):
         show_progress: bool,
     ) -> tuple[RobustReport, dict | None]:
         """Clean pass (labels, threshold), attack pass, gather across ranks, AUROC and sanity checks."""
+        if self.defense is not None:
+            model = Purified(model, self.defense, visualizer=False).to(model.device)
         detector = DetectorScore(model, eot_samples=self.eot_samples)
         if detector.stochastic and detector.eot_samples < 2:
             msg = (
@@ -214,7 +243,7 @@ class RobustEval(Callback):
                 "threshold": float(clean_scores.median()) if threshold is None else threshold,
                 "scale": max(float(clean_scores.std()), 1e-6),
             }
-            runs = self._runs(detector, logits, shards)
+            runs = self._runs(self._attacked_detectors(detector), logits, shards)
             with Progress(
                 TextColumn("[bold]RobustEval[/] {task.description}"),
                 BarColumn(),
@@ -282,9 +311,22 @@ class RobustEval(Callback):
                 scores.append(detector.predict(images)[0].cpu())
         return indices, labels, scores
 
-    def _runs(self, detector: DetectorScore, logits: dict, shards: list[DataLoader]) -> list[_Run]:
-        """The configured runs (every attack at every eps) and, if enabled, the sanity-check runs."""
-        runs = [self._make_run(name, eps, detector, logits) for name in self.attacks for eps in self.eps]
+    def _attacked_detectors(self, detector: DetectorScore) -> list[DetectorScore]:
+        """The scores the attacks differentiate: the detector, or per purifier-gradient mode with a defense."""
+        if self.defense is None:
+            return [detector]
+        bpda = DetectorScore(detector.detector, detector.eot_samples, bpda={"model.purifier": None})
+        return [detector if mode == "full" else bpda for mode in self.purifier_gradients]
+
+    def _runs(self, detectors: list[DetectorScore], logits: dict, shards: list[DataLoader]) -> list[_Run]:
+        """The configured runs (every attack at every eps, per attacked detector) and the sanity-check runs."""
+        runs = [
+            self._make_run(name, eps, detector, logits)
+            for detector in detectors
+            for name in self.attacks
+            for eps in self.eps
+        ]
+        configured, detector = len(runs), detectors[0]
         if self.sanity_checks:
             gradient = next((name for name in self.attacks if name.lower() != "square"), "pgd")
             largest = self.eps[-1]
@@ -292,7 +334,7 @@ class RobustEval(Callback):
             runs.append(self._make_run(gradient, self._large_eps(shards), detector, logits))
             if all(name.lower() != "square" for name in self.attacks):
                 runs.append(self._make_run("square", largest, detector, logits))
-            for run in runs[len(self.attacks) * len(self.eps) :]:
+            for run in runs[configured:]:
                 run.result.role = "sanity"
         return runs
 

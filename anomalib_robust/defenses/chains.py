@@ -1,0 +1,125 @@
+"""Purification chains: diffuse an image part of the way, then run a reverse diffusion chain back to step 0.
+
+Two samplers in front of a detector, as pure functions of a denoiser ``(x_t, t) -> [eps, v]`` (the AdvRAD U-Net
+call, :data:`~anomalib_robust.models.adv_rad.reconstruction.Denoiser`) and a
+:class:`~anomalib_robust.models.adv_rad.diffusion.DiffusionSchedule`, on images in [-1, 1]:
+
+- :func:`ddpm_purification` (DiffPure, Nie et al. 2022; the baseline of seed 000, sec. 4.2 and Table 7): diffuse to
+  the purification level ``p`` with eq. (3), then ancestral DDPM sampling ``p -> 0`` with the learned variance. It is
+  the full-shot reconstruction of AdvRAD (Alg. 2) from step ``p``: the last step returns the posterior mean at step 1,
+  which equals the predicted ``x_0``; ``p`` U-Net evaluations.
+- :func:`ddim_purification` (TMA, seed 004, Alg. 2): diffuse to ``T*``, then stochastic DDIM along the sub-sequence
+  ``tau = (T*, T* - stride, ..., stride, 0)`` (eq. 4 of seed 004, which writes alpha for alpha-bar):
+
+      x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma_t^2) eps_theta(x_t, t) + sigma_t z,
+      sigma_t = eta * sqrt((1 - abar_s) / (1 - abar_t)) * sqrt(1 - abar_t / abar_s)   (Song et al. 2021, eq. 16)
+
+  with ``abar_0 = 1``, so the last step returns ``x0_hat``; ``T* / stride`` U-Net evaluations.
+
+Steps are counted as in the papers, 1..T (the U-Net is conditioned on ``step - 1``); level 0 returns the input.
+
+Example:
+    >>> import torch
+    >>> from anomalib_robust.models.adv_rad.diffusion import DiffusionSchedule
+    >>> schedule = DiffusionSchedule.from_name("linear", 1000)
+    >>> def denoiser(x, t):  # predicts zero noise and v = 0
+    ...     return torch.zeros(x.shape[0], 2 * x.shape[1], *x.shape[2:])
+    >>> x = torch.zeros(1, 3, 8, 8)
+    >>> ddim_purification(denoiser, schedule, x, depth=140, stride=10, eta=1.0).shape
+    torch.Size([1, 3, 8, 8])
+"""
+
+import itertools
+
+import torch
+
+from anomalib_robust.models.adv_rad.diffusion import DiffusionSchedule, predict_x0, q_sample
+from anomalib_robust.models.adv_rad.reconstruction import Denoiser, arbitrary_shot
+
+
+def check_level(name: str, level: int, num_timesteps: int) -> int:
+    """``level`` if it is an integer step in ``[0, T]`` (0: no purification).
+
+    Raises:
+        ValueError: naming the argument otherwise.
+    """
+    if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= num_timesteps:
+        msg = f"{name} must be an integer diffusion step with 0 <= {name} <= T = {num_timesteps}, got {level!r}."
+        raise ValueError(msg)
+    return level
+
+
+def ddim_timesteps(depth: int, stride: int) -> list[int]:
+    """The sub-sequence ``tau = (T*, T* - stride, ..., stride, 0)`` of seed 004, sec. 4.
+
+    Raises:
+        ValueError: when ``stride`` is not a positive integer dividing ``depth``.
+    """
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1 or depth % stride:
+        msg = (
+            f"stride must be a positive integer that divides the depth T* = {depth} (tau = T*, T* - stride, ..., 0), "
+            f"got {stride!r}."
+        )
+        raise ValueError(msg)
+    return list(range(depth, -1, -stride))
+
+
+def ddpm_purification(
+    denoiser: Denoiser,
+    schedule: DiffusionSchedule,
+    x: torch.Tensor,
+    level: int,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """DiffPure: diffuse ``x`` to step ``level`` (eq. 3), then DDPM ancestral sampling ``level -> 0``.
+
+    ``noise`` is the eps of the diffusion (drawn when ``None``); the reverse steps draw fresh noise (``generator``).
+    """
+    check_level("level", level, schedule.num_timesteps)
+    if level == 0:
+        return x
+    if noise is None:
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return arbitrary_shot(denoiser, schedule, x, list(range(level, 0, -1)), noise, generator)
+
+
+def ddim_purification(
+    denoiser: Denoiser,
+    schedule: DiffusionSchedule,
+    x: torch.Tensor,
+    depth: int,
+    stride: int,
+    eta: float,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """TMA (seed 004, Alg. 2): diffuse ``x`` to ``depth`` = T*, then stochastic DDIM along ``(T*, ..., stride, 0)``.
+
+    ``eta`` scales the per-step noise sigma_t (0: deterministic DDIM; 1: the DDPM posterior variance on the
+    sub-sequence); ``noise`` is the eps of the diffusion (drawn when ``None``).
+    """
+    check_level("depth", depth, schedule.num_timesteps)
+    if eta < 0:
+        msg = f"eta must be >= 0 (it scales the DDIM noise sigma_t), got {eta!r}."
+        raise ValueError(msg)
+    if depth == 0:
+        return x
+    steps = ddim_timesteps(depth, stride)
+    alpha_bar = torch.cat([schedule.alphas_cumprod.new_ones(1), schedule.alphas_cumprod])  # alpha_bar[step]
+
+    def timesteps(step: int) -> torch.Tensor:
+        return torch.full((x.shape[0],), step - 1, device=x.device, dtype=torch.long)
+
+    if noise is None:
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    xt = q_sample(schedule, x, timesteps(depth), noise)
+    for step, following in itertools.pairwise(steps):
+        eps = denoiser(xt, timesteps(step)).chunk(2, dim=1)[0]
+        x0 = predict_x0(schedule, xt, timesteps(step), eps)
+        now, then = alpha_bar[step], alpha_bar[following]
+        sigma = eta * ((1 - then) / (1 - now) * (1 - now / then)).sqrt()
+        xt = then.sqrt() * x0 + (1 - then - sigma**2).clamp_min(0).sqrt() * eps
+        if following > 0 and eta > 0:
+            xt = xt + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return xt

@@ -1,0 +1,150 @@
+"""DiffPure and TMA purifiers: chains against their closed forms, identity at level 0, gradients, bad input."""
+
+import pytest
+import torch
+
+from anomalib_robust.attacks import BPDA
+from anomalib_robust.defenses import TMA, DiffPure
+from anomalib_robust.defenses.chains import ddim_purification, ddim_timesteps, ddpm_purification
+from anomalib_robust.models.adv_rad.diffusion import DiffusionSchedule, predict_x0, q_sample
+from anomalib_robust.models.adv_rad.reconstruction import one_shot
+from anomalib_robust.models.adv_rad.torch_model import AdvRADModel
+
+SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def denoiser() -> AdvRADModel:
+    torch.manual_seed(0)
+    return AdvRADModel(
+        image_size=(SIZE, SIZE),
+        base_channels=32,
+        channel_mult=(1, 2),
+        attention_resolutions=(),
+        layers_per_block=1,
+        num_timesteps=100,
+    ).eval()
+
+
+def _unet(model: AdvRADModel):  # noqa: ANN202
+    return lambda x, t: model.unet(x, t).sample
+
+
+@pytest.mark.parametrize("purifier_class", [DiffPure, TMA])
+def test_output_shape_range_and_fresh_noise(denoiser: AdvRADModel, purifier_class: type) -> None:
+    purifier = purifier_class(denoiser, **({"level": 20} if purifier_class is DiffPure else {"depth": 20, "stride": 5}))
+    images = torch.rand(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        first, second = purifier(images), purifier(images)
+    assert first.shape == images.shape
+    assert first.min() >= 0 and first.max() <= 1
+    assert not torch.equal(first, second), "the purifier must draw fresh noise at every call"
+    assert purifier.stochastic
+
+
+def test_level_zero_is_the_identity(denoiser: AdvRADModel) -> None:
+    images = torch.rand(2, 3, SIZE, SIZE)
+    assert torch.equal(DiffPure(denoiser, level=0)(images), images)
+    assert torch.equal(TMA(denoiser, depth=0)(images), images)
+
+
+def test_ddpm_chain_of_one_step_is_the_one_shot_reconstruction(denoiser: AdvRADModel) -> None:
+    """p = 1: diffuse to step 1 and return the predicted x_0 (Alg. 1 with k = 1)."""
+    x, noise = torch.rand(2, 3, SIZE, SIZE) * 2 - 1, torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        chain = ddpm_purification(_unet(denoiser), denoiser.schedule, x, 1, noise)
+        expected = one_shot(_unet(denoiser), denoiser.schedule, x, 1, noise)
+    torch.testing.assert_close(chain, expected)
+
+
+def test_ddim_chain_of_one_step_is_the_predicted_x0(denoiser: AdvRADModel) -> None:
+    """tau = (T*, 0): x_0 = x0_hat(x_T*), whatever eta (sigma vanishes at the last step)."""
+    x, noise = torch.rand(2, 3, SIZE, SIZE) * 2 - 1, torch.randn(2, 3, SIZE, SIZE)
+    schedule = denoiser.schedule
+    t = torch.full((2,), 29)
+    with torch.no_grad():
+        chain = ddim_purification(_unet(denoiser), schedule, x, depth=30, stride=30, eta=1.0, noise=noise)
+        xt = q_sample(schedule, x, t, noise)
+        expected = predict_x0(schedule, xt, t, denoiser.unet(xt, t).sample.chunk(2, dim=1)[0])
+    torch.testing.assert_close(chain, expected)
+
+
+def test_deterministic_ddim_two_steps_matches_the_closed_form() -> None:
+    """With eta = 0 and a denoiser that predicts the true noise of a fixed x_0, DDIM returns that x_0 exactly."""
+    schedule = DiffusionSchedule.from_name("linear", 100)
+    x0 = torch.rand(1, 3, 4, 4) * 2 - 1
+    alpha_bar = schedule.alphas_cumprod
+
+    def oracle(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = alpha_bar[t].view(-1, 1, 1, 1)
+        return torch.cat([(xt - a.sqrt() * x0) / (1 - a).sqrt(), torch.zeros_like(xt)], dim=1)
+
+    out = ddim_purification(oracle, schedule, x0, depth=40, stride=20, eta=0.0, noise=torch.randn_like(x0))
+    torch.testing.assert_close(out, x0, atol=1e-4, rtol=1e-4)
+
+
+def test_ddim_timesteps_and_cost(denoiser: AdvRADModel) -> None:
+    assert ddim_timesteps(140, 10) == list(range(140, -1, -10))
+    assert TMA(denoiser, depth=60, stride=10).unet_evaluations == 6
+    assert DiffPure(denoiser, level=25).unet_evaluations == 25
+
+
+def test_full_gradients_flow_through_the_chain_with_checkpointing(denoiser: AdvRADModel) -> None:
+    images = torch.rand(1, 3, SIZE, SIZE, requires_grad=True)
+    for checkpointing in (True, False):
+        purifier = DiffPure(denoiser, level=3, gradient_checkpointing=checkpointing)
+        torch.manual_seed(1)
+        (gradient,) = torch.autograd.grad(purifier(images).sum(), images)
+        assert gradient.abs().sum() > 0
+        if checkpointing:
+            with_checkpointing = gradient
+    torch.testing.assert_close(with_checkpointing, gradient)
+    assert all(not parameter.requires_grad for parameter in purifier.parameters()), "the purifier is frozen"
+
+
+def test_bpda_gives_the_identity_jacobian(denoiser: AdvRADModel) -> None:
+    images = torch.rand(1, 3, SIZE, SIZE, requires_grad=True)
+    weights = torch.randn_like(images)
+    (gradient,) = torch.autograd.grad((BPDA(TMA(denoiser, depth=20, stride=10))(images) * weights).sum(), images)
+    torch.testing.assert_close(gradient, weights)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"level": 101}, "level must be an integer diffusion step with 0 <= level <= T = 100"),
+        ({"level": -1}, "level must be"),
+    ],
+)
+def test_diffpure_bad_level(denoiser: AdvRADModel, arguments: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        DiffPure(denoiser, **arguments)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"depth": 101}, "depth must be an integer diffusion step"),
+        ({"depth": 30, "stride": 7}, "stride must be a positive integer that divides the depth T\\* = 30"),
+        ({"depth": 30, "stride": 0}, "stride must be a positive integer"),
+        ({"eta": -0.1}, "eta must be a number >= 0"),
+    ],
+)
+def test_tma_bad_arguments(denoiser: AdvRADModel, arguments: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TMA(denoiser, **{"depth": 40, "stride": 10, **arguments})
+
+
+def test_purifier_rejects_images_of_another_size_or_channel_count(denoiser: AdvRADModel) -> None:
+    purifier = DiffPure(denoiser, level=5)
+    with pytest.raises(ValueError, match=r"trained on images of shape \(C, H, W\) = \(3, 16, 16\); got .*32, 32"):
+        purifier(torch.rand(1, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"\(3, 16, 16\); got a batch of shape \(1, 1, 16, 16\)"):
+        purifier(torch.rand(1, 1, 16, 16))
+
+
+def test_denoiser_argument_errors(tmp_path) -> None:  # noqa: ANN001
+    with pytest.raises(FileNotFoundError, match="denoiser checkpoint .*missing.ckpt.* does not exist"):
+        DiffPure(tmp_path / "missing.ckpt")
+    with pytest.raises(TypeError, match="denoiser must be an AdvRAD checkpoint path"):
+        DiffPure(torch.nn.Linear(2, 2))
