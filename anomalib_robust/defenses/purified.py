@@ -32,6 +32,11 @@ from torchvision.transforms.v2 import Resize
 
 from anomalib_robust.defenses.purifiers import DiffusionPurifier
 
+NOT_TRAINABLE = (
+    "Purified is an inference-time defense: train the detector on its own (Engine.fit(detector, ...)), then wrap the "
+    "trained detector: Purified(detector, DiffPure(...))."
+)
+
 
 class PurifiedModel(nn.Module):
     """Torch model of the pipeline: purifier, then the detector's pre-processor and torch model.
@@ -98,14 +103,14 @@ class Purified(AnomalibModule):
         """``<purifier>+<detector>``, e.g. ``DiffPure(level=50)+Padim``."""
         return f"{type(self.model.purifier).__name__}({self.model.purifier.extra_repr()})+{self.detector_name}"
 
-    def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
+    def configure_optimizers(self) -> None:
         """Not trainable: the purifier is pre-trained and the detector is trained on its own."""
+        raise RuntimeError(NOT_TRAINABLE)
+
+    def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
+        """Not trainable, see :meth:`configure_optimizers`."""
         del batch, args, kwargs
-        msg = (
-            "Purified is an inference-time defense: train the detector on its own (Engine.fit(detector, ...)), then "
-            "wrap the trained detector: Purified(detector, DiffPure(...))."
-        )
-        raise RuntimeError(msg)
+        raise RuntimeError(NOT_TRAINABLE)
 
     def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         """Scores and anomaly maps of the purified pipeline."""

@@ -26,7 +26,7 @@ def denoiser() -> AdvRADModel:
     ).eval()
 
 
-def _unet(model: AdvRADModel):  # noqa: ANN202
+def _unet(model: AdvRADModel):
     return lambda x, t: model.unet(x, t).sample
 
 
@@ -143,7 +143,7 @@ def test_purifier_rejects_images_of_another_size_or_channel_count(denoiser: AdvR
         purifier(torch.rand(1, 1, 16, 16))
 
 
-def test_denoiser_argument_errors(tmp_path) -> None:  # noqa: ANN001
+def test_denoiser_argument_errors(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="denoiser checkpoint .*missing.ckpt.* does not exist"):
         DiffPure(tmp_path / "missing.ckpt")
     with pytest.raises(TypeError, match="denoiser must be an AdvRAD checkpoint path"):

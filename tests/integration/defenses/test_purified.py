@@ -1,0 +1,153 @@
+"""Purifiers in front of anomalib detectors: Engine.test, RobustEval's defense option, the CLI config, the example."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from anomalib.engine import Engine
+from anomalib.models import Padim
+
+from anomalib_robust import AdvRAD, RobustEval
+from anomalib_robust.data import FashionMNIST
+from anomalib_robust.defenses import TMA, DiffPure, Purified
+
+REPO = Path(__file__).resolve().parents[3]
+BIN = Path(sys.executable).parent
+SIZE = 32
+TINY_ADVRAD = {
+    "image_size": (SIZE, SIZE),
+    "base_channels": 32,
+    "channel_mult": (1, 2),
+    "attention_resolutions": (),
+    "layers_per_block": 1,
+    "num_timesteps": 100,
+    "diffusion_step": 10,
+}
+RESIZE = json.dumps(
+    {
+        "class_path": "anomalib.pre_processing.PreProcessor",
+        "init_args": {
+            "transform": {"class_path": "torchvision.transforms.v2.Resize", "init_args": {"size": [SIZE, SIZE]}}
+        },
+    }
+)
+SETTINGS = {"eps": 2 / 255, "steps": 2, "eot_samples": 2, "sanity_checks": False, "plots": False}
+
+
+def _padim() -> Padim:
+    return Padim(
+        backbone="resnet18",
+        pre_trained=False,
+        layers=["layer1"],
+        n_features=32,
+        pre_processor=Padim.configure_pre_processor((SIZE, SIZE)),
+    )
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A denoiser (tiny AdvRAD, 2 steps) and Padim fitted on the embedded data, with their checkpoints."""
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("defenses")
+    datamodule = FashionMNIST(image_size=SIZE, num_train=16, num_test=12, train_batch_size=8, eval_batch_size=8)
+    adv_rad, padim = AdvRAD(**TINY_ADVRAD), _padim()
+    Engine(default_root_dir=root, max_steps=2, logger=False, enable_progress_bar=False).fit(
+        adv_rad, datamodule=datamodule
+    )
+    Engine(default_root_dir=root, logger=False, enable_progress_bar=False).fit(padim, datamodule=datamodule)
+    checkpoints = {path.relative_to(root).parts[0]: path for path in root.rglob("*.ckpt")}
+    return {"adv_rad": adv_rad, "padim": padim, "datamodule": datamodule, "checkpoints": checkpoints, "root": root}
+
+
+def _engine(tmp_path: Path, **kwargs: object) -> Engine:
+    return Engine(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, **kwargs)
+
+
+def test_purified_pipeline_tests_like_an_anomalib_model(fitted: dict, tmp_path: Path) -> None:
+    padim, datamodule = fitted["padim"], fitted["datamodule"]
+    (undefended,) = _engine(tmp_path).test(padim, datamodule=datamodule)
+    (identity,) = _engine(tmp_path).test(Purified(padim, DiffPure(fitted["adv_rad"], level=0)), datamodule=datamodule)
+    assert identity["image_AUROC"] == pytest.approx(undefended["image_AUROC"], abs=1e-6), "p = 0 is the identity"
+    assert identity["pixel_AUROC"] == pytest.approx(undefended["pixel_AUROC"], abs=1e-4)
+    purified = Purified(padim, DiffPure(fitted["adv_rad"], level=5))
+    assert purified.name == "DiffPure(level=5)+Padim"
+    (metrics,) = _engine(tmp_path).test(purified, datamodule=datamodule)
+    assert 0 <= metrics["image_AUROC"] <= 1
+    assert purified.model.stochastic
+
+
+def test_purified_is_not_trained(fitted: dict, tmp_path: Path) -> None:
+    purified = Purified(fitted["padim"], TMA(fitted["adv_rad"], depth=10, stride=5))
+    with pytest.raises(RuntimeError, match="Purified is an inference-time defense: train the detector on its own"):
+        _engine(tmp_path, max_steps=1).fit(purified, datamodule=fitted["datamodule"])
+    with pytest.raises(TypeError, match="detector must be a trained anomalib AnomalibModule"):
+        Purified(torch.nn.Linear(2, 2), TMA(fitted["adv_rad"], depth=10, stride=5))
+
+
+def test_robust_eval_attacks_through_the_purifier_with_full_gradients_and_bpda(fitted: dict, tmp_path: Path) -> None:
+    padim, datamodule = fitted["padim"], fitted["datamodule"]
+    pre_processor, training = padim.pre_processor, padim.training
+    callback = RobustEval(defense=TMA(fitted["adv_rad"], depth=10, stride=5), **SETTINGS)
+    (metrics,) = _engine(tmp_path, callbacks=[callback]).test(padim, datamodule=datamodule)
+    report = callback.report
+    assert report.model == "TMA(depth=10, stride=5, eta=1.0)+Padim"
+    assert report.eot_samples == 2
+    assert [result.attack for result in report.results] == ["EOT-PGD", "BPDA+EOT-PGD"]
+    assert all(result.status == "ok" and 0 <= result.image_auroc <= 1 for result in report.results)
+    assert "robust/bpda+eot-pgd_linf_eps0.007843/image_AUROC" in metrics
+    assert next(tmp_path.rglob("robust_eval/tma_depth_10_stride_5_eta_1_0_padim/linf/report.json")).is_file()
+    assert padim.pre_processor is pre_processor and padim.training == training, "the tested detector is untouched"
+
+
+def test_robust_eval_defense_arguments() -> None:
+    with pytest.raises(TypeError, match="defense must be a DiffusionPurifier"):
+        RobustEval(defense=torch.nn.Identity())
+    with pytest.raises(ValueError, match=r"purifier_gradients must be a non-empty subset of \('full', 'bpda'\)"):
+        RobustEval(purifier_gradients=["exact"])
+
+
+def _run(command: list[str], cwd: Path) -> str:
+    environment = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def test_cli_with_the_diffpure_config(fitted: dict, tmp_path: Path) -> None:
+    """``anomalib test --model Padim ... --callbacks configs/callbacks/robust_eval_diffpure.yaml``, as a user types."""
+    checkpoints = fitted["checkpoints"]
+    output = _run(
+        [
+            "anomalib", "test", "--model", "Padim", "--model.backbone", "resnet18", "--model.pre_trained", "false",
+            "--model.layers", "[layer1]", "--model.n_features", "32", "--model.pre_processor", RESIZE,
+            "--data", str(REPO / "configs/data/fashion_mnist.yaml"), "--data.image_size", str(SIZE),
+            "--data.num_train", "16", "--data.num_test", "12", "--data.root", "embedded",
+            "--ckpt_path", str(checkpoints["Padim"]), "--default_root_dir", "runs",
+            "--callbacks", str(REPO / "configs/callbacks/robust_eval_diffpure.yaml"),
+            "--callbacks.init_args.defense.init_args.denoiser", str(checkpoints["AdvRAD"]),
+            "--callbacks.init_args.defense.init_args.level", "3",
+            "--callbacks.init_args.steps", "1", "--callbacks.init_args.eot_samples", "2",
+        ],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert "Robust evaluation of DiffPure(level=3)+Padim" in output
+    report = json.loads(next(tmp_path.rglob("robust_eval/diffpure_level_3_padim/linf/report.json")).read_text())
+    assert [result["attack"] for result in report["results"]] == ["EOT-PGD", "BPDA+EOT-PGD"]
+
+
+def test_diffpure_sweep_example(tmp_path: Path) -> None:
+    output = _run(
+        [
+            sys.executable, str(REPO / "examples/diffpure_sweep_padim.py"), "--epochs", "1", "--levels", "0", "2",
+            "--tma-depth", "4", "--tma-stride", "2", "--steps", "1", "--eot-samples", "2", "--max-samples", "6",
+            "--num-train", "16", "--num-test", "12", "--results", "results",
+        ],
+        cwd=tmp_path,
+    )  # fmt: skip
+    for system in ("DiffPure(level=0)+Padim", "DiffPure(level=2)+Padim", "TMA(depth=4, stride=2, eta=1.0)+Padim"):
+        assert system in output
+    assert len(list((tmp_path / "results").rglob("report.json"))) == 5
