@@ -19,6 +19,8 @@ Example:
     >>> Engine().test(purified, datamodule=datamodule)  # doctest: +SKIP
 """
 
+import inspect
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -97,6 +99,12 @@ class Purified(AnomalibModule):
         self.model = PurifiedModel(purifier, detector.pre_processor, detector.model)
         self._detector_trainer_arguments = detector.trainer_arguments
         self._detector_learning_type = detector.learning_type
+
+    def save_hyperparameters(self, *args: Any, ignore: Sequence[str] | str | None = None, **kwargs: Any) -> None:
+        """As Lightning's, without the detector and purifier modules (their weights are in the state dict)."""
+        ignore = [ignore] if isinstance(ignore, str) else list(ignore or [])
+        kwargs.setdefault("frame", inspect.currentframe().f_back)
+        super().save_hyperparameters(*args, ignore=[*ignore, "detector", "purifier"], **kwargs)
 
     @property
     def name(self) -> str:
