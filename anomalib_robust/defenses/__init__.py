@@ -3,9 +3,25 @@
 Example:
     >>> from anomalib_robust.defenses import DiffPure, Purified
     >>> purified = Purified(trained_padim, DiffPure("adv_rad.ckpt", level=50))  # doctest: +SKIP
+
+    $ anomalib train --model Fastflow --data anomalib_robust.data.FashionMNIST --callbacks adversarial_training
 """
 
+from anomalib_robust.cli import register_callback
 from anomalib_robust.defenses.purified import Purified, PurifiedModel
 from anomalib_robust.defenses.purifiers import TMA, DiffPure, DiffusionPurifier
+from anomalib_robust.defenses.training import AdversarialTraining, GaussianNoiseTraining, NotGradientTrainedError
 
-__all__ = ["TMA", "DiffPure", "DiffusionPurifier", "Purified", "PurifiedModel"]
+register_callback("adversarial_training", "anomalib_robust.defenses.AdversarialTraining")
+register_callback("gaussian_noise_training", "anomalib_robust.defenses.GaussianNoiseTraining")
+
+__all__ = [
+    "TMA",
+    "AdversarialTraining",
+    "DiffPure",
+    "DiffusionPurifier",
+    "GaussianNoiseTraining",
+    "NotGradientTrainedError",
+    "Purified",
+    "PurifiedModel",
+]
