@@ -13,7 +13,7 @@ Example:
 
 from anomalib_robust import data
 from anomalib_robust.callbacks import RobustEval
-from anomalib_robust.models import AdvRAD
+from anomalib_robust.models import AdvRAD, PatchGuard
 
-__all__ = ["AdvRAD", "RobustEval", "data"]
+__all__ = ["AdvRAD", "PatchGuard", "RobustEval", "data"]
 __version__ = "0.1.0"

@@ -1,5 +1,6 @@
 """Adversarially robust anomaly detectors, registered as anomalib models."""
 
 from anomalib_robust.models.adv_rad import AdvRAD
+from anomalib_robust.models.patch_guard import PatchGuard
 
-__all__ = ["AdvRAD"]
+__all__ = ["AdvRAD", "PatchGuard"]

@@ -1,0 +1,87 @@
+"""Self-CutPaste pseudo anomalies: inside the foreground, labels consistent with masks, images changed only there."""
+
+import pytest
+import torch
+
+from anomalib_robust.models.patch_guard.pseudo_anomaly import LEVELS, PseudoAnomalyGenerator
+
+
+def _object_images(batch: int = 6, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Textured discs on a black background, and their foreground (the discs)."""
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    foreground = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 3) ** 2).expand(batch, size, size)
+    texture = torch.rand(batch, 3, size, size)
+    return texture * foreground[:, None], foreground.clone()
+
+
+def test_masks_inside_foreground_and_patch_labels_match_masks() -> None:
+    images, foreground = _object_images()
+    pseudo = PseudoAnomalyGenerator(patch_size=4, seed=0)(images, foreground)
+    assert pseudo.images.shape == images.shape and pseudo.masks.shape == (6, 32, 32)
+    assert pseudo.patch_labels.shape == (6, 64)
+    assert not (pseudo.masks.bool() & ~foreground).any()
+    assert (pseudo.masks.flatten(1).sum(dim=1) > 0).all()
+    for b in range(6):
+        for index in range(64):
+            row, column = divmod(index, 8)
+            patch = pseudo.masks[b, 4 * row : 4 * row + 4, 4 * column : 4 * column + 4]
+            assert pseudo.patch_labels[b, index] == float(patch.any())
+
+
+def test_only_masked_pixels_change_and_stay_in_range() -> None:
+    images, foreground = _object_images()
+    pseudo = PseudoAnomalyGenerator(patch_size=4, seed=1)(images, foreground)
+    changed = (pseudo.images - images).abs().amax(dim=1) > 0
+    assert not (changed & (pseudo.masks == 0)).any()
+    assert changed.any()
+    assert pseudo.images.min() >= 0 and pseudo.images.max() <= 1
+
+
+def test_default_foreground_is_the_whole_image_and_boxes_respect_size_bounds() -> None:
+    images = torch.rand(8, 3, 32, 32)
+    pseudo = PseudoAnomalyGenerator(patch_size=4, max_size_fraction=0.5, max_rotation=0.0, seed=0)(images)
+    rows = pseudo.masks.any(dim=2).sum(dim=1)
+    columns = pseudo.masks.any(dim=1).sum(dim=1)
+    assert (rows >= 4).all() and (rows <= 16).all() and (columns >= 4).all() and (columns <= 16).all()
+
+
+def test_tiny_foreground_uses_the_fallback_square() -> None:
+    images = torch.rand(2, 3, 32, 32)
+    foreground = torch.zeros(2, 32, 32, dtype=torch.bool)
+    foreground[:, 10:13, 20:23] = True  # smaller than one min_size box
+    pseudo = PseudoAnomalyGenerator(patch_size=4, max_tries=5, seed=0)(images, foreground)
+    assert not (pseudo.masks.bool() & ~foreground).any()
+
+
+def test_seed_makes_generation_reproducible() -> None:
+    images, foreground = _object_images()
+    torch.manual_seed(0)
+    first = PseudoAnomalyGenerator(patch_size=4, seed=3)(images, foreground)
+    torch.manual_seed(0)
+    second = PseudoAnomalyGenerator(patch_size=4, seed=3)(images, foreground)
+    torch.testing.assert_close(first.images, second.images)
+    torch.testing.assert_close(first.masks, second.masks)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_every_augmentation_level_keeps_shape_and_range(level: str) -> None:
+    generator = PseudoAnomalyGenerator(patch_size=4, seed=0)
+    patch = torch.rand(3, 9, 13)
+    for _ in range(20):
+        augmented = generator.augment(patch, level)
+        assert augmented.shape == patch.shape
+        assert augmented.min() >= 0 and augmented.max() <= 1
+
+
+def test_bad_inputs_raise_clear_errors() -> None:
+    generator = PseudoAnomalyGenerator(patch_size=4)
+    with pytest.raises(
+        ValueError, match=r"foreground mask must be \(2, 32, 32\) to match the images, got \(2, 16, 16\)"
+    ):
+        generator(torch.rand(2, 3, 32, 32), torch.ones(2, 16, 16, dtype=torch.bool))
+    with pytest.raises(ValueError, match="images must be"):
+        generator(torch.rand(3, 32, 32))
+    with pytest.raises(ValueError, match="level_probabilities"):
+        PseudoAnomalyGenerator(patch_size=4, level_probabilities=(1.0, 0.0))
+    with pytest.raises(ValueError, match="level must be one of"):
+        generator.augment(torch.rand(3, 8, 8), "extreme")
