@@ -40,21 +40,21 @@ class _RunAfterLoader(importlib.abc.Loader):
         self._loader = loader
         self._target = target
 
-    def create_module(self, spec):  # noqa: ANN001, ANN201
+    def create_module(self, spec):
         return self._loader.create_module(spec)
 
-    def exec_module(self, module) -> None:  # noqa: ANN001
+    def exec_module(self, module) -> None:
         self._loader.exec_module(module)
         _run(self._target, module)
 
-    def __getattr__(self, name: str):  # noqa: ANN204 - resource readers etc. come from the real loader
+    def __getattr__(self, name: str):
         return getattr(self._loader, name)
 
 
 class _AnomalibFinder(importlib.abc.MetaPathFinder):
     """Finds the trigger modules with the regular path finder and wraps their loader."""
 
-    def find_spec(self, fullname, path, target=None):  # noqa: ANN001, ANN201, ARG002
+    def find_spec(self, fullname, path, target=None):
         if fullname not in AFTER_IMPORT:
             return None
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)

@@ -87,7 +87,7 @@ def extend_anomalib_cli(cli_module: ModuleType) -> None:
     original_init = cli_class.__init__
 
     @functools.wraps(original_init)
-    def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:  # noqa: N807
+    def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
         original_init(self, normalize_arguments(sys.argv[1:] if args is None else args), run)
 
     __init__.__anomalib_robust__ = True

@@ -36,6 +36,6 @@ def random_init_backbones() -> Iterator[None]:
 
     with (
         mock.patch.object(timm, "create_model", create_random_init_model),
-        mock.patch.object(torchvision.models, "get_model_weights", lambda name: _NoWeights),  # noqa: ARG005
+        mock.patch.object(torchvision.models, "get_model_weights", lambda name: _NoWeights),
     ):
         yield

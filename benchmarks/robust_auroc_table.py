@@ -23,9 +23,9 @@ from rich.table import Table
 
 from anomalib_robust import AdvRAD
 from anomalib_robust.callbacks import RobustEval
-from anomalib_robust.offline import random_init_backbones
 from anomalib_robust.callbacks.robust_report import format_eps
 from anomalib_robust.data import FashionMNIST
+from anomalib_robust.offline import random_init_backbones
 
 THREATS = (("Linf", 2 / 255), ("L2", 0.2))
 """The paper's two threat models (sec. 5.1)."""

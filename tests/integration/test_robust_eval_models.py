@@ -17,8 +17,8 @@ from anomalib.models import Cfa, Draem, Fastflow, Padim, Patchcore, ReverseDisti
 from PIL import Image
 
 from anomalib_robust.callbacks import RobustEval
-from anomalib_robust.offline import random_init_backbones
 from anomalib_robust.data import FashionMNIST
+from anomalib_robust.offline import random_init_backbones
 
 SIZE = 32
 

@@ -152,7 +152,7 @@ class AdvRAD(AnomalibModule):
         self._statistics_step: int | None = None
 
     @classmethod
-    def cpu_preset(cls, **overrides: Any) -> "AdvRAD":  # noqa: ANN401
+    def cpu_preset(cls, **overrides: Any) -> "AdvRAD":
         """AdvRAD with the :data:`CPU_PRESET` architecture, e.g. ``AdvRAD.cpu_preset(diffusion_step=50)``."""
         return cls(**{**CPU_PRESET, **overrides})
 
@@ -198,7 +198,7 @@ class AdvRAD(AnomalibModule):
         export_root: Path | str,
         model_file_name: str = "model",
         input_size: tuple[int, int] | None = None,
-        **kwargs: Any,  # noqa: ANN401
+        **kwargs: Any,
     ) -> Path:
         """ONNX graph of the one-shot pipeline with in-graph noise (``RandomNormalLike``); a fitted model only.
 
@@ -336,6 +336,6 @@ class AdvRAD(AnomalibModule):
         return LearningType.ONE_CLASS
 
 
-def _as_list(value: Any) -> Any:  # noqa: ANN401
+def _as_list(value: Any) -> Any:
     """Compare hyper-parameters saved as tuples or lists alike."""
     return list(value) if isinstance(value, tuple | list) else value

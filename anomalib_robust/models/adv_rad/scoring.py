@@ -12,7 +12,7 @@ Example:
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 from kornia.filters import box_blur
 
 DEFAULT_SCALES = (1.0, 0.5, 0.25, 0.125)

@@ -18,15 +18,6 @@ from anomalib_robust.defenses import TMA, DiffPure, Purified
 REPO = Path(__file__).resolve().parents[3]
 BIN = Path(sys.executable).parent
 SIZE = 32
-TINY_ADVRAD = {
-    "image_size": (SIZE, SIZE),
-    "base_channels": 32,
-    "channel_mult": (1, 2),
-    "attention_resolutions": (),
-    "layers_per_block": 1,
-    "num_timesteps": 100,
-    "diffusion_step": 10,
-}
 RESIZE = json.dumps(
     {
         "class_path": "anomalib.pre_processing.PreProcessor",
@@ -49,12 +40,12 @@ def _padim() -> Padim:
 
 
 @pytest.fixture(scope="module")
-def fitted(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def fitted(tiny_advrad: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A denoiser (tiny AdvRAD, 2 steps) and Padim fitted on the embedded data, with their checkpoints."""
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("defenses")
     datamodule = FashionMNIST(image_size=SIZE, num_train=16, num_test=12, train_batch_size=8, eval_batch_size=8)
-    adv_rad, padim = AdvRAD(**TINY_ADVRAD), _padim()
+    adv_rad, padim = AdvRAD(**tiny_advrad), _padim()
     Engine(default_root_dir=root, max_steps=2, logger=False, enable_progress_bar=False).fit(
         adv_rad, datamodule=datamodule
     )

@@ -26,11 +26,11 @@ def run(*args: str, cwd: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def trained(patch_guard_mvtec_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+def trained(mvtec_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """``anomalib train`` (fit, then test) with the CPU preset YAML on a tiny MVTecAD-layout dataset."""
     workdir = tmp_path_factory.mktemp("cli")
     output = run(ANOMALIB, "train", "--config", str(REPO / "configs/model/patch_guard_cpu.yaml"), "--data", "MVTecAD",
-                 f"--data.root={patch_guard_mvtec_root}", "--data.category=disc", "--data.train_batch_size=4",
+                 f"--data.root={mvtec_root}", "--data.category=disc", "--data.train_batch_size=4",
                  "--data.eval_batch_size=4", "--data.num_workers=0", "--model.adversarial_steps=1",
                  "--trainer.max_steps=2", "--default_root_dir=results", cwd=workdir)  # fmt: skip
     (path,) = workdir.glob("results/PatchGuard/MVTecAD/disc/latest/weights/lightning/model.ckpt")

@@ -8,8 +8,8 @@ import torch
 from anomalib_robust.models.adv_rad.diffusion import (
     DiffusionSchedule,
     hybrid_loss,
-    linear_betas,
     learned_log_variance,
+    linear_betas,
     p_mean_variance,
     q_posterior,
     q_sample,

@@ -1,4 +1,5 @@
-"""A tiny dataset in anomalib's MVTecAD folder layout, generated on the fly, and a tiny AdvRAD configuration."""
+"""Shared by the integration tests: a tiny dataset in anomalib's MVTecAD folder layout, generated on the fly, and a
+tiny AdvRAD configuration."""
 
 from pathlib import Path
 
