@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from anomalib_robust import AdvRAD
+from anomalib_robust.callbacks.robust_report import write_atomic
 from anomalib_robust.data import CLASS_NAMES, FashionMNIST
 
 COLUMNS = ("AdvRAD image", "AdvRAD pixel", "Padim image", "Padim pixel", "Patchcore image", "Patchcore pixel")
@@ -100,9 +101,7 @@ def main() -> None:
                 for level in ("image", "pixel")
             ]
         root.mkdir(parents=True, exist_ok=True)
-        temporary = finished.with_suffix(".tmp")
-        temporary.write_text(json.dumps({protocol: rows[CLASS_NAMES[label], protocol] for protocol in datamodules}))
-        temporary.replace(finished)
+        write_atomic(finished, json.dumps({protocol: rows[CLASS_NAMES[label], protocol] for protocol in datamodules}))
 
     title = (
         f"Standard AUROC (%) on Fashion-MNIST, AdvRAD CPU preset ({arguments.epochs} epochs) vs random-init baselines"
@@ -123,9 +122,7 @@ def main() -> None:
             markdown.append(f"| {name} | {protocol} | {' | '.join(cells)} |")
     Console(width=160).print(table)
     arguments.output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = arguments.output.with_suffix(".tmp")
-    temporary.write_text("\n".join(markdown) + "\n")
-    temporary.replace(arguments.output)
+    write_atomic(arguments.output, "\n".join(markdown) + "\n")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from rich.table import Table
 
 from anomalib_robust import AdvRAD, RobustEval
 from anomalib_robust.attacks import DetectorScore
-from anomalib_robust.callbacks.robust_report import RobustReport
+from anomalib_robust.callbacks.robust_report import RobustReport, write_atomic
 from anomalib_robust.data import CLASS_NAMES, FashionMNIST
 from anomalib_robust.defenses import TMA, DiffPure, Purified
 
@@ -138,9 +138,7 @@ def main() -> None:
             row["AdvRAD"] = cell(RobustEval(**settings).evaluate(adv_rad, loader))
             results[category, protocol] = row
             finished.parent.mkdir(parents=True, exist_ok=True)
-            temporary = finished.with_suffix(".tmp")
-            temporary.write_text(json.dumps(row))
-            temporary.replace(finished)
+            write_atomic(finished, json.dumps(row))
             cost_file = runs / "purifier_table_costs.json"
             if not cost_file.exists():
                 images = next(iter(loader)).image[:8]
@@ -148,7 +146,7 @@ def main() -> None:
                 for name, defense in defenses.items():
                     measured[name] = (defense.unet_evaluations, seconds_per_image(Purified(padim, defense), images))
                 measured["AdvRAD"] = (1, seconds_per_image(adv_rad, images))
-                cost_file.write_text(json.dumps(measured))
+                write_atomic(cost_file, json.dumps(measured))
 
     def percent(value: float | None) -> str:
         return "-" if value is None else f"{100 * value:.1f}"
@@ -188,9 +186,7 @@ def main() -> None:
             markdown.append(f"| {name} | {calls} | {1000 * seconds:.1f} |")
         Console(width=200).print(table)
     arguments.output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = arguments.output.with_suffix(".tmp")
-    temporary.write_text("\n".join(markdown) + "\n")
-    temporary.replace(arguments.output)
+    write_atomic(arguments.output, "\n".join(markdown) + "\n")
 
 
 if __name__ == "__main__":
