@@ -45,6 +45,7 @@ Example:
 """
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import torch
@@ -152,7 +153,68 @@ def _rows(batch_size: int, fraction: float, generator: torch.Generator) -> torch
     return torch.randperm(batch_size, generator=generator)[:count].sort().values
 
 
-class AdversarialTraining(Callback):
+class _TrainingBatchDefense(Callback, ABC):
+    """Replaces ``batch.image`` of every training batch from ``start_epoch`` on, before the pre-processor.
+
+    The shared mechanism of both training defenses: refuse detectors without gradient training (and a pre-processor
+    that would run first) at ``fit`` start, seed each batch with ``seed + batches_changed``, and keep that counter in
+    the callback's state so that a resumed run continues the same sequence.
+    """
+
+    defense = "training defense"
+    """Name in messages and errors, e.g. ``"Adversarial training"``."""
+    changed = "changed"
+    """Verb of the end-of-training report (``"2 batches attacked."``)."""
+
+    def __init__(self, start_epoch: int, seed: int) -> None:
+        super().__init__()
+        self.start_epoch = _check_start_epoch(start_epoch)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            msg = f"seed must be an integer, got {seed!r}."
+            raise TypeError(msg)
+        self.seed = seed
+        self.batches_changed = 0
+        """Training batches changed so far (the per-batch seed offset)."""
+
+    def batch_generator(self) -> torch.Generator:
+        """The RNG of the current batch, seeded with ``seed + batches_changed``."""
+        return torch.Generator().manual_seed(self.seed + self.batches_changed)
+
+    @abstractmethod
+    def describe(self) -> str:
+        """The settings, for the message printed at ``fit`` start."""
+
+    @abstractmethod
+    def replace_images(self, pl_module: LightningModule, batch: object) -> torch.Tensor:
+        """The new [0, 1] images of a training batch."""
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Refuse detectors without gradient training, and a pre-processor that would run first."""
+        check_gradient_trained(pl_module, trainer.optimizers, self.defense)
+        _check_runs_before_pre_processor(trainer, pl_module, self)
+        rank_zero_info(f"{self.defense} of {type(pl_module).__name__}: {self.describe()}")
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Report how many training batches were changed."""
+        del trainer
+        rank_zero_info(f"{self.defense} of {type(pl_module).__name__}: {self.batches_changed} batches {self.changed}.")
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: object, batch_idx: int) -> None:
+        """Replace ``batch.image`` (from ``start_epoch`` on), before the pre-processor."""
+        del batch_idx
+        if trainer.current_epoch >= self.start_epoch:
+            batch.image = self.replace_images(pl_module, batch)
+
+    def state_dict(self) -> dict[str, int]:
+        """The batch counter, so that a resumed run continues the same sequence of seeds."""
+        return {"batches_changed": self.batches_changed}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Restore the batch counter saved by :meth:`state_dict`."""
+        self.batches_changed = int(state_dict.get("batches_changed", 0))
+
+
+class AdversarialTraining(_TrainingBatchDefense):
     """Madry et al. (2018) adversarial training of an anomalib detector (seed 000, sec. 5.4, Table 8).
 
     Before each training step, the selected images of the batch are replaced by PGD adversarial examples that
@@ -183,6 +245,9 @@ class AdversarialTraining(Callback):
         NotGradientTrainedError: at ``fit`` start, for a detector without gradient training (Padim, Patchcore, ...).
     """
 
+    defense = "Adversarial training"
+    changed = "attacked"
+
     def __init__(
         self,
         eps: float = 2 / 255,
@@ -195,21 +260,14 @@ class AdversarialTraining(Callback):
         eot_samples: int | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(start_epoch, seed)
         self.eps = check_positive("eps", eps)
         self.steps = check_count("steps", steps)
         self.alpha = None if alpha is None else check_positive("alpha", alpha)
         self.norm = check_norm(norm)
         self.fraction = _check_fraction(fraction)
-        self.start_epoch = _check_start_epoch(start_epoch)
         self.random_start = bool(random_start)
         self.eot_samples = None if eot_samples is None else check_count("eot_samples", eot_samples)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            msg = f"seed must be an integer, got {seed!r}."
-            raise TypeError(msg)
-        self.seed = seed
-        self.batches_attacked = 0
-        """Training batches perturbed so far (the per-batch seed offset)."""
 
     def attack(self, model: LightningModule) -> PGD:
         """The inner-maximisation PGD on ``model`` (a fresh attack object; it holds no state across batches)."""
@@ -221,7 +279,7 @@ class AdversarialTraining(Callback):
             norm=self.norm,
             random_start=self.random_start,
             eot_samples=self.eot_samples,
-            seed=self.seed + self.batches_attacked,
+            seed=self.seed + self.batches_changed,
         )
 
     def perturb(self, model: LightningModule, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -233,45 +291,26 @@ class AdversarialTraining(Callback):
         images = _check_images(images, type(self).__name__)
         labels = torch.zeros(images.shape[0]) if labels is None else labels
         labels = check_labels(labels, images.shape[0]).to(images.device)
-        generator = torch.Generator().manual_seed(self.seed + self.batches_attacked)
-        rows = _rows(images.shape[0], self.fraction, generator).to(images.device)
+        rows = _rows(images.shape[0], self.fraction, self.batch_generator()).to(images.device)
         adversarial = self.attack(model)(images[rows], labels[rows])
-        self.batches_attacked += 1
+        self.batches_changed += 1
         result = images.clone()
         result[rows] = adversarial.to(result.dtype)
         return result
 
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Refuse detectors without gradient training, and a pre-processor that would run first."""
-        check_gradient_trained(pl_module, trainer.optimizers, "Adversarial training")
-        _check_runs_before_pre_processor(trainer, pl_module, self)
-        rank_zero_info(
-            f"Adversarial training of {type(pl_module).__name__}: PGD {self.norm} eps={self.eps:.6g}, {self.steps} steps, "
-            f"on {100 * self.fraction:.0f}% of each training batch from epoch {self.start_epoch}."
+    def describe(self) -> str:
+        """PGD settings and the share of each batch attacked."""
+        return (
+            f"PGD {self.norm} eps={self.eps:.6g}, {self.steps} steps, on {100 * self.fraction:.0f}% of each training "
+            f"batch from epoch {self.start_epoch}."
         )
 
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Report how many training batches were adversarial."""
-        del trainer
-        rank_zero_info(f"Adversarial training of {type(pl_module).__name__}: {self.batches_attacked} batches attacked.")
-
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: object, batch_idx: int) -> None:
-        """Replace ``batch.image`` by its adversarial version (from ``start_epoch`` on), before the pre-processor."""
-        del batch_idx
-        if trainer.current_epoch < self.start_epoch:
-            return
-        batch.image = self.perturb(pl_module, getattr(batch, "image", None), getattr(batch, "gt_label", None))
-
-    def state_dict(self) -> dict[str, int]:
-        """The batch counter, so that a resumed run continues the same sequence of attack seeds."""
-        return {"batches_attacked": self.batches_attacked}
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        """Restore the batch counter saved by :meth:`state_dict`."""
-        self.batches_attacked = int(state_dict.get("batches_attacked", 0))
+    def replace_images(self, pl_module: LightningModule, batch: object) -> torch.Tensor:
+        """Adversarial images of the batch, in the direction set by its ``gt_label`` (normal when missing)."""
+        return self.perturb(pl_module, getattr(batch, "image", None), getattr(batch, "gt_label", None))
 
 
-class GaussianNoiseTraining(Callback):
+class GaussianNoiseTraining(_TrainingBatchDefense):
     """Gaussian-noise injection as training augmentation (seed 000, appendix D.6, Table 19).
 
     Each training batch gets ``x + N(0, sigma^2)``, clamped to [0, 1], with ``sigma`` drawn uniformly from ``stds``
@@ -290,6 +329,9 @@ class GaussianNoiseTraining(Callback):
         NotGradientTrainedError: at ``fit`` start, for a detector without gradient training (Padim, Patchcore, ...).
     """
 
+    defense = "Gaussian-noise training"
+    changed = "augmented"
+
     def __init__(
         self,
         stds: Sequence[float] = DEFAULT_NOISE_STDS,
@@ -297,7 +339,7 @@ class GaussianNoiseTraining(Callback):
         start_epoch: int = 0,
         seed: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(start_epoch, seed)
         values = [stds] if isinstance(stds, int | float) and not isinstance(stds, bool) else stds
         if isinstance(values, str | bytes) or not isinstance(values, Sequence) or len(values) == 0:
             msg = f"stds must be a non-empty list of noise standard deviations >= 0, got {stds!r}."
@@ -313,56 +355,32 @@ class GaussianNoiseTraining(Callback):
             raise ValueError(msg)
         self.stds = torch.tensor([float(value) for value in values], dtype=torch.float64)
         self.per_sample = bool(per_sample)
-        self.start_epoch = _check_start_epoch(start_epoch)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            msg = f"seed must be an integer, got {seed!r}."
-            raise TypeError(msg)
-        self.seed = seed
-        self.batches_seen = 0
-        """Training batches augmented so far (the per-batch seed offset)."""
         self.last_stds: torch.Tensor | None = None
         """The standard deviation(s) drawn for the last batch (diagnostics)."""
 
     def perturb(self, images: torch.Tensor) -> torch.Tensor:
         """``images`` plus Gaussian noise of a standard deviation drawn from ``stds``, clamped to [0, 1]."""
         images = _check_images(images, type(self).__name__)
-        generator = torch.Generator().manual_seed(self.seed + self.batches_seen)
+        generator = self.batch_generator()
         draws = images.shape[0] if self.per_sample else 1
         sigma = self.stds[torch.randint(len(self.stds), (draws,), generator=generator)]
         noise = torch.randn(images.shape, generator=generator, dtype=images.dtype)
         self.last_stds = sigma
-        self.batches_seen += 1
+        self.batches_changed += 1
         noisy = images + noise.to(images.device) * sigma.to(images).view(-1, 1, 1, 1)
         return noisy.clamp(0.0, 1.0)
 
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Refuse detectors without gradient training, and a pre-processor that would run first."""
-        check_gradient_trained(pl_module, trainer.optimizers, "Gaussian-noise training")
-        _check_runs_before_pre_processor(trainer, pl_module, self)
-        rank_zero_info(
-            f"Gaussian-noise training of {type(pl_module).__name__}: stds {self.stds.tolist()}, one draw per "
-            f"{'image' if self.per_sample else 'batch'}, from epoch {self.start_epoch}."
+    def describe(self) -> str:
+        """The noise levels and how often they are drawn."""
+        return (
+            f"stds {self.stds.tolist()}, one draw per {'image' if self.per_sample else 'batch'}, "
+            f"from epoch {self.start_epoch}."
         )
 
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Report how many training batches were augmented."""
-        del trainer
-        rank_zero_info(f"Gaussian-noise training of {type(pl_module).__name__}: {self.batches_seen} batches augmented.")
-
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: object, batch_idx: int) -> None:
-        """Replace ``batch.image`` by its noisy version (from ``start_epoch`` on), before the pre-processor."""
-        del pl_module, batch_idx
-        if trainer.current_epoch < self.start_epoch:
-            return
-        batch.image = self.perturb(getattr(batch, "image", None))
-
-    def state_dict(self) -> dict[str, int]:
-        """The batch counter, so that a resumed run continues the same noise sequence."""
-        return {"batches_seen": self.batches_seen}
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        """Restore the batch counter saved by :meth:`state_dict`."""
-        self.batches_seen = int(state_dict.get("batches_seen", 0))
+    def replace_images(self, pl_module: LightningModule, batch: object) -> torch.Tensor:
+        """Noisy images of the batch."""
+        del pl_module
+        return self.perturb(getattr(batch, "image", None))
 
 
 __all__ = [

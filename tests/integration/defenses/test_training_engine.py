@@ -75,7 +75,7 @@ def test_stfpm_trains_on_adversarial_images(tmp_path: Path) -> None:
     at = AdversarialTraining(eps=EPS, steps=2)
     _fit(adversarial_model, [at, adversarial_recorder], tmp_path / "at")
 
-    assert at.batches_attacked == 2
+    assert at.batches_changed == 2
     assert len(adversarial_recorder.images) == len(clean_recorder.images) == 2
     for clean, adversarial in zip(clean_recorder.images, adversarial_recorder.images, strict=True):
         delta = (adversarial - clean).abs()
@@ -95,7 +95,7 @@ def test_fastflow_trains_on_noisy_images(tmp_path: Path) -> None:
     _fit(model, [clean_recorder], tmp_path / "clean")
     noise = GaussianNoiseTraining(stds=[0.05], seed=1)
     _fit(model, [noise, recorder], tmp_path / "gn")
-    assert noise.batches_seen == 2
+    assert noise.batches_changed == 2
     for clean, noisy in zip(clean_recorder.images, recorder.images, strict=True):
         inside = (clean > 0.25) & (clean < 0.75)  # pixels where clamping to [0, 1] hardly ever acts
         assert inside.sum() > 1000

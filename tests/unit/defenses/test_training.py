@@ -78,7 +78,7 @@ def test_batch_hook_replaces_images_only_and_keeps_labels(stfpm: Stfpm, images: 
     assert not torch.equal(batch.image, images)
     assert (batch.image - images).abs().max() <= EPS + 1e-6
     assert torch.equal(batch.gt_label, labels) and torch.equal(batch.gt_mask, masks)
-    assert callback.batches_attacked == 1
+    assert callback.batches_changed == 1
 
 
 def test_fraction_start_epoch_and_seeds(stfpm: Stfpm, images: torch.Tensor) -> None:
@@ -96,7 +96,7 @@ def test_fraction_start_epoch_and_seeds(stfpm: Stfpm, images: torch.Tensor) -> N
     assert torch.equal(first, AdversarialTraining(eps=EPS, steps=1, seed=5).perturb(stfpm, images))  # reproducible
     restored = AdversarialTraining(eps=EPS, steps=1, seed=5)
     restored.load_state_dict(callback.state_dict())
-    assert restored.batches_attacked == 2
+    assert restored.batches_changed == 2
 
 
 @pytest.mark.parametrize(
