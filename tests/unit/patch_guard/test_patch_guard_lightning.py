@@ -11,19 +11,12 @@ from anomalib_robust import PatchGuard
 from anomalib_robust.models.patch_guard.lightning_model import CPU_PRESET
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "model"
-TINY = {
-    "image_size": (16, 16),
-    "patch_size": 4,
-    "embed_dim": 32,
-    "depth": 2,
-    "num_heads": 2,
-    "discriminator_heads": 2,
-    "discriminator_mlp_dim": 64,
-    "sigma": 1.0,
-    "kernel_size": 5,
-    "attention_weights": (0.01, 0.05),
-    "adversarial_steps": 2,
-}
+
+
+@pytest.fixture
+def tiny(tiny_args: dict) -> dict:
+    """The tiny model of conftest.py as a Lightning model: two regularised blocks, 2-step adversarial training."""
+    return {**tiny_args, "attention_weights": (0.01, 0.05), "adversarial_steps": 2}
 
 
 def test_cpu_preset_yaml_matches_python_preset() -> None:
@@ -46,8 +39,10 @@ def _batch(size: int = 16, batch: int = 2) -> ImageBatch:
 
 @pytest.mark.parametrize("adversarial_training", [False, True])
 @pytest.mark.parametrize("regularizer", ["kl_uniform", "degree"])
-def test_training_step_gives_a_finite_differentiable_loss(adversarial_training: bool, regularizer: str) -> None:
-    model = PatchGuard(**TINY, adversarial_training=adversarial_training, regularizer=regularizer)
+def test_training_step_gives_a_finite_differentiable_loss(
+    tiny: dict, adversarial_training: bool, regularizer: str
+) -> None:
+    model = PatchGuard(**tiny, adversarial_training=adversarial_training, regularizer=regularizer)
     model.log = model.log_dict = lambda *args, **kwargs: None
     model.train()
     loss = model.training_step(_batch())["loss"]
@@ -57,8 +52,8 @@ def test_training_step_gives_a_finite_differentiable_loss(adversarial_training: 
     assert head.grad is not None and head.grad.abs().sum() > 0
 
 
-def test_gradcam_foreground_needs_an_estimator() -> None:
-    model = PatchGuard(**TINY, foreground="gradcam")
+def test_gradcam_foreground_needs_an_estimator(tiny: dict) -> None:
+    model = PatchGuard(**tiny, foreground="gradcam")
     model.log = model.log_dict = lambda *args, **kwargs: None
     with pytest.raises(RuntimeError, match="set_foreground_estimator"):
         model.training_step(_batch())
@@ -79,18 +74,18 @@ def test_gradcam_foreground_needs_an_estimator() -> None:
         ({"learning_rate": 0.0}, "learning_rate"),
     ],
 )
-def test_bad_arguments_raise_clear_errors(overrides: dict, match: str) -> None:
+def test_bad_arguments_raise_clear_errors(tiny: dict, overrides: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        PatchGuard(**{**TINY, **overrides})
+        PatchGuard(**{**tiny, **overrides})
 
 
-def test_pre_processor_resizes_only() -> None:
-    model = PatchGuard(**TINY)
+def test_pre_processor_resizes_only(tiny: dict) -> None:
+    model = PatchGuard(**tiny)
     resized = model.pre_processor.transform(torch.rand(1, 3, 40, 40))
     assert resized.shape == (1, 3, 16, 16)
 
 
-def test_training_with_a_gradcam_foreground_from_a_user_classifier() -> None:
+def test_training_with_a_gradcam_foreground_from_a_user_classifier(tiny: dict) -> None:
     from torch import nn
 
     from anomalib_robust.models.patch_guard.foreground import ForegroundEstimator
@@ -98,7 +93,7 @@ def test_training_with_a_gradcam_foreground_from_a_user_classifier() -> None:
     classifier = nn.Sequential(
         nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)
     )
-    model = PatchGuard(**TINY, foreground="gradcam", adversarial_training=False)
+    model = PatchGuard(**tiny, foreground="gradcam", adversarial_training=False)
     model.set_foreground_estimator(ForegroundEstimator("gradcam", classifier=classifier, target_layers=[classifier[0]]))
     model.log = model.log_dict = lambda *args, **kwargs: None
     assert torch.isfinite(model.training_step(_batch())["loss"])
