@@ -54,3 +54,24 @@ def test_test_on_embedded_data_with_robust_eval_from_snake_case_name(trained: tu
     report = json.loads(report_path.read_text())
     assert report["model"] == "PatchGuard"
     assert [result["status"] for result in report["results"]] == ["ok"]
+
+
+def test_predict_from_checkpoint_saves_visualisations(trained: tuple[Path, str], mvtec_root: Path, tmp_path: Path) -> None:
+    checkpoint, _ = trained
+    images = mvtec_root / "disc" / "test" / "scratch"
+    run(ANOMALIB, "predict", "--model", "PatchGuard", f"--data={images}", f"--ckpt_path={checkpoint}",
+        "--default_root_dir=results", cwd=tmp_path)  # fmt: skip
+    saved = list(tmp_path.glob("results/**/*.png"))
+    assert len(saved) == len(list(images.glob("*.png"))), "anomalib predict should save one visualisation per image"
+
+
+def test_export_to_openvino_from_checkpoint(trained: tuple[Path, str], mvtec_root: Path, tmp_path: Path) -> None:
+    from anomalib.deploy import OpenVINOInferencer
+
+    checkpoint, _ = trained
+    run(ANOMALIB, "export", "--model", "patch_guard", "--export_type", "openvino", f"--ckpt_path={checkpoint}",
+        "--default_root_dir", str(tmp_path), cwd=tmp_path)  # fmt: skip
+    (model_path,) = tmp_path.glob("**/weights/openvino/model.xml")
+    prediction = OpenVINOInferencer(path=model_path, device="CPU").predict(mvtec_root / "disc/test/scratch/000.png")
+    assert prediction.pred_score.size == 1
+    assert prediction.anomaly_map.shape[-2:] == (32, 32)  # the CPU preset's input size, restored from the checkpoint

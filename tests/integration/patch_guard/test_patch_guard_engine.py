@@ -1,11 +1,11 @@
-"""PatchGuard through anomalib's Engine: fit/test metrics, checkpoint round trip, ONNX export, RobustEval."""
+"""PatchGuard through anomalib's Engine: fit/test metrics, checkpoint round trip, ONNX/OpenVINO export, RobustEval."""
 
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from anomalib.deploy import ExportType
+from anomalib.deploy import ExportType, OpenVINOInferencer
 from anomalib.engine import Engine
 
 from anomalib_robust import PatchGuard
@@ -90,6 +90,24 @@ def test_onnx_export_matches_pytorch(trained: tuple, tmp_path: Path) -> None:
     np.testing.assert_allclose(
         outputs["anomaly_map"].reshape(2, SIZE, SIZE), reference.anomaly_map.reshape(2, SIZE, SIZE).numpy(), atol=1e-4
     )
+
+
+def test_openvino_export_runs_in_openvino_inferencer_and_matches_pytorch(trained: tuple, tmp_path: Path) -> None:
+    model, datamodule, _, engine = trained
+    model.eval()
+    image = next(iter(datamodule.test_dataloader())).image[:1]
+    with torch.no_grad():
+        reference = model(image)
+    xml_path = engine.export(model, ExportType.OPENVINO, export_root=tmp_path)
+    assert xml_path.suffix == ".xml" and xml_path.with_suffix(".bin").exists()
+    # f32: OpenVINO computes in bf16 on CPUs that have it
+    inferencer = OpenVINOInferencer(path=xml_path, device="CPU", config={"INFERENCE_PRECISION_HINT": "f32"})
+    prediction = inferencer.predict(image)
+    np.testing.assert_allclose(prediction.pred_score.reshape(-1), reference.pred_score.numpy(), atol=1e-4)
+    np.testing.assert_allclose(
+        prediction.anomaly_map.reshape(SIZE, SIZE), reference.anomaly_map.reshape(SIZE, SIZE).numpy(), atol=1e-4
+    )
+    assert prediction.pred_label is not None
 
 
 def test_robust_eval_attacks_patch_guard(trained: tuple) -> None:
