@@ -116,6 +116,21 @@ def q_sample(schedule: DiffusionSchedule, x0: torch.Tensor, t: torch.Tensor, noi
     return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
 
 
+def standard_normal_like(x: torch.Tensor) -> torch.Tensor:
+    """Fresh N(0, I) noise shaped like ``x`` (the eps of Alg. 1), drawn correctly inside an exported graph too.
+
+    Eager PyTorch draws it with ``randn_like``. While exporting (``torch.compiler.is_exporting()``) it is Box-Muller
+    over one uniform draw of shape ``(2, *x.shape)`` (ONNX ``RandomUniformLike``), because OpenVINO converts an
+    unseeded ONNX ``RandomNormalLike`` into Box-Muller over two ``RandomUniform`` ops that draw the same numbers: its
+    noise was sqrt(-2 ln u) cos(2 pi u), skewed (1st / 99th percentiles -1.2 / 3.0 instead of -2.33 / 2.33, OpenVINO
+    2026.4), which raised the exported AdvRAD's scores by about 1.5x. The two halves of one draw are independent.
+    """
+    if not torch.compiler.is_exporting():
+        return torch.randn_like(x)
+    uniform = torch.rand_like(x.expand(2, *x.shape))  # a new leading axis: the batch stays dynamic
+    return torch.sqrt(-2 * torch.log1p(-uniform[0])) * torch.cos(2 * math.pi * uniform[1])
+
+
 def predict_x0(schedule: DiffusionSchedule, xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """Estimate x_0 from x_t and predicted noise (Alg. 1 line 5): (x_t - sqrt(1 - alpha-bar_t) eps) / sqrt(alpha-bar_t)."""
     alpha_bar = _gather(schedule.alphas_cumprod, t, xt.ndim)
@@ -129,11 +144,15 @@ def q_posterior(
     t: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and log-variance of q(x_{t-1} | x_t, x_0) (Ho et al. 2020, eq. 6-7; Alg. 2 line 10 without noise)."""
-    mean = _gather(schedule.posterior_mean_coef_x0, t, xt.ndim) * x0 + _gather(
-        schedule.posterior_mean_coef_xt,
-        t,
-        xt.ndim,
-    ) * xt
+    mean = (
+        _gather(schedule.posterior_mean_coef_x0, t, xt.ndim) * x0
+        + _gather(
+            schedule.posterior_mean_coef_xt,
+            t,
+            xt.ndim,
+        )
+        * xt
+    )
     return mean, _gather(schedule.posterior_log_variance, t, xt.ndim)
 
 

@@ -19,7 +19,7 @@ from anomalib.data import InferenceBatch
 from diffusers import UNet2DModel
 from torch import nn
 
-from anomalib_robust.models.adv_rad.diffusion import DiffusionSchedule, hybrid_loss, q_sample
+from anomalib_robust.models.adv_rad.diffusion import DiffusionSchedule, hybrid_loss, q_sample, standard_normal_like
 from anomalib_robust.models.adv_rad.reconstruction import (
     RECONSTRUCTION_MODES,
     arbitrary_shot,
@@ -221,13 +221,14 @@ class AdvRADModel(nn.Module):
     ) -> torch.Tensor:
         """Robust reconstruction of images in [0, 1] (returned in the same scale, not clipped).
 
-        ``noise`` is the eps of Alg. 1 (drawn here when ``None``). Without a generator it is drawn with
-        ``randn_like``, which an exported graph keeps as an in-graph random op (ONNX ``RandomNormalLike``).
+        ``noise`` is the eps of Alg. 1 (drawn here when ``None``). Without a generator it is drawn by
+        :func:`standard_normal_like`, which an exported graph keeps as an in-graph random op (ONNX
+        ``RandomUniformLike`` and Box-Muller).
         """
         x0 = images * 2 - 1
         if noise is None:
             noise = (
-                torch.randn_like(x0)
+                standard_normal_like(x0)
                 if generator is None
                 else torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
             )
