@@ -6,9 +6,10 @@ U-Net -> one-shot x0 -> multi-scale error map -> deviation from the stored norma
 
 How the diffusion noise enters the graph (``noise``):
 
-- ``"random"`` (default, what ``anomalib export`` writes): eps is drawn inside the graph by an ONNX
-  ``RandomNormalLike`` op (OpenVINO converts it to its ``RandomUniform`` + Box-Muller), so every inference draws fresh
-  noise exactly as the PyTorch model does. This keeps the defence of the paper: the reconstruction is random, an
+- ``"random"`` (default, what ``anomalib export`` writes): eps is drawn inside the graph, Box-Muller over one ONNX
+  ``RandomUniformLike`` op (OpenVINO: ``RandomUniform``; not ``RandomNormalLike``, which OpenVINO turns into skewed
+  noise, see :func:`~anomalib_robust.models.adv_rad.diffusion.standard_normal_like`), so every inference draws fresh
+  N(0, I) noise as the PyTorch model does. This keeps the defence of the paper: the reconstruction is random, an
   attacker cannot precompute it and must use EOT (sec. 5.6). The graph has one input, ``input``, so anomalib's
   ``OpenVINOInferencer`` uses it unchanged. Scores vary from call to call like the PyTorch model's. OpenVINO
   seeds each compiled model afresh; ONNX Runtime seeds once per process (sessions of one process start from the
@@ -21,6 +22,9 @@ How the diffusion noise enters the graph (``noise``):
 OpenVINO on CPUs with bf16 support computes in bf16 unless compiled with ``{"INFERENCE_PRECISION_HINT": "f32"}``
 (e.g. ``OpenVINOInferencer(path, device="CPU", config=...)``); scores then move by ~3e-3 relative.
 
+``compression_type`` is anomalib's OpenVINO compression; ``"int8_ptq"`` quantises the U-Net only, calibrated on the
+training images of ``datamodule`` (:mod:`anomalib_robust.deploy.quantize`).
+
 Example:
     >>> from anomalib_robust.deploy import export_adv_rad
     >>> export_adv_rad(model, "exported", export_type="openvino")  # doctest: +SKIP
@@ -32,8 +36,11 @@ from tempfile import TemporaryDirectory
 from typing import TYPE_CHECKING
 
 import torch
-from anomalib.deploy import ExportType
+from anomalib.data import AnomalibDataModule
+from anomalib.deploy import CompressionType, ExportType
 from anomalib.models.components.base.export_mixin.utils import create_export_root
+
+from anomalib_robust.deploy.quantize import check_calibration
 
 if TYPE_CHECKING:
     from anomalib_robust.models.adv_rad.lightning_model import AdvRAD
@@ -76,6 +83,8 @@ def export_adv_rad(
     input_size: tuple[int, int] | None = None,
     noise: str = "random",
     model_file_name: str = "model",
+    compression_type: CompressionType | str | None = None,
+    datamodule: AnomalibDataModule | None = None,
 ) -> Path:
     """Export a fitted AdvRAD; returns the path of the written model file.
 
@@ -88,6 +97,11 @@ def export_adv_rad(
         noise (str): ``"random"`` (in-graph noise) or ``"input"`` (noise as a second input), see the module
             docstring. Defaults to ``"random"``.
         model_file_name (str): File name without extension. Defaults to ``"model"``.
+        compression_type (CompressionType | str | None): OpenVINO only: ``"fp16"``, ``"int8"`` (weights),
+            ``"int8_ptq"`` (U-Net quantised to INT8, see :mod:`anomalib_robust.deploy.quantize`) or ``"int8_acq"``
+            (anomalib's accuracy-controlled quantisation). Defaults to ``None`` (f32).
+        datamodule (AnomalibDataModule | None): Calibration images for ``"int8_ptq"``/``"int8_acq"``: the datamodule
+            the model was trained on. Defaults to ``None``.
     """
     try:
         export_type = ExportType(export_type)
@@ -99,13 +113,26 @@ def export_adv_rad(
     if noise not in NOISE_MODES:
         msg = f"noise must be one of {NOISE_MODES}, got {noise!r}"
         raise ValueError(msg)
+    if compression_type is not None:
+        if compression_type not in {kind.value for kind in CompressionType}:
+            msg = (
+                f"compression_type must be one of {[kind.value for kind in CompressionType]}, got {compression_type!r}"
+            )
+            raise ValueError(msg)
+        if export_type != ExportType.OPENVINO:
+            msg = f"compression_type applies to OpenVINO exports only, got export_type={export_type.value!r}"
+            raise ValueError(msg)
+        compression_type = CompressionType(compression_type)
+    check_calibration(compression_type, datamodule)
     check_exportable(model, input_size)
     if noise == "random":
         if export_type == ExportType.TORCH:
             return model.to_torch(export_root, model_file_name)
         if export_type == ExportType.ONNX:
             return model.to_onnx(export_root, model_file_name, input_size)
-        return model.to_openvino(export_root, model_file_name, input_size)
+        return model.to_openvino(
+            export_root, model_file_name, input_size, compression_type=compression_type, datamodule=datamodule
+        )
     if export_type == ExportType.TORCH:
         msg = "noise='input' applies to ONNX and OpenVINO graphs; a Torch export takes noise as forward(batch, noise)"
         raise ValueError(msg)
@@ -117,8 +144,13 @@ def export_adv_rad(
 
     with TemporaryDirectory() as onnx_directory:
         onnx_path = _onnx_with_noise_input(model, Path(onnx_directory), model_file_name, input_size)
+        ov_model = ov.convert_model(onnx_path)
+        if compression_type not in {None, CompressionType.FP16}:
+            # the model's own compression dispatch, as in to_openvino (INT8_PTQ: the U-Net only)
+            ov_model = model._compress_ov_model(ov_model, compression_type, datamodule)
         ov_model_path = create_export_root(export_root, ExportType.OPENVINO) / f"{model_file_name}.xml"
-        ov.save_model(ov.convert_model(onnx_path), ov_model_path)
+        # as anomalib's to_openvino: f32 weights unless FP16 compression is asked for
+        ov.save_model(ov_model, ov_model_path, compress_to_fp16=compression_type == CompressionType.FP16)
     return ov_model_path
 
 

@@ -24,11 +24,12 @@ import inspect
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from anomalib import LearningType
-from anomalib.data import Batch, InferenceBatch
+from anomalib.data import AnomalibDataModule, Batch, InferenceBatch
+from anomalib.deploy import CompressionType
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
@@ -38,8 +39,12 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torchvision.transforms.v2 import Resize
 
 from anomalib_robust.deploy.adv_rad import check_exportable
+from anomalib_robust.deploy.quantize import check_calibration, quantize_unet
 from anomalib_robust.models.adv_rad.scoring import DEFAULT_SCALES
 from anomalib_robust.models.adv_rad.torch_model import AdvRADModel
+
+if TYPE_CHECKING:
+    import openvino as ov
 
 logger = logging.getLogger(__name__)
 
@@ -200,13 +205,43 @@ class AdvRAD(AnomalibModule):
         input_size: tuple[int, int] | None = None,
         **kwargs: Any,
     ) -> Path:
-        """ONNX graph of the one-shot pipeline with in-graph noise (``RandomNormalLike``); a fitted model only.
+        """ONNX graph of the one-shot pipeline with in-graph noise (``RandomUniformLike``); a fitted model only.
 
         Opset 18 by default: the antialiased resize of the pre-processor has no exact form in older opsets.
         """
         check_exportable(self, input_size)
         kwargs.setdefault("opset_version", 18)
         return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
+
+    def to_openvino(
+        self,
+        export_root: Path | str,
+        model_file_name: str = "model",
+        input_size: tuple[int, int] | None = None,
+        compression_type: CompressionType | None = None,
+        datamodule: AnomalibDataModule | None = None,
+        **kwargs: Any,
+    ) -> Path:
+        """OpenVINO IR of the one-shot pipeline; a fitted model, and calibration data for INT8 quantisation.
+
+        ``compression_type=INT8_PTQ`` quantises the U-Net only (:mod:`anomalib_robust.deploy.quantize`).
+        """
+        check_exportable(self, input_size)
+        check_calibration(compression_type, datamodule)
+        return super().to_openvino(export_root, model_file_name, input_size, compression_type, datamodule, **kwargs)
+
+    def _compress_ov_model(
+        self,
+        model: "ov.Model",
+        compression_type: CompressionType | None = None,
+        datamodule: AnomalibDataModule | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> "ov.Model":
+        """INT8_PTQ quantises the U-Net only (the error-map arithmetic stays float); other types as anomalib."""
+        if compression_type == CompressionType.INT8_PTQ:
+            return quantize_unet(model, datamodule)
+        return super()._compress_ov_model(model, compression_type, datamodule, *args, **kwargs)
 
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """One step of the hybrid objective (eq. 10)."""

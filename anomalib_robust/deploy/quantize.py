@@ -1,0 +1,81 @@
+"""INT8 post-training quantisation of AdvRAD's exported one-shot graph with NNCF (seed 000, Alg. 1 and 4, appendix D.5).
+
+Only the U-Net is quantised: NNCF quantises the weights and inputs of the graph's ``Convolution`` and ``MatMul`` ops,
+which are all in the U-Net, and an ``IgnoredScope`` keeps every other op type in floating point. The rest of the graph
+is the diffusion arithmetic of Alg. 1 (``x_t = sqrt(a_k) x_0 + sqrt(1 - a_k) eps`` and the one-shot ``x_0``) and the
+multi-scale error map of Alg. 4: differences of nearly equal images whose small values are the anomaly score. Quantised
+with NNCF's defaults (every quantisable op), the scores of the CPU preset trained on Fashion-MNIST correlated only 0.77
+with f32 (normalised scores moved by up to 0.49); with the U-Net alone, 0.9998 (up to 0.014).
+
+Calibration runs the whole graph on the training images of the datamodule, the normal images the model was fit on
+(Alg. 4 line 9 averages their error maps into the stored normal map). The in-graph noise op (``RandomUniform``)
+needs nothing special: NNCF leaves it alone and calibrates on fresh noise. A graph with a
+``noise`` input (``export_adv_rad(..., noise="input")``) gets seeded Gaussian noise.
+
+Example:
+    >>> from anomalib_robust.deploy import export_adv_rad
+    >>> export_adv_rad(model, "exported", compression_type="int8_ptq", datamodule=datamodule)  # doctest: +SKIP
+    PosixPath('exported/weights/openvino/model.xml')
+"""
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+from anomalib.data import AnomalibDataModule, Batch
+from anomalib.deploy import CompressionType
+
+if TYPE_CHECKING:
+    import nncf
+    import openvino as ov
+
+QUANTIZED_OP_TYPES = ("Convolution", "MatMul")
+CALIBRATED_COMPRESSION = (CompressionType.INT8_PTQ, CompressionType.INT8_ACQ)
+CALIBRATION_NOISE_SEED = 0
+
+
+def check_calibration(compression_type: CompressionType | str | None, datamodule: AnomalibDataModule | None) -> None:
+    """Raise a clear error when ``compression_type`` needs calibration images and ``datamodule`` is missing."""
+    if compression_type is None or CompressionType(compression_type) not in CALIBRATED_COMPRESSION:
+        return
+    if datamodule is None:
+        msg = (
+            f"compression_type={CompressionType(compression_type).value} calibrates on images: pass the datamodule "
+            f"the model was trained on (Python: datamodule=..., CLI: --data <datamodule>)"
+        )
+        raise ValueError(msg)
+
+
+def unet_scope(model: "ov.Model") -> "nncf.IgnoredScope":
+    """An ``IgnoredScope`` of every op type of ``model`` except :data:`QUANTIZED_OP_TYPES` (the U-Net's)."""
+    import nncf  # optional dependency: the ``openvino`` extra
+
+    types = sorted({op.get_type_name() for op in model.get_ordered_ops()} - set(QUANTIZED_OP_TYPES))
+    return nncf.IgnoredScope(types=types, validate=False)
+
+
+def calibration_dataset(model: "ov.Model", datamodule: AnomalibDataModule) -> "nncf.Dataset":
+    """The datamodule's training batches as inputs of ``model`` (plus seeded noise when it has a ``noise`` input)."""
+    import nncf
+
+    datamodule.setup("fit")
+    noise_inputs = [port for port in model.inputs if port.get_any_name() == "noise"]
+    generator = np.random.default_rng(CALIBRATION_NOISE_SEED)
+
+    def transform(batch: Batch) -> dict[str, np.ndarray]:
+        images = batch.image.numpy()
+        if not noise_inputs:
+            return {"input": images}
+        shape = noise_inputs[0].partial_shape  # (num_noise_draws, batch, C, H, W), only the batch is dynamic
+        draws, channels, height, width = (shape[axis].get_length() for axis in (0, 2, 3, 4))
+        noise = generator.standard_normal((draws, images.shape[0], channels, height, width), dtype=np.float32)
+        return {"input": images, "noise": noise}
+
+    return nncf.Dataset(datamodule.train_dataloader(), transform)
+
+
+def quantize_unet(model: "ov.Model", datamodule: AnomalibDataModule | None) -> "ov.Model":
+    """INT8 post-training quantisation of the U-Net of an exported AdvRAD graph, calibrated on ``datamodule``."""
+    import nncf
+
+    check_calibration(CompressionType.INT8_PTQ, datamodule)
+    return nncf.quantize(model, calibration_dataset(model, datamodule), ignored_scope=unet_scope(model))
