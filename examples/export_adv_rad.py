@@ -5,9 +5,10 @@
 
 The exported graph draws its diffusion noise in the graph (seed 000, sec. 5.6: the randomness is part of the
 defence), so scoring the same image twice gives slightly different scores, as in PyTorch. Scores are the
-post-processed (normalised) image scores of anomalib. The same model from the command line:
+post-processed (normalised) image scores of anomalib. The same model and scoring from the command line:
 
     anomalib export --model AdvRAD --export_type openvino --ckpt_path <checkpoint> --default_root_dir exported
+    anomalib predict --model AdvRAD --ckpt_path exported/weights/openvino/model.xml --data path/to/folder
 """
 
 import argparse

@@ -1,5 +1,7 @@
-"""Export of AdvRAD's one-shot pipeline: parity with identical noise, CLI export, inferencers, example, bad input."""
+"""Export of AdvRAD's one-shot pipeline: parity with identical noise, CLI export, inferencers, `anomalib predict` on the
+exported model, example, bad input."""
 
+import csv
 import os
 import subprocess
 import sys
@@ -9,11 +11,14 @@ import numpy as np
 import pytest
 import torch
 from anomalib.data import MVTecAD
-from anomalib.deploy import OpenVINOInferencer, TorchInferencer
+from anomalib.data.utils import read_image
+from anomalib.deploy import CompressionType, ExportType, OpenVINOInferencer, TorchInferencer
 from anomalib.engine import Engine
 
 from anomalib_robust import AdvRAD
-from anomalib_robust.deploy import export_adv_rad
+from anomalib_robust.cli import run_exported_predict
+from anomalib_robust.deploy import export_adv_rad, load_inferencer, predict_exported
+from anomalib_robust.deploy.quantize import QUANTIZED_OP_TYPES
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -40,9 +45,10 @@ def _relative_error(reference: np.ndarray, other: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def trained(mvtec_root: Path, tmp_path_factory: pytest.TempPathFactory, tiny_advrad: dict) -> tuple[AdvRAD, Path]:
     model = AdvRAD(**tiny_advrad)
-    engine = Engine(max_steps=2, default_root_dir=tmp_path_factory.mktemp("results"), logger=False)
+    engine = Engine(max_epochs=1, default_root_dir=tmp_path_factory.mktemp("results"), logger=False)
     datamodule = MVTecAD(root=mvtec_root, category="disc", train_batch_size=4, eval_batch_size=4, num_workers=0)
     engine.fit(model, datamodule=datamodule)
+    assert torch.isfinite(model.post_processor.image_max), "one full epoch validates: normalised scores are defined"
     return model.eval(), Path(engine.trainer.checkpoint_callback.best_model_path)
 
 
@@ -67,32 +73,170 @@ def test_onnx_and_openvino_reproduce_pytorch_with_identical_noise(trained: tuple
         assert _relative_error(expected, ov_outputs[name]) < 2e-3, name  # measured ~2e-4 (f32)
 
 
-def test_cli_export_keeps_fresh_noise_and_runs_in_openvino_inferencer(
+def test_in_graph_noise_is_standard_normal_so_exported_scores_match_pytorch_on_average(
     trained: tuple[AdvRAD, Path],
     tmp_path: Path,
     mvtec_root: Path,
 ) -> None:
+    # OpenVINO turned ONNX RandomNormalLike into skewed noise, which raised the mean score ~1.5x (measured 1.4-1.6)
     _, checkpoint = trained
-    _run(
-        ANOMALIB,
-        "export",
-        "--model",
-        "AdvRAD",
-        "--export_type",
-        "openvino",
-        "--ckpt_path",
-        str(checkpoint),
-        "--default_root_dir",
-        str(tmp_path),
-        cwd=tmp_path,
-    )
-    (model_path,) = tmp_path.glob("**/weights/openvino/model.xml")
-    inferencer = OpenVINOInferencer(path=model_path, device="CPU", config=F32)
+    model = AdvRAD.load_from_checkpoint(checkpoint, post_processor=False, strict=False).eval()  # raw scores
+    images = torch.stack([read_image(path, as_tensor=True) for path in sorted(mvtec_root.glob("disc/test/*/*.png"))])
+    draws = 16
+    with torch.no_grad():
+        eager = float(torch.stack([model(images).pred_score for _ in range(draws)]).mean())
+    compiled = ov.Core().compile_model(export_adv_rad(model, tmp_path, export_type="openvino"), "CPU", F32)
+    session = ort.InferenceSession(str(export_adv_rad(model, tmp_path, export_type="onnx")))
+    feed = {"input": images.numpy()}
+    means = {
+        "OpenVINO": np.mean([compiled(feed)["pred_score"] for _ in range(draws)]),
+        "ONNX Runtime": np.mean([session.run(["pred_score"], feed)[0] for _ in range(draws)]),
+    }
+    for backend, mean in means.items():
+        assert abs(mean / eager - 1) < 0.1, f"{backend}: mean score {mean:.4g} vs PyTorch {eager:.4g}"
+
+
+@pytest.fixture(scope="module")
+def cli_openvino_export(trained: tuple[AdvRAD, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``anomalib export --model AdvRAD --export_type openvino --ckpt_path ...`` as a user types it."""
+    _, checkpoint = trained
+    workdir = tmp_path_factory.mktemp("cli_export")
+    _run(ANOMALIB, "export", "--model", "AdvRAD", "--export_type", "openvino", "--ckpt_path", str(checkpoint),
+         "--default_root_dir", str(workdir), cwd=workdir)  # fmt: skip
+    (model_path,) = workdir.glob("**/weights/openvino/model.xml")
+    return model_path
+
+
+def test_cli_export_keeps_fresh_noise_and_runs_in_openvino_inferencer(
+    cli_openvino_export: Path,
+    tmp_path: Path,
+    mvtec_root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the inferencer writes its compilation cache to ./openvino_cache
+    inferencer = OpenVINOInferencer(path=cli_openvino_export, device="CPU", config=F32)
     image = mvtec_root / "disc" / "test" / "scratch" / "000.png"
     first, second = inferencer.predict(image), inferencer.predict(image)
     assert first.pred_score.size == 1
     assert first.anomaly_map.shape[-2:] == (32, 32)
     assert not np.array_equal(first.anomaly_map, second.anomaly_map), "the graph must draw fresh diffusion noise"
+
+
+def test_cli_predict_on_the_exported_model_matches_openvino_inferencer_with_the_same_seed(
+    cli_openvino_export: Path,
+    tmp_path: Path,
+    mvtec_root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    test_images = mvtec_root / "disc" / "test"
+    result = _run(ANOMALIB, "predict", "--model", "AdvRAD", "--ckpt_path", str(cli_openvino_export),
+                  "--data", str(test_images), "--default_root_dir", "results", "--seed_everything", "7",
+                  cwd=tmp_path)  # fmt: skip
+    images = sorted(test_images.glob("**/*.png"))
+    with (tmp_path / "results" / "AdvRAD" / "latest" / "predictions.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    assert [Path(row["image_path"]) for row in rows] == images
+    for row in rows:
+        assert Path(row["visualization"]).is_file()
+        assert str(Path(row["image_path"]).relative_to(test_images)) in result.stdout  # the printed table
+    cli_scores = np.array([float(row["pred_score"]) for row in rows])
+    assert np.isfinite(cli_scores).all()
+    assert np.ptp(cli_scores) > 0, "scores that do not vary would make the comparison below vacuous"
+
+    # the same graph with its RandomUniform op seeded by hand, straight through anomalib's OpenVINOInferencer
+    monkeypatch.chdir(tmp_path)
+    graph = ov.Core().read_model(cli_openvino_export)
+    (random_op,) = [op for op in graph.get_ordered_ops() if op.get_type_name() == "RandomUniform"]
+    random_op.set_attribute("global_seed", 7)
+    random_op.set_attribute("op_seed", 1)
+    ov.save_model(graph, tmp_path / "seeded.xml", compress_to_fp16=False)
+    inferencer = OpenVINOInferencer(path=tmp_path / "seeded.xml", device="AUTO")
+    direct_scores = np.array([float(inferencer.predict(image).pred_score[0]) for image in images])
+    np.testing.assert_allclose(cli_scores, direct_scores, rtol=1e-6, atol=1e-7)
+
+
+def test_predict_on_a_torch_export_is_reproducible_with_a_seed(
+    trained: tuple[AdvRAD, Path],
+    tmp_path: Path,
+    mvtec_root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model, _ = trained
+    monkeypatch.setenv("TRUST_REMOTE_CODE", "1")  # TorchInferencer unpickles the whole module
+    model_path = export_adv_rad(model, tmp_path, export_type="torch")
+    images = mvtec_root / "disc" / "test" / "scratch"
+    first, second = (predict_exported(model_path, images, tmp_path / run, device="cpu", seed=3) for run in "ab")
+    unseeded = predict_exported(model_path, images, tmp_path / "c", device="cpu")
+    assert [prediction.score for prediction in first] == [prediction.score for prediction in second]
+    assert [prediction.score for prediction in first] != [prediction.score for prediction in unseeded]
+    assert all(prediction.visualization.is_file() for prediction in first)
+    assert {prediction.label for prediction in first} <= {True, False}
+
+
+@pytest.mark.parametrize(
+    ("ckpt_path", "data", "message"),
+    [
+        ("missing/model.xml", "images", "argument --ckpt_path: exported model file not found"),
+        ("model.xml", "missing", "argument --data: Path does not exist"),
+        ("model.xml", "empty", "argument --data: Found 0 images"),
+    ],
+)
+def test_cli_predict_bad_input_names_the_argument(
+    mvtec_root: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    ckpt_path: str,
+    data: str,
+    message: str,
+) -> None:
+    (tmp_path / "model.xml").touch()  # arguments are checked before anything is loaded: empty files suffice
+    (tmp_path / "model.bin").touch()
+    (tmp_path / "empty").mkdir()
+    images = {"images": mvtec_root / "disc" / "test"}
+    with pytest.raises(SystemExit):
+        run_exported_predict(
+            ["--ckpt_path", str(tmp_path / ckpt_path), "--data", str(images.get(data, tmp_path / data))]
+        )
+    assert message in capsys.readouterr().err
+
+
+def test_predict_rejects_a_file_that_is_not_an_exported_model(trained: tuple[AdvRAD, Path], mvtec_root: Path) -> None:
+    _, checkpoint = trained
+    with pytest.raises(ValueError, match=r"is not an exported model: expected \.xml/\.bin/\.onnx"):
+        predict_exported(checkpoint, mvtec_root / "disc" / "test", "unused")
+
+
+def test_int8_export_quantizes_the_unet_only_and_its_scores_track_f32(
+    trained: tuple[AdvRAD, Path],
+    tmp_path: Path,
+    mvtec_root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _, checkpoint = trained
+    # raw scores: the tiny model's normalised scores saturate at 1 on these images, which would hide any difference
+    model = AdvRAD.load_from_checkpoint(checkpoint, post_processor=False, strict=False).eval()
+    datamodule = MVTecAD(root=mvtec_root, category="disc", train_batch_size=4, eval_batch_size=4, num_workers=0)
+    engine = Engine(default_root_dir=tmp_path, logger=False)  # the path of `anomalib export --compression_type ...`
+    int8_path = engine.export(model, ExportType.OPENVINO, export_root=tmp_path / "int8",
+                              compression_type=CompressionType.INT8_PTQ, datamodule=datamodule)  # fmt: skip
+    f32_path = export_adv_rad(model, tmp_path / "f32")
+    graph = ov.Core().read_model(int8_path)
+    quantizers = [op for op in graph.get_ordered_ops() if op.get_type_name() == "FakeQuantize"]
+    consumers = {target.get_node().get_type_name() for op in quantizers for target in op.output(0).get_target_inputs()}
+    assert quantizers, "no op was quantised"
+    assert consumers <= set(QUANTIZED_OP_TYPES), f"quantised ops outside the U-Net: {consumers}"
+
+    monkeypatch.chdir(tmp_path)  # the inferencer writes its compilation cache to ./openvino_cache
+    images = sorted((mvtec_root / "disc" / "test").glob("**/*.png"))
+    outputs = {}
+    for name, path in (("int8", int8_path), ("f32", f32_path)):
+        inferencer = load_inferencer(path, device="cpu", seed=0)  # the same noise sequence in both graphs
+        outputs[name] = [inferencer.predict(image) for image in images]
+    scores = {name: np.array([float(batch.pred_score[0]) for batch in batches]) for name, batches in outputs.items()}
+    maps = {name: np.concatenate([batch.anomaly_map.ravel() for batch in batches]) for name, batches in outputs.items()}
+    # measured: U-Net only 0.996-0.999 (scores) and 0.999 (maps); every op quantised 0.87 and 0.988; another seed -0.5
+    assert np.corrcoef(scores["int8"], scores["f32"])[0, 1] > 0.95, scores
+    assert np.corrcoef(maps["int8"], maps["f32"])[0, 1] > 0.995
 
 
 def test_torch_export_runs_in_torch_inferencer(
@@ -142,6 +286,9 @@ def test_export_before_fit_is_a_clear_error(tiny_advrad: dict, tmp_path: Path) -
         ({"noise": "fixed"}, "noise must be one of"),
         ({"export_type": "torch", "noise": "input"}, "noise='input' applies to ONNX and OpenVINO"),
         ({"input_size": (32,)}, "input_size must be"),
+        ({"compression_type": "int8_ptq"}, "compression_type=int8_ptq calibrates on images: pass the datamodule"),
+        ({"compression_type": "int4"}, "compression_type must be one of"),
+        ({"export_type": "onnx", "compression_type": "fp16"}, "compression_type applies to OpenVINO exports only"),
     ],
 )
 def test_bad_export_arguments_are_clear_errors(
