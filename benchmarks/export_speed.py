@@ -1,34 +1,47 @@
-"""Speed of the exported one-shot AdvRAD pipeline: PyTorch eager vs ONNX Runtime vs OpenVINO (seed 000, appendix D.5).
+"""Speed and AUROC of the exported one-shot AdvRAD pipeline per backend (seed 000, Alg. 1 and 4, appendix D.5).
 
-Every backend runs the same graph (pre-processor -> one-shot reconstruction -> Alg. 4 score -> post-processor) on the
-same images and the same diffusion noise (graphs exported with ``noise="input"``), one image per call; the table
-gives images/s, mean latency per image and the largest relative score difference to PyTorch. OpenVINO runs in f32
-and with its CPU default (bf16 where the CPU has it). Weights are random (speed does not depend on them), so no
-AUROC is reported here.
+Backends: PyTorch eager, ONNX Runtime, OpenVINO f32, OpenVINO with its CPU default precision (bf16 where the CPU has
+it), and OpenVINO INT8 (U-Net quantised by NNCF, :mod:`anomalib_robust.deploy.quantize`; the rest of the graph in f32
+or in the CPU default). Every backend runs the same graph (pre-processor -> one-shot reconstruction -> Alg. 4 score;
+no post-processor, so AUROC sees the raw scores) on the same images with the same diffusion noise (graphs exported
+with ``noise="input"``), one image per call, with the same number of threads (``torch.get_num_threads()``; set
+``OMP_NUM_THREADS``). The table gives images/s, mean latency per image, the speed-up over eager PyTorch, the largest
+relative score difference to PyTorch, and the image AUROC.
 
-    python benchmarks/export_speed.py [--paper] [--images 8]
+- CPU preset (32 x 32): trained ``--steps`` iterations on the embedded Fashion-MNIST ``trouser`` images; the timed
+  pass scores the whole defect-protocol test set, which gives the AUROC; INT8 calibrates on the training images.
+- ``--paper`` (256 x 256, the paper's U-Net): random weights (training it takes days on a CPU), so speed only; the
+  first ``--images`` test images, INT8 calibrated on 8 training images.
+
+    OMP_NUM_THREADS=1 python benchmarks/export_speed.py [--paper] [--steps 200] [--images 4]
 """
 
 import argparse
 import time
 from collections.abc import Callable
+from pathlib import Path
 from tempfile import TemporaryDirectory
 
 import numpy as np
 import onnxruntime as ort
 import openvino as ov
 import torch
+from anomalib.engine import Engine
+from lightning.pytorch import seed_everything
 from rich.console import Console
 from rich.table import Table
+from torchmetrics.functional.classification import binary_auroc
 
 from anomalib_robust import AdvRAD
+from anomalib_robust.data import FashionMNIST
 from anomalib_robust.deploy import export_adv_rad
-from anomalib_robust.models.adv_rad.lightning_model import CPU_PRESET
+from anomalib_robust.deploy.quantize import quantize_unet
 
-PAPER = {"image_size": (256, 256)}
+Predict = Callable[[np.ndarray, np.ndarray], np.ndarray]
+F32 = {"INFERENCE_PRECISION_HINT": "f32"}
 
 
-def timed(predict: Callable[[np.ndarray, np.ndarray], np.ndarray], images: np.ndarray, noise: np.ndarray) -> tuple:
+def timed(predict: Predict, images: np.ndarray, noise: np.ndarray) -> tuple[float, float, np.ndarray]:
     """Warm up once, then score the images one by one; returns (images/s, ms per image, scores)."""
     predict(images[:1], noise[:, :1])
     start = time.perf_counter()
@@ -37,54 +50,89 @@ def timed(predict: Callable[[np.ndarray, np.ndarray], np.ndarray], images: np.nd
     return images.shape[0] / elapsed, 1000 * elapsed / images.shape[0], np.concatenate(scores)
 
 
-def benchmark(name: str, config: dict, num_images: int, table: Table) -> None:
-    torch.manual_seed(0)
-    model = AdvRAD(**config).eval()
-    model.model.set_normal_error_map(torch.zeros(1, 1, *model.model.image_size))
-    size = model.model.image_size
-    generator = torch.Generator().manual_seed(0)
-    images = torch.rand(num_images, 3, *size, generator=generator)
-    noise = torch.randn(1, num_images, 3, *size, generator=generator)
+def trained_cpu_preset(datamodule: FashionMNIST, steps: int, root: Path) -> AdvRAD:
+    """The CPU preset trained ``steps`` iterations; the normal error map comes from ``on_train_end``."""
+    seed_everything(0)
+    model = AdvRAD.cpu_preset(post_processor=False)
+    engine = Engine(max_steps=steps, default_root_dir=root, logger=False,
+                    enable_progress_bar=False, check_val_every_n_epoch=10**6)  # fmt: skip
+    engine.fit(model, datamodule=datamodule)
+    return model.eval()
 
-    def pytorch(batch: np.ndarray, eps: np.ndarray) -> np.ndarray:
+
+def backends(model: AdvRAD, datamodule: FashionMNIST, directory: str, threads: int) -> dict[str, Predict]:
+    """One scoring function per backend, all on the graph of ``model`` with the diffusion noise as an input."""
+    size = tuple(model.model.image_size)
+    onnx_path = export_adv_rad(model, directory, export_type="onnx", input_size=size, noise="input")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(onnx_path), options)
+    core = ov.Core()
+    graphs = {
+        "OpenVINO": ov.convert_model(onnx_path),
+        "OpenVINO INT8 U-Net +": quantize_unet(ov.convert_model(onnx_path), datamodule),
+    }
+
+    def pytorch(images: np.ndarray, noise: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            return model(torch.from_numpy(batch), torch.from_numpy(eps)).pred_score.numpy()
+            return model(torch.from_numpy(images), torch.from_numpy(noise)).pred_score.numpy()
 
-    with TemporaryDirectory() as directory:
-        onnx_path = export_adv_rad(model, directory, export_type="onnx", input_size=size, noise="input")
-        session = ort.InferenceSession(str(onnx_path))
-        core = ov.Core()
-        ov_model = ov.convert_model(onnx_path)
-        backends = {"PyTorch eager": pytorch}
-        backends["ONNX Runtime"] = lambda batch, eps: session.run(["pred_score"], {"input": batch, "noise": eps})[0]
-        for config_ov in ({"INFERENCE_PRECISION_HINT": "f32"}, {}):
-            compiled = core.compile_model(ov_model, "CPU", config_ov)
+    predictors = {
+        "PyTorch eager": pytorch,
+        "ONNX Runtime": lambda images, noise: session.run(["pred_score"], {"input": images, "noise": noise})[0],
+    }
+    for prefix, graph in graphs.items():
+        for hint in (F32, {}):
+            compiled = core.compile_model(graph, "CPU", {**hint, "INFERENCE_NUM_THREADS": threads})
             precision = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
-            label = f"OpenVINO {precision}" + ("" if config_ov else " (CPU default)")
-            backends[label] = lambda batch, eps, compiled=compiled: compiled({"input": batch, "noise": eps})[
+            label = f"{prefix} {precision}" + ("" if hint else " (CPU default)")
+            predictors[label] = lambda images, noise, compiled=compiled: compiled({"input": images, "noise": noise})[
                 "pred_score"
             ]
-        reference = None
-        for backend, predict in backends.items():
-            speed, latency, scores = timed(predict, images.numpy(), noise.numpy())
+    return predictors
+
+
+def benchmark(name: str, model: AdvRAD, datamodule: FashionMNIST, num_images: int | None, table: Table) -> None:
+    """Time every backend on the same test images and noise; AUROC when ``num_images`` is ``None`` (all, trained)."""
+    datamodule.setup()
+    batches = list(datamodule.test_dataloader())
+    images = torch.cat([batch.image for batch in batches])[:num_images].numpy()
+    labels = torch.cat([batch.gt_label for batch in batches])[:num_images]
+    noise = torch.randn((1, *images.shape), generator=torch.Generator().manual_seed(0)).numpy()
+    with TemporaryDirectory() as directory:
+        reference = eager_speed = None
+        for backend, predict in backends(model, datamodule, directory, torch.get_num_threads()).items():
+            speed, latency, scores = timed(predict, images, noise)
             reference = scores if reference is None else reference
+            eager_speed = eager_speed or speed
             difference = np.abs(scores - reference).max() / np.abs(reference).max()
-            table.add_row(name, backend, f"{speed:.1f}", f"{latency:.1f}", f"{difference:.1e}")
+            auroc = "-" if num_images else f"{100 * binary_auroc(torch.from_numpy(scores), labels).item():.1f}"
+            row = (f"{speed:.2f}", f"{latency:.1f}", f"{speed / eager_speed:.2f}x", f"{difference:.1e}", auroc)
+            table.add_row(name, backend, *row)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--paper", action="store_true", help="also the paper's 256 x 256 configuration (slow)")
-    parser.add_argument("--images", type=int, default=8, help="images per backend")
+    parser.add_argument("--steps", type=int, default=200, help="training iterations of the CPU preset")
+    parser.add_argument("--images", type=int, default=4, help="images per backend at 256 x 256")
     arguments = parser.parse_args()
-    table = Table(title=f"Exported AdvRAD one-shot pipeline, {torch.get_num_threads()} thread(s), batch 1")
-    for column in ("config", "backend", "images/s", "ms/image", "max rel. score diff vs PyTorch"):
+    threads = torch.get_num_threads()
+    table = Table(title=f"Exported AdvRAD one-shot pipeline, {threads} thread(s) per backend, batch 1")
+    for column in ("config", "backend", "images/s", "ms/image", "vs eager", "max rel. score diff", "image AUROC %"):
         table.add_column(column)
-    preset = {key: value for key, value in CPU_PRESET.items() if key != "learning_rate"}
-    benchmark("CPU preset 32x32", preset, arguments.images, table)
-    if arguments.paper:
-        benchmark("paper 256x256", PAPER, arguments.images, table)
-    Console().print(table)
+    with TemporaryDirectory() as root:
+        data = {"category": "trouser", "num_test": 100, "train_batch_size": 16, "eval_batch_size": 16}
+        datamodule = FashionMNIST(image_size=32, num_train=200, **data)
+        model = trained_cpu_preset(datamodule, arguments.steps, Path(root))
+        benchmark(f"CPU preset 32x32, {arguments.steps} steps", model, datamodule, None, table)
+        if arguments.paper:
+            torch.manual_seed(0)
+            model = AdvRAD(image_size=(256, 256), post_processor=False).eval()
+            model.model.set_normal_error_map(torch.zeros(1, 1, 256, 256))
+            datamodule = FashionMNIST(image_size=256, num_train=8, **{**data, "train_batch_size": 8})
+            benchmark("paper 256x256, random weights", model, datamodule, arguments.images, table)
+    Console(width=160).print(table)
 
 
 if __name__ == "__main__":
