@@ -1,4 +1,5 @@
-"""The CPU preset, trained briefly on the embedded Fashion-MNIST data, localises the defects clearly above chance."""
+"""The CPU preset, trained briefly on the embedded Fashion-MNIST data, detects and localises the defects clearly above
+chance."""
 
 import torch
 from anomalib.engine import Engine
@@ -6,13 +7,16 @@ from anomalib.engine import Engine
 from anomalib_robust import PatchGuard
 from anomalib_robust.data import FashionMNIST
 
-STEPS = 60
-"""60 iterations at batch 16 (~5 epochs of 200 images); adversarial training off to fit the test budget (the
+STEPS = 450
+"""450 iterations at batch 16 (~36 epochs of 200 images); adversarial training off to fit the test budget (the
 benchmark measures the preset with it)."""
-MIN_PIXEL_AUROC = 0.70
-"""Measured pixel AUROC 0.80 for this setting on the development machine (0.82-0.85 after 100-150 steps); chance is
-0.5. Image AUROC is printed, not asserted: at 60-150 iterations it measured 0.48-0.63 (0.53 here) and reached 0.87
-only after 600 (pixel 0.97), beyond this test's budget; the patch logits localise the small defects first."""
+MIN_IMAGE_AUROC = 0.70
+"""Measured image AUROC 0.824 for this setting on the development machine (0.566 after 150 steps, 0.717 after 300).
+Chance is 0.5 with a standard deviation of about 0.08 on these 50 test images (25 with defects), so 0.70 is 2.4
+standard deviations above it."""
+MIN_PIXEL_AUROC = 0.90
+"""Measured pixel AUROC 0.965 for this setting (0.846 after 150 steps, 0.938 after 300): the patch logits localise
+the small defects before the top-k image score separates the images."""
 
 
 def test_trained_cpu_preset_is_clearly_above_chance(tmp_path) -> None:
@@ -24,4 +28,5 @@ def test_trained_cpu_preset_is_clearly_above_chance(tmp_path) -> None:
     engine.fit(model, datamodule=datamodule)
     (metrics,) = engine.test(model, datamodule=datamodule, verbose=False)
     print(f"image_AUROC={metrics['image_AUROC']:.3f} pixel_AUROC={metrics['pixel_AUROC']:.3f}")
+    assert metrics["image_AUROC"] > MIN_IMAGE_AUROC
     assert metrics["pixel_AUROC"] > MIN_PIXEL_AUROC
