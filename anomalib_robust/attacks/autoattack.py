@@ -1,15 +1,18 @@
-"""AutoAttack-style ensemble for anomaly detectors (seed 000, appendix D.3, Table 14; seed 001, appendix H).
+"""AutoAttack-style ensemble for anomaly detectors (AdvRAD paper, appendix D.3, Table 14; PatchGuard supplementary,
+Nafez et al., CVPR 2025, appendix H).
 
 AutoAttack (Croce & Hein, 2020) runs APGD-CE, APGD-DLR (targeted), FAB and Square and keeps, per sample, the first
 success. Adapted to anomaly detection:
 
-- DLR needs at least three logits and a detector has two (:mod:`anomalib_robust.attacks.logits`), so the DLR
-  attacks are replaced by PGD on the score (seed 001, appendix H); FAB, a minimum-norm classification attack, is left
-  out because AUROC needs bounded-radius attacks;
+- APGD and Square run on the raw objective ``y * A(x)`` of the AdvRAD paper, sec. 3 (a detector has one score, not
+  class logits), so neither saturates far from the threshold nor stops at a threshold crossing;
+- DLR needs at least three class logits, so the DLR attacks are replaced by PGD on the score (PatchGuard
+  supplementary, appendix H); FAB, a minimum-norm classification attack, is left out because AUROC needs
+  bounded-radius attacks;
 - AUROC depends on every score, so each sample keeps the adversarial example with the highest ``y * A(x)`` over the
-  ensemble (not the first threshold flip);
-- a randomised detector gets the "random" version of seed 000, appendix D.3: the gradient attacks with EOT and no
-  Square (random search cannot rank candidates from noisy scores).
+  ensemble and the clean image (not the first threshold flip);
+- a randomised detector gets the "random" version of the AdvRAD paper, appendix D.3: the gradient attacks with EOT
+  and no Square (random search cannot rank candidates from noisy scores).
 
 Example:
     >>> from anomalib_robust.attacks import AutoAttack
@@ -28,15 +31,14 @@ from anomalib_robust.attacks.square import Square
 
 
 class AutoAttack(Attack):
-    """Worst case per sample of APGD-CE, PGD (for APGD-DLR) and Square (deterministic detectors only).
+    """Worst case per sample of APGD, PGD (for APGD-DLR) and Square (deterministic detectors only).
 
     Args:
         model: the anomalib detector (or a :class:`~anomalib_robust.attacks.DetectorScore`).
         eps: radius of the ball.
         norm: ``"Linf"`` or ``"L2"``.
-        steps: iterations of APGD-CE and PGD.
+        steps: iterations of APGD and PGD.
         n_queries: queries of Square.
-        threshold, scale: centre and temperature of the two-logit view used by APGD and Square.
         eot_samples, bpda, seed: see :class:`~anomalib_robust.attacks.base.Attack`.
     """
 
@@ -49,8 +51,6 @@ class AutoAttack(Attack):
         norm: str = "Linf",
         steps: int = 100,
         n_queries: int = 1000,
-        threshold: float | None = None,
-        scale: float | None = None,
         eot_samples: int | None = None,
         bpda: Mapping[str, Callable | None] | None = None,
         seed: int = 0,
@@ -59,16 +59,15 @@ class AutoAttack(Attack):
         self.steps = check_count("steps", steps)
         self.n_queries = check_count("n_queries", n_queries)
         common = {"eps": self.eps, "norm": self.norm, "seed": seed}
-        logits = {"threshold": threshold, "scale": scale}
         self.attacks: list[Attack] = [
-            APGD(self.detector, steps=self.steps, **logits, **common),
+            APGD(self.detector, steps=self.steps, **common),
             PGD(self.detector, steps=self.steps, **common),
         ]
         if not self.detector.stochastic:
-            self.attacks.append(Square(self.detector, n_queries=self.n_queries, **logits, **common))
+            self.attacks.append(Square(self.detector, n_queries=self.n_queries, **common))
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per sample, the highest ``y * A(x)`` over the ensemble's adversarial examples."""
+        """Per sample, the highest ``y * A(x)`` over the clean image and the ensemble's adversarial examples."""
         return self.worst_case(images, labels, (attack.forward(images, labels) for attack in self.attacks))
 
     def _settings(self) -> dict[str, object]:

@@ -9,7 +9,7 @@ Example:
     >>> from anomalib.models import Padim
     >>> from anomalib_robust.attacks import PGD
     >>> PGD(Padim(pre_trained=False), eps=2 / 255)
-    PGD(model=Padim, norm=Linf, eps=0.007843, steps=10, alpha=0.001961, eot_samples=1)
+    PGD(model=Padim, norm=Linf, eps=0.007843, steps=10, alpha=0.001961, select=best, eot_samples=1)
 """
 
 import math
@@ -84,7 +84,7 @@ def check_images(images: torch.Tensor) -> torch.Tensor:
 
 
 class Attack(ABC):
-    """Score-direction attack on an anomalib detector: maximise ``y * A(x)`` within an ``eps``-ball (seed 000, sec. 3).
+    """Score-direction attack on an anomalib detector: maximise ``y * A(x)`` in an ``eps``-ball (AdvRAD paper, sec. 3).
 
     Args:
         model: the anomalib detector, or a :class:`DetectorScore` already wrapping it.
@@ -149,6 +149,15 @@ class Attack(ABC):
             objective = self.detector.objective(candidate, labels)
             best, best_objective = keep_worst_case(best, best_objective, candidate, objective)
         return best
+
+    def rescored_objective(self, images: torch.Tensor, labels: torch.Tensor, samples: int) -> torch.Tensor:
+        """The (EOT) objective per sample, averaged over at least ``samples`` fresh draws of the detector's randomness
+        (``ceil(samples / eot_samples)`` calls of :meth:`DetectorScore.objective`).
+
+        Compares candidates on draws independent of those the attack selected them with.
+        """
+        calls = max(1, math.ceil(samples / self.detector.eot_samples))
+        return torch.stack([self.detector.objective(images, labels) for _ in range(calls)]).mean(dim=0)
 
     def __repr__(self) -> str:
         settings = ", ".join(f"{key}={value}" for key, value in self._settings().items())

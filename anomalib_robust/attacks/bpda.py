@@ -1,8 +1,8 @@
 """Backward Pass Differentiable Approximation (BPDA) for non-differentiable stages of a detector.
 
-BPDA (Athalye et al., 2018; used against APAE and AdvRAD in seed 000, sec. 5.5 and Table 9) keeps the exact forward
-pass of a stage ``f`` that has no useful gradient (an optimisation loop, quantisation, a purifier) and replaces its
-backward pass by that of a differentiable surrogate ``g`` (the identity by default, ``g(x) = x``):
+BPDA (Athalye et al., 2018; used against APAE and AdvRAD in the AdvRAD paper, sec. 5.5 and Table 9) keeps the exact
+forward pass of a stage ``f`` that has no useful gradient (an optimisation loop, quantisation, a purifier) and replaces
+its backward pass by that of a differentiable surrogate ``g`` (the identity by default, ``g(x) = x``):
 
     forward: f(x)        backward: d g(x) / d x.
 

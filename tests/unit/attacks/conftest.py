@@ -1,5 +1,7 @@
 """Tiny detectors with the anomalib anatomy (``.pre_processor``, ``.model`` returning ``InferenceBatch``)."""
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from anomalib.data import InferenceBatch
@@ -38,6 +40,39 @@ class ToyDetector(nn.Module):
         torch.manual_seed(0)
         self.pre_processor = nn.Identity()
         self.model = ToyModel(noise)
+
+
+class LinearModel(nn.Module):
+    """Score ``A(x) = <w, x> + noise * N(0, 1)``: the optimum of ``y * A`` in an eps-ball is known in closed form."""
+
+    def __init__(self, weights: torch.Tensor, noise: float = 0.0) -> None:
+        super().__init__()
+        self.register_buffer("weights", weights)
+        self.noise = noise
+        if noise:
+            self.stochastic = True
+
+    def forward(self, images: torch.Tensor) -> InferenceBatch:
+        weighted = images * self.weights
+        score = weighted.flatten(1).sum(dim=1)
+        if self.noise:
+            score = score + self.noise * torch.randn_like(score)
+        return InferenceBatch(pred_score=score, anomaly_map=weighted.sum(dim=1))
+
+
+class LinearDetector(nn.Module):
+    """Linear detector with the anomalib anatomy."""
+
+    def __init__(self, weights: torch.Tensor, noise: float = 0.0) -> None:
+        super().__init__()
+        self.pre_processor = nn.Identity()
+        self.model = LinearModel(weights, noise)
+
+
+@pytest.fixture
+def linear_detector() -> Callable[..., LinearDetector]:
+    """Factory: ``linear_detector(weights, noise=0.0)``."""
+    return LinearDetector
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""BPDA (seed 000, sec. 5.5) and the error for scores that stay non-differentiable."""
+"""BPDA (AdvRAD paper, sec. 5.5) and the error for scores that stay non-differentiable."""
 
 import pytest
 import torch

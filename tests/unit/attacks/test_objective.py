@@ -1,4 +1,4 @@
-"""The unified objective y * A(x) (seed 000, sec. 3) and label validation."""
+"""The unified objective y * A(x) (AdvRAD paper, sec. 3) and label validation."""
 
 import pytest
 import torch

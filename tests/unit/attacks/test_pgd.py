@@ -1,4 +1,4 @@
-"""PGD L_inf / L_2 (seed 000, eq. 1-2): constraints, direction, restarts, seeds and bad input."""
+"""PGD L_inf / L_2 (AdvRAD paper, eq. 1-2): constraints, direction, restarts, seeds and bad input."""
 
 import pytest
 import torch
