@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from anomalib_robust import AdvRAD
-from anomalib_robust.callbacks.robust_report import write_atomic
+from anomalib_robust.evaluation.report import write_atomic
 from anomalib_robust.data import CLASS_NAMES, FashionMNIST
 
 COLUMNS = ("AdvRAD image", "AdvRAD pixel", "Padim image", "Padim pixel", "Patchcore image", "Patchcore pixel")

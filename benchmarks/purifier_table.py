@@ -32,7 +32,7 @@ from rich.table import Table
 
 from anomalib_robust import AdvRAD, RobustEval
 from anomalib_robust.attacks import DetectorScore
-from anomalib_robust.callbacks.robust_report import RobustReport, write_atomic
+from anomalib_robust.evaluation.report import RobustReport, write_atomic
 from anomalib_robust.data import CLASS_NAMES, FashionMNIST
 from anomalib_robust.defenses import TMA, DiffPure, Purified
 

@@ -23,7 +23,7 @@ from rich.table import Table
 
 from anomalib_robust import AdvRAD
 from anomalib_robust.callbacks import RobustEval
-from anomalib_robust.callbacks.robust_report import format_eps
+from anomalib_robust.evaluation.report import format_eps
 from anomalib_robust.data import FashionMNIST
 from anomalib_robust.offline import random_init_backbones
 

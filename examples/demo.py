@@ -34,7 +34,7 @@ def evaluate(name: str, model: object, datamodule: FashionMNIST, arguments: argp
         steps=arguments.attack_steps,
         eot_samples=arguments.eot_samples if stochastic else None,
         sanity_checks=False,  # `anomalib test --callbacks robust_eval` runs them; here they would double the time
-        output_dir=arguments.results / name / "robust_eval",
+        output_dir=arguments.results / name,
     )
     engine = Engine(default_root_dir=arguments.results, logger=False, callbacks=[robust_eval], **fit)
     engine.fit(model, datamodule=datamodule)

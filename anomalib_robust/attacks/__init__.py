@@ -1,4 +1,4 @@
-"""Score-direction adversarial attacks on anomalib detectors (seed 000, sec. 3).
+"""Score-direction adversarial attacks on anomalib detectors (AdvRAD paper, sec. 3).
 
 Every attack maximises ``y * A(x)`` on [0, 1] images, with ``A`` the detector's raw anomaly score and ``y = +1`` for
 normal, ``-1`` for anomalous samples, and leaves the model as it found it.
@@ -18,11 +18,11 @@ from anomalib_robust.attacks.apgd import APGD
 from anomalib_robust.attacks.autoattack import AutoAttack
 from anomalib_robust.attacks.base import Attack
 from anomalib_robust.attacks.bpda import BPDA
-from anomalib_robust.attacks.detector import DetectorScore, NotDifferentiableError, unmasked_gradients
-from anomalib_robust.attacks.logits import TwoLogitScore
+from anomalib_robust.attacks.detector import DetectorScore, NotDifferentiableError
 from anomalib_robust.attacks.objective import attack_objective, score_direction
 from anomalib_robust.attacks.pgd import PGD
 from anomalib_robust.attacks.square import Square
+from anomalib_robust.attacks.unmasking import unmasked_gradients
 
 ATTACKS: dict[str, type[Attack]] = {"pgd": PGD, "apgd": APGD, "square": Square, "autoattack": AutoAttack}
 """Attacks by the name used in configs (``RobustEval(attacks=["pgd", "square"])``)."""
@@ -55,7 +55,6 @@ __all__ = [
     "DetectorScore",
     "NotDifferentiableError",
     "Square",
-    "TwoLogitScore",
     "attack_objective",
     "build_attack",
     "score_direction",

@@ -1,13 +1,19 @@
 """Detector adapter: the raw anomaly score of any anomalib model as a differentiable function of [0, 1] images.
 
-Every attack targets ``A(x) = model.model(model.pre_processor(x)).pred_score`` (DESIGN.md: the raw score, never the
-post-processed one, whose normalisation and clamping would mask gradients). :class:`DetectorScore` wraps an
-``AnomalibModule`` (or any module with ``.model`` and an optional ``.pre_processor``) and provides
+Every attack targets ``A(x) = model.model(T(x)).pred_score``, the raw score (never the post-processed one, whose
+normalisation and clamping would mask gradients), where ``T`` is ``model.pre_processor.transform``: the transform
+anomalib's own test loop applies (the pre-processor's ``forward`` uses the export transform, ``Resize`` without
+antialiasing, which is another pipeline). :class:`DetectorScore` wraps an ``AnomalibModule`` (or any module with
+``.model`` and an optional ``.pre_processor``) and provides
 
-- ``detector(x)``: the score, averaged over ``eot_samples`` draws for randomised detectors (EOT, seed 000 sec. 5.6),
-  differentiable when gradients are enabled;
-- :meth:`DetectorScore.objective_and_gradient`: ``y * A(x)`` (seed 000, sec. 3) and its EOT gradient;
-- :meth:`DetectorScore.predict`: scores and anomaly maps for evaluation, with the same randomness budget.
+- ``detector(x)``: the score, averaged over ``eot_samples`` draws for randomised detectors (EOT, AdvRAD paper,
+  sec. 5.6), differentiable when gradients are enabled;
+- :meth:`DetectorScore.objective_and_gradient`: ``y * A(x)`` (AdvRAD paper, sec. 3), or the anomaly-map objective
+  inside :meth:`DetectorScore.map_target`, and its EOT gradient;
+- :meth:`DetectorScore.predict`: scores and anomaly maps of the detector as deployed (one forward pass, the model's
+  own noise draws), for evaluation;
+- :meth:`DetectorScore.to_input_resolution`: images resized as the pre-processor resizes them, where eps is measured
+  by default.
 
 Gradient unmasking: anomalib wraps feature extraction in ``torch.no_grad()`` (Padim, Patchcore, Cfa, the timm feature
 extractor), detaches some inference outputs (Cfa's anomaly map) and freezes backbones with ``requires_grad=False``.
@@ -27,67 +33,21 @@ Example:
     ('Padim', False, 1)
 """
 
-import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torchvision.transforms import v2
 
 from anomalib_robust.attacks.bpda import bpda_stages, check_stages
 from anomalib_robust.attacks.eot import expected_value, expected_value_and_gradient, resolve_eot_samples
-from anomalib_robust.attacks.objective import attack_objective
+from anomalib_robust.attacks.objective import attack_objective, map_objective
+from anomalib_robust.attacks.unmasking import unmasked_gradients
 
 
 class NotDifferentiableError(RuntimeError):
     """The anomaly score of a detector has no gradient w.r.t. its input image."""
-
-
-class _GradientPassthrough:
-    """Stands in for ``torch.no_grad`` while gradients are unmasked: a context manager that changes nothing."""
-
-    def __init__(self, *args: object) -> None:
-        del args
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc_info: object) -> None:
-        return None
-
-
-_DETACH = torch.Tensor.detach
-UNMASKED_PACKAGES = ("anomalib.",)
-"""Modules whose ``Tensor.detach()`` calls are lifted by :func:`unmasked_gradients`."""
-
-
-def _detach_outside_anomalib(tensor: torch.Tensor) -> torch.Tensor:
-    """``Tensor.detach`` for every caller except anomalib's modules, which get a graph-keeping view instead."""
-    if sys._getframe(1).f_globals.get("__name__", "").startswith(UNMASKED_PACKAGES):
-        return tensor.view_as(tensor)
-    return _DETACH(tensor)
-
-
-@contextmanager
-def unmasked_gradients() -> Iterator[None]:
-    """Record gradients through anomalib's ``torch.no_grad()`` blocks and ``.detach()`` calls inside the context.
-
-    ``with torch.no_grad():`` looks the name up when it runs, so replacing ``torch.no_grad`` (and its alias
-    ``torch.autograd.no_grad``) by a no-op makes anomalib's feature extraction differentiable without editing it;
-    ``Tensor.detach`` called from a module of :data:`UNMASKED_PACKAGES` returns a view that keeps the graph. Values are
-    unchanged; only autograd sees more. Both replacements are process-wide while the context is active, and restored
-    on exit; keep the context around a single forward pass. Decorators applied at import time
-    (``@torch.no_grad()``) are not affected; use BPDA for such stages.
-    """
-    originals = torch.no_grad, torch.autograd.no_grad
-    torch.no_grad = torch.autograd.no_grad = _GradientPassthrough
-    torch.Tensor.detach = _detach_outside_anomalib
-    try:
-        with torch.inference_mode(False), torch.enable_grad():
-            yield
-    finally:
-        torch.no_grad, torch.autograd.no_grad = originals
-        torch.Tensor.detach = _DETACH
 
 
 class DetectorScore(nn.Module):
@@ -120,6 +80,7 @@ class DetectorScore(nn.Module):
         self.eot_samples = resolve_eot_samples(eot_samples, self.stochastic)
         self.bpda = check_stages(model, bpda or {})
         self._is_prepared = False
+        self._pixel_masks: torch.Tensor | None = None
 
     @property
     def name(self) -> str:
@@ -135,10 +96,22 @@ class DetectorScore(nn.Module):
             return None
         return float(threshold)
 
+    def pre_process(self, images: torch.Tensor) -> torch.Tensor:
+        """The detector's pre-processing as anomalib's test loop applies it (:func:`test_transform`)."""
+        return test_transform(getattr(self.detector, "pre_processor", None), images)
+
+    def to_input_resolution(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` resized by the first ``Resize`` of the pre-processor's transform (as it), else unchanged.
+
+        Attacks then perturb the pixels the model sees, as the papers measure eps (per pixel of the 256 x 256
+        input); resizing again to the same size is the identity, so the detector's score is unchanged.
+        """
+        resize = input_resize(getattr(getattr(self.detector, "pre_processor", None), "transform", None))
+        return images if resize is None else resize(images).clamp(0.0, 1.0)
+
     def single_draw(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Score ``(N,)`` and anomaly map ``(N, H, W)`` (or ``None``) of one forward pass, one draw of randomness."""
-        pre_processor = getattr(self.detector, "pre_processor", None)
-        output = self.detector.model(pre_processor(images) if isinstance(pre_processor, nn.Module) else images)
+        output = self.detector.model(self.pre_process(images))
         pred_score = getattr(output, "pred_score", None)
         if not isinstance(pred_score, torch.Tensor):
             msg = (
@@ -156,9 +129,31 @@ class DetectorScore(nn.Module):
     def _score(self, images: torch.Tensor) -> torch.Tensor:
         return self.single_draw(images)[0]
 
-    def _differentiable_score(self, images: torch.Tensor) -> torch.Tensor:
+    def _objective(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One draw of the attack objective: ``y * A(x)``, or the map objective inside :meth:`map_target`."""
+        if self._pixel_masks is None:
+            return attack_objective(self._score(images), labels)
+        anomaly_map = self.single_draw(images)[1]
+        if anomaly_map is None:
+            msg = f"{self.name} returns no anomaly map, so it cannot be attacked with target='map'."
+            raise ValueError(msg)
+        return map_objective(anomaly_map, self._pixel_masks)
+
+    @contextmanager
+    def map_target(self, masks: torch.Tensor) -> Iterator[None]:
+        """Inside the context, attacks push the anomaly map: normal pixels up, anomalous pixels (``masks``) down.
+
+        ``masks`` are the batch's boolean ground-truth masks at the anomaly map's resolution, ``(N, H, W)``.
+        """
+        self._pixel_masks = masks
+        try:
+            yield
+        finally:
+            self._pixel_masks = None
+
+    def _differentiable(self, function: Callable[..., torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
         with unmasked_gradients():
-            scores = self._score(images)
+            scores = function(*args)
         if not scores.requires_grad:
             msg = (
                 f"The anomaly score of {self.name} is not differentiable w.r.t. the input image, even with "
@@ -172,32 +167,40 @@ class DetectorScore(nn.Module):
         """Score ``(N,)`` averaged over ``eot_samples`` draws; differentiable when ``images`` requires a gradient."""
         if not (torch.is_grad_enabled() and images.requires_grad):
             return expected_value(self._score, images, self.eot_samples)
-        return torch.stack([self._differentiable_score(images) for _ in range(self.eot_samples)]).mean(dim=0)
+        return torch.stack([self._differentiable(self._score, images) for _ in range(self.eot_samples)]).mean(dim=0)
+
+    def differentiable_objective(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One draw of the attack objective per sample, with anomalib's gradient masking lifted.
+
+        Raises:
+            NotDifferentiableError: when the objective has no gradient w.r.t. ``images``.
+        """
+        return self._differentiable(self._objective, images, labels)
 
     def objective_and_gradient(
         self,
         images: torch.Tensor,
         labels: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """EOT estimate of ``y * A(x)`` per sample and of its gradient w.r.t. ``images`` (seed 000, eq. 1-2)."""
+        """EOT estimate of the objective per sample and of its gradient w.r.t. ``images`` (AdvRAD paper, eq. 1-2)."""
         return expected_value_and_gradient(
-            lambda x: attack_objective(self._differentiable_score(x), labels),
+            lambda x: self.differentiable_objective(x, labels),
             images,
             self.eot_samples,
         )
 
     def objective(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """EOT estimate of ``y * A(x)`` per sample, without gradients."""
-        return attack_objective(expected_value(self._score, images, self.eot_samples), labels)
+        """EOT estimate of the objective (``y * A(x)``, or the map objective) per sample, without gradients."""
+        return expected_value(lambda x: self._objective(x, labels), images, self.eot_samples)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Scores and anomaly maps averaged over ``eot_samples`` draws (the budget the attack used)."""
-        draws = [self.single_draw(images) for _ in range(self.eot_samples)]
-        scores = torch.stack([score for score, _ in draws]).mean(dim=0)
-        if draws[0][1] is None:
-            return scores, None
-        return scores, torch.stack([anomaly_map for _, anomaly_map in draws]).mean(dim=0)
+        """Scores and anomaly maps of the detector as deployed: one forward pass, the model's own noise draws.
+
+        EOT is the attacker's tool: averaging the reported score over draws would evaluate an ensemble, a detector
+        with less noise than the deployed one.
+        """
+        return self.single_draw(images)
 
     @contextmanager
     def prepared(self) -> Iterator["DetectorScore"]:
@@ -235,3 +238,27 @@ class DetectorScore(nn.Module):
                 parameter.requires_grad_(flag)
             for module, training in modes.items():
                 module.training = training
+
+
+def input_resize(transform: object) -> v2.Resize | None:
+    """The first ``Resize`` of a torchvision transform (searched through ``Compose``), or ``None``."""
+    if isinstance(transform, v2.Resize):
+        return transform
+    for inner in getattr(transform, "transforms", ()):
+        found = input_resize(inner)
+        if found is not None:
+            return found
+    return None
+
+
+def test_transform(pre_processor: nn.Module | None, images: torch.Tensor) -> torch.Tensor:
+    """``images`` pre-processed as in anomalib's test loop: an anomalib ``PreProcessor``'s ``transform``.
+
+    anomalib applies ``pre_processor.transform`` to test batches (``on_test_batch_start``); the pre-processor's
+    ``forward`` applies the export transform instead (``Resize`` without antialiasing). A plain module is called.
+    """
+    if not isinstance(pre_processor, nn.Module):
+        return images
+    if hasattr(pre_processor, "transform"):
+        return images if pre_processor.transform is None else pre_processor.transform(images)
+    return pre_processor(images)

@@ -1,13 +1,14 @@
 """Expectation over Transformation (EOT) for randomised detectors.
 
 A randomised detector (AdvRAD, a diffusion purifier) draws fresh noise ``w`` at every call, so its score ``A(x; w)`` is
-a random variable. EOT (Athalye et al., 2018; used against AdvRAD in seed 000, sec. 5.6 and Table 10) attacks the
-expected score: the gradient is the Monte Carlo mean of single-draw gradients,
+a random variable. EOT (Athalye et al., 2018; used against AdvRAD in the AdvRAD paper, sec. 5.6 and Table 10) attacks
+the expected score: the gradient is the Monte Carlo mean of single-draw gradients,
 
-    grad_x E_w[y * A(x; w)]  ~=  1/n * sum_k grad_x y * A(x; w_k),
+    grad_x E_w[y * A(x; w)]  ~=  1/n * sum_k grad_x y * A(x; w_k).
 
-and the score that is reported is the mean over the same number ``n`` of draws, so the attacker and the evaluation
-spend the same randomness budget. The helpers below loop over draws one at a time, so memory does not grow with ``n``.
+EOT is the attacker's tool only: the evaluation scores each image as the detector is deployed, with fresh noise
+(:meth:`~anomalib_robust.attacks.DetectorScore.predict`). The helpers below loop over draws one at a time, so memory
+does not grow with ``n``.
 
 Example:
     >>> import torch

@@ -1,7 +1,7 @@
 """Unified score-direction objective for attacks on anomaly detectors.
 
-Seed 000, sec. 3: for a test sample ``x`` with label ``y`` (``+1`` normal, ``-1`` anomalous) and a detector whose raw
-anomaly score is ``A(x)``, every attack maximises
+AdvRAD paper (Chen et al.), sec. 3: for a test sample ``x`` with label ``y`` (``+1`` normal, ``-1`` anomalous) and a
+detector whose raw anomaly score is ``A(x)``, every attack maximises
 
     L(x, y) = y * A(x),
 
@@ -47,10 +47,20 @@ def check_labels(labels: torch.Tensor | None, batch_size: int) -> torch.Tensor:
 
 
 def score_direction(labels: torch.Tensor) -> torch.Tensor:
-    """Direction ``y`` of seed 000, sec. 3: ``+1`` for normal (``gt_label`` 0), ``-1`` for anomalous (1)."""
+    """Direction ``y`` of AdvRAD paper, sec. 3: ``+1`` for normal (``gt_label`` 0), ``-1`` for anomalous (1)."""
     return 1.0 - 2.0 * labels.float()
 
 
 def attack_objective(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-sample objective ``L(x, y) = y * A(x)`` (seed 000, sec. 3) that every attack maximises."""
+    """Per-sample objective ``L(x, y) = y * A(x)`` (AdvRAD paper, sec. 3) that every attack maximises."""
     return score_direction(labels).to(scores) * scores
+
+
+def map_objective(anomaly_maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Per-sample objective of an attack on localisation: the mean of ``+map`` over normal pixels and ``-map`` over
+    anomalous pixels (``masks``), so maximising it raises normal pixels' values and lowers anomalous ones'.
+
+    The pixel-level counterpart of the AdvRAD paper's sec. 3 objective; its pixel AUROC is robust localisation.
+    """
+    direction = 1.0 - 2.0 * masks.reshape(anomaly_maps.shape).to(anomaly_maps)
+    return (direction * anomaly_maps).flatten(1).mean(dim=1)

@@ -1,9 +1,9 @@
-"""``CertifyEval``: certified AUC of a randomised-smoothing detector after anomalib's test metrics (seed 000, Table 11).
+"""``CertifyEval``: certified AUC of a randomised-smoothing detector after anomalib's test metrics (AdvRAD paper, Table 11).
 
 For every noise level ``sigma`` the callback draws ``n0 + n`` noisy copies of each raw [0, 1] test image (read from
 the test dataset itself, before the pre-processor), scores them once with the detector's raw anomaly score, runs
 Cohen et al.'s CERTIFY at every threshold (:mod:`anomalib_robust.models.adv_rad.smoothing`) and reports the certified
-AUC at every L_2 radius, in the shape of seed 000's Table 11 (rows sigma, columns radius):
+AUC at every L_2 radius, in the shape of the AdvRAD paper's Table 11 (rows sigma, columns radius):
 
 - a rich table (with the AUROC of the smoothed scores and the mean abstention rate per sigma);
 - ``certify/sigma<s>/radius<r>/AUC`` logged to the Lightning loggers (and the dictionary ``Engine.test`` returns);
@@ -40,13 +40,13 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from matplotlib.figure import Figure
 from rich.console import Console
 from rich.table import Table
-from torch.utils.data import DataLoader, Subset
-from torchmetrics.functional.classification import binary_auroc
+from torch.utils.data import DataLoader
 
 from anomalib_robust.attacks import DetectorScore
-from anomalib_robust.callbacks.robust_eval import _images_and_labels
-from anomalib_robust.callbacks.robust_plots import _save
-from anomalib_robust.callbacks.robust_report import write_atomic
+from anomalib_robust.evaluation.metrics import rank_auroc
+from anomalib_robust.evaluation.plots import save_figure
+from anomalib_robust.evaluation.report import write_atomic
+from anomalib_robust.evaluation.sharding import check_both_classes, cuda_devices, images_and_labels, rank_shards
 from anomalib_robust.models.adv_rad.smoothing import (
     certified_auc,
     certify,
@@ -71,7 +71,7 @@ class SigmaResult:
 
 @dataclass
 class CertifyReport:
-    """Table 11 of seed 000 for one detector: certified AUC per sigma (rows) and radius (columns)."""
+    """Table 11 of the AdvRAD paper for one detector: certified AUC per sigma (rows) and radius (columns)."""
 
     model: str
     num_samples: int
@@ -136,11 +136,11 @@ def plot_certified_auc(report: CertifyReport, path: Path) -> Path:
         )
     axes.set(xlabel="L_2 radius eps ([0, 1] pixels)", ylabel="certified AUC", ylim=(-0.02, 1.02), title=report.model)
     axes.legend(loc="best", fontsize="small")
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 class CertifyEval(Callback):
-    """Certified AUC of the Gaussian-smoothed detector at several noise levels and radii (seed 000, sec. 5.7).
+    """Certified AUC of the Gaussian-smoothed detector at several noise levels and radii (AdvRAD paper, sec. 5.7).
 
     Args:
         sigmas: noise standard deviations, [0, 1] pixel scale (Table 11: 0.0625, 0.125, 0.25).
@@ -205,7 +205,7 @@ class CertifyEval(Callback):
         loaders = [dataloaders] if isinstance(dataloaders, DataLoader) else list(dataloaders)
         detector = DetectorScore(model, eot_samples=1)
         device = model.device
-        with torch.inference_mode(False), detector.prepared(), torch.random.fork_rng(devices=_cuda(device)):
+        with torch.inference_mode(False), detector.prepared(), torch.random.fork_rng(devices=cuda_devices(device)):
             images, labels = self._test_set(loaders, device)
             report = CertifyReport(detector.name, len(labels), self.n0, self.n, self.alpha, self.radii)
             for number, sigma in enumerate(self.sigmas):
@@ -218,7 +218,7 @@ class CertifyEval(Callback):
                 certification = certify(*draws, sigma=sigma, alpha=self.alpha)
                 result = SigmaResult(
                     sigma=sigma,
-                    smoothed_auroc=float(binary_auroc(certification.smoothed_score, labels)),
+                    smoothed_auroc=rank_auroc(certification.smoothed_score, labels),
                     abstain_rate=float(certification.abstain_rate.mean()),
                 )
                 result.certified_auc = {radius: certified_auc(certification, labels, radius) for radius in self.radii}
@@ -235,28 +235,11 @@ class CertifyEval(Callback):
     def _test_set(self, loaders: list[DataLoader], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw [0, 1] images and labels of (``max_samples`` evenly spaced images of) every test loader."""
         images, labels = [], []
-        for loader in loaders:
-            size = len(loader.dataset)
-            selected = list(range(size))
-            if self.max_samples is not None and self.max_samples < size:
-                selected = torch.linspace(0, size - 1, self.max_samples).round().long().tolist()
-            subset = Subset(loader.dataset, selected)
-            for batch in DataLoader(subset, batch_size=loader.batch_size or 1, collate_fn=loader.collate_fn):
-                batch_images, batch_labels = _images_and_labels(batch, device)
+        for shard in rank_shards(loaders, max_samples=self.max_samples, caller="CertifyEval"):
+            for _, batch in shard:
+                batch_images, batch_labels = images_and_labels(batch, device, caller="CertifyEval")
                 images.append(batch_images)
-                labels.append(batch_labels.reshape(-1).long().cpu())
-        if not images:
-            msg = "CertifyEval found no test data: the trainer has no test dataloader, or it is empty."
-            raise ValueError(msg)
+                labels.append(batch_labels.cpu())
         labels = torch.cat(labels)
-        if not ((labels == 0).any() and (labels == 1).any()):
-            msg = (
-                f"CertifyEval: the test set has {int((labels == 0).sum())} normal and {int((labels == 1).sum())} "
-                "anomalous images; the certified AUC needs both."
-            )
-            raise ValueError(msg)
+        check_both_classes(labels, caller="CertifyEval")
         return torch.cat(images), labels
-
-
-def _cuda(device: torch.device) -> list[torch.device]:
-    return [device] if device.type == "cuda" else []

@@ -32,6 +32,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 from torchvision.transforms.v2 import Resize
 
+from anomalib_robust.attacks.detector import test_transform
 from anomalib_robust.defenses.purifiers import DiffusionPurifier
 
 NOT_TRAINABLE = (
@@ -64,14 +65,11 @@ class PurifiedModel(nn.Module):
         self.detector_model = detector_model
 
     def forward(self, images: torch.Tensor) -> InferenceBatch:
-        """Score of the detector on the purified images (eval mode only)."""
+        """Score of the detector on the purified images, pre-processed as anomalib tests it (eval mode only)."""
         if self.training:
             msg = "PurifiedModel is an inference pipeline; call .eval() (train the detector on its own)."
             raise RuntimeError(msg)
-        purified = self.purifier(images)
-        if self.detector_pre_processor is not None:
-            purified = self.detector_pre_processor(purified)
-        return self.detector_model(purified)
+        return self.detector_model(test_transform(self.detector_pre_processor, self.purifier(images)))
 
 
 class Purified(AnomalibModule):

@@ -5,7 +5,7 @@ atomically.
 
 Example:
     >>> from pathlib import Path
-    >>> from anomalib_robust.callbacks.robust_plots import plot_auroc_vs_eps
+    >>> from anomalib_robust.evaluation.plots import plot_auroc_vs_eps
     >>> plot_auroc_vs_eps(report, Path("auroc_vs_eps.png"))  # doctest: +SKIP
 """
 
@@ -16,10 +16,11 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from anomalib_robust.callbacks.robust_report import RobustReport, write_atomic
+from anomalib_robust.evaluation.report import RobustReport, write_atomic
 
 
-def _save(figure: Figure, path: Path) -> Path:
+def save_figure(figure: Figure, path: Path) -> Path:
+    """Render ``figure`` to PNG and write it atomically to ``path``."""
     FigureCanvasAgg(figure)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
@@ -28,18 +29,20 @@ def _save(figure: Figure, path: Path) -> Path:
 
 
 def plot_auroc_vs_eps(report: RobustReport, path: Path) -> Path:
-    """Robust image AUROC against eps, one line per attack, starting from the standard AUROC at eps 0."""
+    """Robust image AUROC against eps, one line per attack from the standard AUROC at eps 0; bars: std over repeats."""
     figure = Figure(figsize=(5, 3.5))
     axes = figure.add_subplot()
     runs = [result for result in report.results if result.role == "attack" and result.image_auroc is not None]
     for name in dict.fromkeys(result.attack for result in runs):
-        points = sorted((result.eps, result.image_auroc) for result in runs if result.attack == name)
-        curve = [(0.0, report.clean_image_auroc), *points]
-        axes.plot(*zip(*curve, strict=True), marker="o", label=name)
+        points = sorted(
+            (result.eps, result.image_auroc, result.image_auroc_std) for result in runs if result.attack == name
+        )
+        eps, auroc, std = zip((0.0, report.clean_image_auroc, report.clean_image_auroc_std), *points, strict=True)
+        axes.errorbar(eps, auroc, yerr=std, marker="o", capsize=3, label=name)
     axes.axhline(0.5, color="grey", linestyle=":", linewidth=1, label="chance")
     axes.set(xlabel=f"eps ({report.norm})", ylabel="image AUROC", ylim=(-0.02, 1.02), title=report.model)
     axes.legend(loc="best", fontsize="small")
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_adversarial_grid(
@@ -84,4 +87,4 @@ def plot_adversarial_grid(
             if row == 0:
                 axis.set_title("anomalous" if int(labels[column]) else "normal", fontsize="small")
     figure.suptitle(title, fontsize="small")
-    return _save(figure, path)
+    return save_figure(figure, path)

@@ -1,12 +1,11 @@
-"""Report of a robustness evaluation: results, sanity checks, rich table, JSON and CSV.
+"""Report of a robustness evaluation: standard and robust AUROC with their spread over repeats, table, JSON, CSV.
 
-A :class:`RobustReport` holds the standard (clean) AUROC and one :class:`AttackResult` per attack run (attack, norm,
-eps, steps), plus the :class:`SanityCheck` verdicts of Carlini et al. (2019): robust AUROC must not increase with eps
-or steps, a very large eps must drive a differentiable detector to near 0, and black-box Square must not beat
-white-box attacks. A failed check is flagged as possible gradient masking.
+A :class:`RobustReport` holds the standard (clean) AUROC of the detector as deployed and one :class:`AttackResult` per
+attack run (attack, target, norm, eps, steps), each AUROC the mean over ``eval_repeats`` scorings with independent
+noise, with its standard deviation, plus the :class:`SanityCheck` verdicts of :mod:`anomalib_robust.evaluation.sanity`.
 
 Example:
-    >>> from anomalib_robust.callbacks.robust_report import AttackResult, RobustReport
+    >>> from anomalib_robust.evaluation.report import AttackResult, RobustReport
     >>> report = RobustReport(model="Padim", norm="Linf", eot_samples=1, num_samples=20, clean_image_auroc=0.9)
     >>> report.results.append(AttackResult("PGD", "Linf", 2 / 255, image_auroc=0.1))
     >>> report.results[0].key
@@ -15,7 +14,6 @@ Example:
 
 import csv
 import io
-import itertools
 import json
 import math
 import os
@@ -25,28 +23,40 @@ from pathlib import Path
 
 from rich.table import Table
 
+TARGETS = {"score": "image score", "map": "anomaly map"}
+"""What an attack pushes: the image score (AdvRAD paper, sec. 3), or every pixel of the anomaly map."""
+
 
 @dataclass
 class AttackResult:
-    """Robust AUROC of one attack run; ``image_auroc`` is ``None`` when the run could not be carried out."""
+    """Robust AUROC of one attack run (mean and standard deviation over repeats); ``None`` when it could not run."""
 
     attack: str
     norm: str
     eps: float
     steps: int | None = None
+    target: str = "score"
+    """``"score"``: the attack pushes the image score; ``"map"``: it pushes the anomaly map pixel by pixel."""
     image_auroc: float | None = None
+    image_auroc_std: float = 0.0
     pixel_auroc: float | None = None
+    pixel_auroc_std: float = 0.0
     status: str = "ok"
     reason: str = ""
     role: str = "attack"
     """``"attack"`` for configured runs, ``"sanity"`` for the extra runs of the sanity checks."""
+    budget: str = ""
+    """The attack's budget (steps, queries, EOT draws), as the report prints it."""
 
     @property
     def key(self) -> str:
-        """Metric-friendly identifier, e.g. ``pgd_linf_eps0.007843``."""
-        return f"{self.attack.lower()}_{self.norm.lower()}_eps{self.eps:.4g}" + (
-            f"_steps{self.steps}" if self.role == "sanity" and self.steps else ""
-        )
+        """Metric-friendly identifier, e.g. ``pgd_linf_eps0.007843`` (``..._map`` for a map-target run)."""
+        key = f"{self.attack.lower()}_{self.norm.lower()}_eps{self.eps:.4g}"
+        if self.target == "map":
+            key += "_map"
+        if self.role == "sanity":
+            key += f"_steps{self.steps}" if self.steps else "_sanity"
+        return key
 
 
 @dataclass
@@ -60,15 +70,22 @@ class SanityCheck:
 
 @dataclass
 class RobustReport:
-    """Standard and robust AUROC of one detector under one norm, with sanity checks."""
+    """Standard and robust AUROC of one detector under one norm, with sanity checks.
+
+    ``eval_repeats`` is the number of independent scorings behind every AUROC (1 for a deterministic detector);
+    ``resolution`` says where eps is measured: ``"model"`` (the model's input size) or ``"native"`` (the test image).
+    """
 
     model: str
     norm: str
     eot_samples: int
     num_samples: int
     clean_image_auroc: float
+    clean_image_auroc_std: float = 0.0
     clean_pixel_auroc: float | None = None
-    threshold: float | None = None
+    clean_pixel_auroc_std: float = 0.0
+    eval_repeats: int = 1
+    resolution: str = "model"
     results: list[AttackResult] = field(default_factory=list)
     checks: list[SanityCheck] = field(default_factory=list)
 
@@ -87,33 +104,48 @@ class RobustReport:
 
     def table(self) -> Table:
         """Rich table of standard vs robust image (and pixel) AUROC per attack, sanity checks in the caption."""
-        show_pixel = self.clean_pixel_auroc is not None
+        show_pixel = self.clean_pixel_auroc is not None or any(r.pixel_auroc is not None for r in self.results)
+        spread = f", mean ± std over {self.eval_repeats} scorings" if self.eval_repeats > 1 else ""
         table = Table(
-            title=f"Robust evaluation of {self.model} ({self.norm}, {self.num_samples} test images)",
+            title=f"Robust evaluation of {self.model} ({self.norm} at {self.resolution} resolution, "
+            f"{self.num_samples} test images{spread})",
             caption_justify="left",
         )
-        for column in ("Attack", "eps", "Steps", "Image AUROC") + (("Pixel AUROC",) if show_pixel else ()) + ("Note",):
-            table.add_column(column, justify="left" if column in {"Attack", "Note"} else "right")
-        table.add_row(
-            "none (standard)",
-            "0",
-            "-",
-            _percent(self.clean_image_auroc),
-            *_pixel(show_pixel, self.clean_pixel_auroc),
-            "",
+        columns = (
+            "Attack",
+            "Target",
+            "eps",
+            "Budget",
+            "Image AUROC",
+            *(("Pixel AUROC",) if show_pixel else ()),
+            "Note",
         )
+        for column in columns:
+            table.add_column(column, justify="left" if column in {"Attack", "Target", "Budget", "Note"} else "right")
+        clean_pixel = (format_auroc(self.clean_pixel_auroc, self.clean_pixel_auroc_std),) if show_pixel else ()
+        table.add_row(
+            "none (standard)", "-", "0", "-", format_auroc(self.clean_image_auroc, self.clean_image_auroc_std),
+            *clean_pixel, "",
+        )  # fmt: skip
         for result in self.results:
             note = result.reason if result.status != "ok" else ("sanity check" if result.role == "sanity" else "")
+            pixel = (format_auroc(result.pixel_auroc, result.pixel_auroc_std),) if show_pixel else ()
             table.add_row(
                 result.attack,
+                TARGETS[result.target],
                 format_eps(result.eps, result.norm),
-                "-" if result.steps is None else str(result.steps),
-                _percent(result.image_auroc),
-                *_pixel(show_pixel, result.pixel_auroc),
+                result.budget or ("-" if result.steps is None else f"{result.steps} steps"),
+                format_auroc(result.image_auroc, result.image_auroc_std),
+                *pixel,
                 note,
             )
         marks = {True: "[green]pass[/]", False: "[bold red]FAIL[/]", None: "[yellow]n/a[/]"}
         lines = [f"{marks[check.passed]} {check.name}: {check.detail}" for check in self.checks]
+        if show_pixel:
+            lines.append(
+                "Pixel AUROC of an 'image score' row is the pixel AUROC under the image attack, not a worst case for "
+                "localisation; 'anomaly map' rows attack the map itself (robust localisation)."
+            )
         if self.gradient_masking_suspected:
             lines.append("[bold red]Possible gradient masking: robust AUROC above is likely an overestimate.[/]")
         table.caption = "\n".join(lines)
@@ -126,26 +158,27 @@ class RobustReport:
         write_atomic(json_path, json.dumps(self.to_dict(), indent=2, allow_nan=True))
         rows = io.StringIO()
         writer = csv.writer(rows)
-        writer.writerow(["model", "attack", "norm", "eps", "steps", "image_auroc", "pixel_auroc", "status", "role"])
         writer.writerow(
-            [self.model, "none", self.norm, 0.0, "", self.clean_image_auroc, self.clean_pixel_auroc, "ok", "clean"]
-        )
+            ["model", "attack", "target", "norm", "eps", "steps", "image_auroc", "image_auroc_std", "pixel_auroc",
+             "pixel_auroc_std", "eval_repeats", "status", "role"]
+        )  # fmt: skip
+        writer.writerow(
+            _csv_row(self.model, "none", "-", self.norm, 0.0, None, self.clean_image_auroc, self.clean_image_auroc_std,
+                     self.clean_pixel_auroc, self.clean_pixel_auroc_std, self.eval_repeats, "ok", "clean")
+        )  # fmt: skip
         for result in self.results:
             writer.writerow(
-                [
-                    self.model,
-                    result.attack,
-                    result.norm,
-                    result.eps,
-                    result.steps,
-                    result.image_auroc,
-                    result.pixel_auroc,
-                    result.status,
-                    result.role,
-                ]
-            )
+                _csv_row(self.model, result.attack, result.target, result.norm, result.eps, result.steps,
+                         result.image_auroc, result.image_auroc_std, result.pixel_auroc, result.pixel_auroc_std,
+                         self.eval_repeats, result.status, result.role)
+            )  # fmt: skip
         write_atomic(csv_path, rows.getvalue())
         return json_path, csv_path
+
+
+def _csv_row(*values: object) -> list:
+    """One CSV row of :meth:`RobustReport.write` (``None`` written as an empty cell)."""
+    return ["" if value is None else value for value in values]
 
 
 def write_atomic(path: Path, content: str | bytes) -> None:
@@ -165,78 +198,8 @@ def format_eps(eps: float, norm: str) -> str:
     return f"{eps:.4g}"
 
 
-def _percent(value: float | None) -> str:
-    return "-" if value is None or math.isnan(value) else f"{100 * value:.1f}"
-
-
-def _pixel(show: bool, value: float | None) -> tuple[str, ...]:
-    return (_percent(value),) if show else ()
-
-
-def sanity_checks(
-    report: RobustReport,
-    near_zero: float,
-    tolerance: float,
-    large_eps: AttackResult | None,
-    more_steps: tuple[AttackResult, AttackResult] | None,
-    square: AttackResult | None,
-) -> list[SanityCheck]:
-    """Carlini et al. (2019) checks on a report's results.
-
-    Args:
-        report: the report with the configured attack runs.
-        near_zero: AUROC that a very large eps must reach (or go below).
-        tolerance: slack for statistical noise when comparing AUROC values.
-        large_eps: the run at a very large eps, if it was made.
-        more_steps: (run with the configured steps, run with more steps) at the same eps, if made.
-        square: a Square run at the largest configured eps, if made.
-    """
-    attacks = [result for result in report.results if result.role == "attack" and result.image_auroc is not None]
-    checks = [_monotone_in_eps(report.clean_image_auroc, attacks, tolerance)]
-    if more_steps is not None and None not in (more_steps[0].image_auroc, more_steps[1].image_auroc):
-        fewer, more = more_steps
-        checks.append(
-            SanityCheck(
-                "AUROC does not increase with steps",
-                more.image_auroc <= fewer.image_auroc + tolerance,
-                f"{fewer.attack} at eps {format_eps(fewer.eps, fewer.norm)}: {_percent(fewer.image_auroc)} with "
-                f"{fewer.steps} steps, {_percent(more.image_auroc)} with {more.steps}",
-            )
-        )
-    if large_eps is not None and large_eps.image_auroc is not None:
-        checks.append(
-            SanityCheck(
-                "very large eps drives AUROC to near 0",
-                large_eps.image_auroc <= near_zero,
-                f"{large_eps.attack} at eps {format_eps(large_eps.eps, large_eps.norm)}: "
-                f"{_percent(large_eps.image_auroc)} (expected <= {_percent(near_zero)})",
-            )
-        )
-    white_box = [r for r in attacks if not r.attack.endswith("Square") and r.eps == square.eps] if square else []
-    if square is not None and square.image_auroc is not None and white_box:
-        best = min(white_box, key=lambda result: result.image_auroc)
-        checks.append(
-            SanityCheck(
-                "black-box Square does not beat white-box attacks",
-                square.image_auroc >= best.image_auroc - tolerance,
-                f"Square {_percent(square.image_auroc)} vs {best.attack} {_percent(best.image_auroc)} "
-                f"at eps {format_eps(square.eps, square.norm)}",
-            )
-        )
-    return checks
-
-
-def _monotone_in_eps(clean_auroc: float, attacks: list[AttackResult], tolerance: float) -> SanityCheck:
-    violations = []
-    for name in dict.fromkeys(result.attack for result in attacks):
-        curve = [(0.0, clean_auroc), *sorted((r.eps, r.image_auroc) for r in attacks if r.attack == name)]
-        violations += [
-            f"{name}: {_percent(low)} at {eps_low:.4g} < {_percent(high)} at {eps_high:.4g}"
-            for (eps_low, low), (eps_high, high) in itertools.pairwise(curve)
-            if high > low + tolerance
-        ]
-    return SanityCheck(
-        "AUROC does not increase with eps",
-        not violations if attacks else None,
-        "; ".join(violations) or ("holds for every attack" if attacks else "no successful attack run"),
-    )
+def format_auroc(value: float | None, std: float = 0.0) -> str:
+    """AUROC in percent, ``80.6 ± 1.2`` when it has a spread over repeats, ``-`` when missing."""
+    if value is None or math.isnan(value):
+        return "-"
+    return f"{100 * value:.1f} ± {100 * std:.1f}" if std > 0 else f"{100 * value:.1f}"

@@ -62,7 +62,11 @@ def fastflow(tmp_path_factory: pytest.TempPathFactory) -> tuple[Fastflow, Fashio
 
 
 def test_long_form_under_ddp_equals_single_process(fastflow: tuple, tmp_path: Path) -> None:
-    model, datamodule, checkpoint = fastflow
+    """10 test images in batches of 2: 3 batches on rank 0, 2 on rank 1 (an empty rank: tests/unit/evaluation)."""
+    model, _, checkpoint = fastflow
+    datamodule = FashionMNIST(category="trouser", root="embedded", image_size=SIZE, num_train=16, num_test=20,
+                              eval_batch_size=2)  # fmt: skip
+    datamodule.setup()
     single = RobustEval(**SETTINGS).evaluate(model, datamodule.test_dataloader())
     callback = ["--trainer.callbacks", "anomalib_robust.callbacks.RobustEval"] + [
         argument for key, value in SETTINGS.items() for argument in (f"--trainer.callbacks.init_args.{key}", str(value))
@@ -76,6 +80,7 @@ def test_long_form_under_ddp_equals_single_process(fastflow: tuple, tmp_path: Pa
             *DATA,
             *callback,
             *ddp,
+            "--data.num_test", "20", "--data.eval_batch_size", "2",
             "--ckpt_path",
             str(checkpoint),
             "--default_root_dir",
@@ -86,7 +91,7 @@ def test_long_form_under_ddp_equals_single_process(fastflow: tuple, tmp_path: Pa
     assert "MEMBER: 2/2" in output
     assert output.count("Robust evaluation of Fastflow") == 1  # only rank 0 prints
     report = _report(tmp_path / "runs")
-    assert report["num_samples"] == single.num_samples
+    assert report["num_samples"] == single.num_samples == 10
     assert report["clean_image_auroc"] == pytest.approx(single.clean_image_auroc, abs=1e-6)
     (result,) = report["results"]
     assert result["image_auroc"] == pytest.approx(single.results[0].image_auroc, abs=1e-6)
@@ -101,9 +106,7 @@ def test_cli_example_shorthand_and_yaml(tmp_path: Path) -> None:
         IMAGE_SIZE=str(SIZE), NUM_TRAIN="16", NUM_TEST="16", STEPS="2", QUERIES="10",
     )  # fmt: skip
     linf, l2 = _report(tmp_path / "results", "linf"), _report(tmp_path / "results", "l2")
-    assert [result["attack"] for result in linf["results"] if result["role"] == "attack"] == ["PGD"] * 2 + [
-        "APGD-CE"
-    ] * 2
+    assert [result["attack"] for result in linf["results"] if result["role"] == "attack"] == ["PGD"] * 2 + ["APGD"] * 2
     assert [result["eps"] for result in l2["results"][:2]] == [0.1, 0.2]
     assert all(result["status"] == "ok" for result in linf["results"] + l2["results"])
 

@@ -1,4 +1,4 @@
-"""EOT (seed 000, sec. 5.6): mean of single-draw gradients, same budget for scoring, required on random detectors."""
+"""EOT (AdvRAD paper, sec. 5.6): mean of single-draw gradients for the attacker, needed on randomised detectors."""
 
 import torch
 
@@ -31,12 +31,14 @@ def test_randomised_detector_gets_eot_by_default(stochastic_detector: torch.nn.M
     assert torch.equal(attack(images, labels), attack(images, labels))
 
 
-def test_scoring_uses_the_same_budget(stochastic_detector: torch.nn.Module, batch: tuple) -> None:
+def test_prediction_is_one_deployed_draw_not_the_eot_mean(stochastic_detector: torch.nn.Module, batch: tuple) -> None:
+    """EOT is the attacker's tool: ``predict`` scores as deployed (one forward pass), whatever ``eot_samples`` is."""
     images, _ = batch
     scorer = DetectorScore(stochastic_detector, eot_samples=16)
     with scorer.prepared():
         torch.manual_seed(0)
-        averaged = scorer.predict(images)[0]
+        predicted = scorer.predict(images)[0]
         torch.manual_seed(0)
         draws = torch.stack([scorer.single_draw(images)[0] for _ in range(16)])
-    assert torch.allclose(averaged, draws.mean(dim=0))
+    assert torch.equal(predicted, draws[0])
+    assert not torch.allclose(predicted, draws.mean(dim=0))

@@ -1,0 +1,518 @@
+"""Robust evaluation of any anomalib detector: detector + test dataloaders -> :class:`RobustReport`, no Lightning.
+
+The evaluation follows the rules that make a robust AUROC trustworthy:
+
+- **The detector as deployed.** Clean and adversarial images are scored as the model is configured (one forward
+  pass, its own ``num_noise_draws``, fresh noise), never as an EOT ensemble. The attack runs once per image; the scoring
+  of the clean and the adversarial images is repeated ``eval_repeats`` times with independent noise for a randomised
+  detector, and every AUROC is the mean over those repeats, reported with its standard deviation.
+- **EOT is the attacker's tool.** Attacks estimate gradients (and choose among candidates) with ``eot_samples``
+  draws (AdvRAD paper, sec. 5.6).
+- **Attack and evaluation noise are independent.** Each batch, attack run, phase and repeat gets its own seed,
+  derived from ``(seed, phase, batch, run, repeat)`` (:func:`derive_seed`).
+- **AUROC by rank, on raw scores, in float64** (:mod:`anomalib_robust.evaluation.metrics`).
+- **The attacked pipeline is the one anomalib tests**: ``pre_processor.transform`` then the torch model
+  (:class:`~anomalib_robust.attacks.DetectorScore`). By default eps is measured at the model's input resolution
+  (``resolution="model"``: the test image is resized as the pre-processor resizes it, then attacked, as the papers
+  measure eps per pixel of the 256 x 256 input); ``resolution="native"`` attacks the test image before resizing.
+  L_2 radii grow with the pixel count, so the same L_2 eps is a different threat at each resolution.
+
+Attacks push the image score (``target="score"``, the AdvRAD paper's sec. 3) or the anomaly map (``target="map"``:
+normal pixels up, anomalous pixels down); the pixel AUROC of a score-target run is the pixel AUROC under the image
+attack, that of a map-target run the robust localisation. The sanity checks of
+:mod:`anomalib_robust.evaluation.sanity` run extra attacks and a finite-difference gradient check.
+
+Example:
+    >>> from anomalib_robust.evaluation import RobustEvaluator
+    >>> evaluator = RobustEvaluator(attacks=["pgd"], eps=[2 / 255], eval_repeats=4)
+    >>> report, _ = evaluator.evaluate(model, [datamodule.test_dataloader()])  # doctest: +SKIP
+"""
+
+import contextlib
+import hashlib
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import distributed, nn
+from torch.utils.data import DataLoader
+
+from anomalib_robust.attacks import ATTACKS, Attack, DetectorScore, NotDifferentiableError, build_attack
+from anomalib_robust.attacks.base import check_count, check_norm, check_positive
+from anomalib_robust.defenses import DiffusionPurifier, Purified
+from anomalib_robust.evaluation.gradient_check import check_gradient
+from anomalib_robust.evaluation.metrics import mean_and_std, pixel_auroc, rank_auroc
+from anomalib_robust.evaluation.report import AttackResult, RobustReport, SanityCheck, format_eps
+from anomalib_robust.evaluation.sanity import sanity_checks
+from anomalib_robust.evaluation.sharding import (
+    check_both_classes,
+    cuda_devices,
+    first_item,
+    gather_by_index,
+    images_and_labels,
+    rank_shards,
+    resize_masks,
+)
+
+PURIFIER_GRADIENTS = ("full", "bpda")
+"""How attacks differentiate through a defense's purifier: the whole chain, or BPDA with the identity backward."""
+
+RESOLUTIONS = ("model", "native")
+"""Where eps is measured: at the model's input size (default), or on the test image before the pre-processor."""
+
+TARGETS = ("score", "map")
+"""What an attack pushes: the image score, or the anomaly map pixel by pixel."""
+
+DEFAULT_EVAL_REPEATS = 4
+"""Independent scorings of a randomised detector behind every reported AUROC."""
+
+LARGE_EPS = 0.5
+"""Default very large radius of the sanity check: half the pixel range, per pixel (L_inf) or in RMS terms (L_2,
+multiplied by the square root of the number of pixel values)."""
+
+
+def derive_seed(seed: int, *parts: object) -> int:
+    """A seed for one phase of the evaluation, independent of every other ``(phase, batch, run, repeat)``."""
+    digest = hashlib.sha256(repr((seed, *parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") % 2**63
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        msg = f"{name} must be one of {tuple(choices)}, got {value!r}."
+        raise ValueError(msg)
+    return value
+
+
+@dataclass
+class _Run:
+    """One attack run and its per-batch outputs on this rank: scores ``(N, R)``, maps ``(N, R, H, W)``."""
+
+    attack: Attack
+    result: AttackResult
+    scores: list[torch.Tensor] = field(default_factory=list)
+    maps: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class _Scored:
+    """Per-batch outputs of the clean pass on this rank."""
+
+    indices: list[torch.Tensor] = field(default_factory=list)
+    labels: list[torch.Tensor] = field(default_factory=list)
+    scores: list[torch.Tensor] = field(default_factory=list)
+    maps: list[torch.Tensor] = field(default_factory=list)
+    masks: list[torch.Tensor] = field(default_factory=list)
+
+
+class RobustEvaluator:
+    """Standard vs robust AUROC of an anomalib detector under score-direction attacks.
+
+    Args:
+        attacks: attack names from :data:`anomalib_robust.attacks.ATTACKS` (``pgd``, ``apgd``, ``square``,
+            ``autoattack``).
+        eps: one radius or a list (the AUROC-vs-eps curve); the AdvRAD paper uses ``2/255`` (L_inf) and ``0.2`` (L_2).
+        norm: ``"Linf"`` or ``"L2"``.
+        steps: iterations of the gradient attacks.
+        alpha: PGD step size; ``None`` for ``2.5 * eps / steps`` (at most ``eps``).
+        restarts: random restarts per attack.
+        n_queries: score queries of Square.
+        eot_samples: the attacker's draws per gradient and objective for randomised detectors; ``None`` for 8.
+        eval_repeats: independent scorings of a randomised detector per reported AUROC (mean and std).
+        targets: ``"score"`` (the image score), ``"map"`` (the anomaly map; needs masks), or both.
+        resolution: ``"model"`` (eps at the model's input size) or ``"native"`` (the test image's size).
+        sanity_checks: also run the sanity checks (twice the steps and a very large eps with the first gradient
+            attack, Square at the largest eps unless configured, the finite-difference gradient check).
+        large_eps: radius of the "very large eps" check; ``None`` for 0.5 (L_inf) or ``0.5 * sqrt(C * H * W)`` (L_2).
+        near_zero: AUROC the very large eps must reach for the check to pass.
+        tolerance: AUROC slack of the comparisons, on top of the noise of the repeats.
+        max_samples: evaluate only ``max_samples`` evenly spaced images of each test dataloader.
+        num_grid_images: images in the grid of clean vs adversarial examples (0 for none).
+        seed: root of every seed of the evaluation; the global RNG is restored afterwards.
+        defense: a diffusion purifier (DiffPure, TMA) put in front of the detector; ``None`` evaluates the detector.
+        purifier_gradients: with a defense, attack through the purifier with ``"full"`` gradients, ``"bpda"``, or both.
+    """
+
+    def __init__(
+        self,
+        attacks: Sequence[str] = ("pgd",),
+        eps: float | Sequence[float] = 2 / 255,
+        norm: str = "Linf",
+        steps: int = 10,
+        alpha: float | None = None,
+        restarts: int = 1,
+        n_queries: int = 500,
+        eot_samples: int | None = None,
+        eval_repeats: int = DEFAULT_EVAL_REPEATS,
+        targets: str | Sequence[str] = ("score",),
+        resolution: str = "model",
+        sanity_checks: bool = True,
+        large_eps: float | None = None,
+        near_zero: float = 0.1,
+        tolerance: float = 0.02,
+        max_samples: int | None = None,
+        num_grid_images: int = 4,
+        seed: int = 0,
+        defense: DiffusionPurifier | None = None,
+        purifier_gradients: str | Sequence[str] = PURIFIER_GRADIENTS,
+    ) -> None:
+        self.attacks = [attacks] if isinstance(attacks, str) else list(attacks)
+        if not self.attacks:
+            msg = f"attacks must name at least one attack from {sorted(ATTACKS)}, got an empty list."
+            raise ValueError(msg)
+        for name in self.attacks:
+            if name.lower().replace("-", "").replace("_", "") not in ATTACKS:
+                msg = f"Unknown attack {name!r} in attacks: expected names from {sorted(ATTACKS)}."
+                raise ValueError(msg)
+        values = [eps] if isinstance(eps, int | float) else list(eps)
+        self.eps = sorted(check_positive("eps", value) for value in values)
+        if not self.eps:
+            msg = "eps must hold at least one radius, got an empty list."
+            raise ValueError(msg)
+        self.norm = check_norm(norm)
+        self.settings = {
+            "steps": check_count("steps", steps),
+            "alpha": None if alpha is None else check_positive("alpha", alpha),
+            "restarts": check_count("restarts", restarts),
+            "n_queries": check_count("n_queries", n_queries),
+        }
+        self.eot_samples = None if eot_samples is None else check_count("eot_samples", eot_samples)
+        self.eval_repeats = check_count("eval_repeats", eval_repeats)
+        self.targets = [targets] if isinstance(targets, str) else list(targets)
+        if not self.targets:
+            msg = f"targets must hold at least one of {TARGETS}, got an empty list."
+            raise ValueError(msg)
+        for target in self.targets:
+            _check_choice("targets", target, TARGETS)
+        self.resolution = _check_choice("resolution", resolution, RESOLUTIONS)
+        self.sanity_checks = sanity_checks
+        self.large_eps = None if large_eps is None else check_positive("large_eps", large_eps)
+        self.near_zero = near_zero
+        self.tolerance = tolerance
+        self.max_samples = None if max_samples is None else check_count("max_samples", max_samples)
+        self.num_grid_images = num_grid_images
+        self.seed = seed
+        if defense is not None and not isinstance(defense, DiffusionPurifier):
+            msg = f"defense must be a DiffusionPurifier (DiffPure, TMA) or None, got {type(defense).__name__}."
+            raise TypeError(msg)
+        self.defense = defense
+        self.purifier_gradients = [purifier_gradients] if isinstance(purifier_gradients, str) else purifier_gradients
+        if not self.purifier_gradients or any(mode not in PURIFIER_GRADIENTS for mode in self.purifier_gradients):
+            msg = f"purifier_gradients must be a non-empty subset of {PURIFIER_GRADIENTS}, got {purifier_gradients!r}."
+            raise ValueError(msg)
+
+    def evaluate(
+        self,
+        model: nn.Module,
+        loaders: Sequence[DataLoader],
+        rank: int = 0,
+        world_size: int = 1,
+        show_progress: bool = False,
+    ) -> tuple[RobustReport, dict | None]:
+        """Attack and score this rank's share of ``loaders``, gather across ranks, and build the report.
+
+        Returns the report (identical on every rank) and the arguments of
+        :func:`~anomalib_robust.evaluation.plots.plot_adversarial_grid` for the first batch (``None`` on ranks
+        without batches, or when there is no grid).
+        """
+        if self.defense is not None:
+            model = Purified(model, self.defense, visualizer=False).to(model.device)
+        detector = DetectorScore(model, eot_samples=self.eot_samples)
+        if detector.stochastic and detector.eot_samples < 2:
+            msg = (
+                f"RobustEval: {detector.name} is randomised (model.model.stochastic is True), so its robust AUROC "
+                f"needs EOT: eot_samples must be >= 2 or None (default 8), got {self.eot_samples}."
+            )
+            raise ValueError(msg)
+        loaders = list(loaders)
+        shards = rank_shards(loaders, rank, world_size, self.max_samples)
+        device = next(model.parameters(), torch.empty(0)).device
+        repeats = self.eval_repeats if detector.stochastic else 1
+        with torch.inference_mode(False), detector.prepared(), torch.random.fork_rng(devices=cuda_devices(device)):
+            runs = self._runs(self._attacked_detectors(detector), loaders)
+            with Progress(
+                TextColumn("[bold]RobustEval[/] {task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                disable=not show_progress,
+            ) as progress:
+                task = progress.add_task(detector.name, total=len(runs) * sum(len(shard) for shard in shards))
+                clean, grid = self._attack_pass(detector, shards, runs, repeats, device, progress, task)
+            gradient = self._gradient_check(detector, loaders, device) if self.sanity_checks else None
+        synchronise_status(runs)
+        labels, scores, maps, masks, *per_run = gather_by_index(
+            clean.indices,
+            clean.labels,
+            clean.scores,
+            clean.maps,
+            clean.masks,
+            *(values for run in runs for values in (run.scores, run.maps)),
+        )
+        check_both_classes(labels)
+        report = RobustReport(
+            model=detector.name,
+            norm=self.norm,
+            eot_samples=detector.eot_samples,
+            num_samples=int(labels.numel()),
+            clean_image_auroc=0.0,
+            eval_repeats=repeats,
+            resolution=self.resolution,
+        )
+        report.clean_image_auroc, report.clean_image_auroc_std = _image_auroc(scores, labels)
+        report.clean_pixel_auroc, report.clean_pixel_auroc_std = _pixel_auroc(maps, masks)
+        for run, run_scores, run_maps in zip(runs, per_run[::2], per_run[1::2], strict=True):
+            if run.result.status == "ok":
+                run.result.image_auroc, run.result.image_auroc_std = _image_auroc(run_scores, labels)
+                run.result.pixel_auroc, run.result.pixel_auroc_std = _pixel_auroc(run_maps, masks)
+            report.results.append(run.result)
+        if self.sanity_checks:
+            report.checks = sanity_checks(
+                report, self.near_zero, self.tolerance, gradient=gradient, **_sanity_runs(runs)
+            )
+        return report, grid
+
+    def _attacked_detectors(self, detector: DetectorScore) -> list[DetectorScore]:
+        """The scores the attacks differentiate: the detector, or one per purifier-gradient mode with a defense."""
+        if self.defense is None:
+            return [detector]
+        bpda = DetectorScore(detector.detector, detector.eot_samples, bpda={"model.purifier": None})
+        return [detector if mode == "full" else bpda for mode in self.purifier_gradients]
+
+    def _runs(self, detectors: list[DetectorScore], loaders: list[DataLoader]) -> list[_Run]:
+        """The configured runs (every attack, target and eps, per attacked detector) and the sanity-check runs."""
+        runs = [
+            self._make_run(name, eps, detector, target)
+            for detector in detectors
+            for target in self.targets
+            for name in self.attacks
+            for eps in self.eps
+        ]
+        configured, detector = len(runs), detectors[0]
+        if self.sanity_checks:
+            gradient = next((name for name in self.attacks if name.lower() != "square"), "pgd")
+            largest = self.eps[-1]
+            runs.append(self._make_run(gradient, largest, detector, steps=2 * self.settings["steps"]))
+            runs.append(self._make_run(gradient, self._large_eps(detector, loaders), detector))
+            if all(name.lower() != "square" for name in self.attacks):
+                runs.append(self._make_run("square", largest, detector))
+            for run in runs[configured:]:
+                run.result.role = "sanity"
+        return runs
+
+    def _make_run(self, name: str, eps: float, detector: DetectorScore, target: str = "score", **override: int) -> _Run:
+        attack = build_attack(name, detector, eps=eps, norm=self.norm, **{**self.settings, **override})
+        result = AttackResult(
+            attack.label, self.norm, eps, steps=getattr(attack, "steps", None), target=target, budget=_budget(attack)
+        )
+        return _Run(attack, result)
+
+    def _large_eps(self, detector: DetectorScore, loaders: list[DataLoader]) -> float:
+        """Radius of the "very large eps" check: ``large_eps``, or half the pixel range (RMS per value for L_2)."""
+        if self.large_eps is not None:
+            return self.large_eps
+        if self.norm == "Linf":
+            return LARGE_EPS
+        image = getattr(first_item(loaders), "image", None)
+        if not isinstance(image, torch.Tensor):
+            msg = "RobustEval needs labelled test items with an `image` tensor to size the L_2 sanity check."
+            raise TypeError(msg)
+        if self.resolution == "model":
+            image = detector.to_input_resolution(image.unsqueeze(0))
+        return LARGE_EPS * math.sqrt(image.numel())
+
+    def _attack_pass(
+        self,
+        detector: DetectorScore,
+        shards: list[DataLoader],
+        runs: list[_Run],
+        repeats: int,
+        device: torch.device,
+        progress: Progress,
+        task: int,
+    ) -> tuple[_Scored, dict | None]:
+        """Score every batch clean, then attack it with every run and score the adversarial images."""
+        clean, grid = _Scored(), None
+        for shard in shards:
+            for index, batch in shard:
+                first = int(index[0])
+                images, labels = images_and_labels(batch, device)
+                if self.resolution == "model":
+                    images = detector.to_input_resolution(images)
+                scores, maps = self._score(detector, images, repeats, first, "clean")
+                gt_masks = getattr(batch, "gt_mask", None)
+                masks = None if maps is None or gt_masks is None else resize_masks(gt_masks, maps.shape[-2:])
+                clean.indices.append(index)
+                clean.labels.append(labels.cpu())
+                clean.scores.append(scores)
+                if masks is not None:
+                    clean.maps.append(maps)
+                    clean.masks.append(masks)
+                for number, run in enumerate(runs):
+                    progress.update(
+                        task,
+                        advance=1,
+                        description=f"{detector.name}: {run.result.attack} eps={format_eps(run.result.eps, self.norm)}",
+                    )
+                    adversarial = self._attack_batch(
+                        run, images, labels, masks, derive_seed(self.seed, "attack", first, number)
+                    )
+                    if adversarial is None:
+                        continue
+                    run_scores, run_maps = self._score(detector, adversarial, repeats, first, number)
+                    run.scores.append(run_scores)
+                    if masks is not None and run.result.role == "attack":
+                        run.maps.append(run_maps)
+                    if grid is None and self.num_grid_images and number == len(self.eps) - 1:
+                        grid = _grid(images, adversarial, maps, run_maps if masks is not None else None, labels, run,
+                                     self.num_grid_images)  # fmt: skip
+        return clean, grid
+
+    def _score(
+        self, detector: DetectorScore, images: torch.Tensor, repeats: int, first: int, phase: object
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Deployed scores ``(N, repeats)`` and maps ``(N, repeats, H, W)``, each repeat with its own noise seed."""
+        scores, maps = [], []
+        for repeat in range(repeats):
+            torch.manual_seed(derive_seed(self.seed, "evaluate", first, phase, repeat))
+            score, anomaly_map = detector.predict(images)
+            scores.append(score.cpu())
+            maps.append(None if anomaly_map is None else anomaly_map.cpu())
+        stacked_maps = None if maps[0] is None else torch.stack(maps, dim=1)
+        return torch.stack(scores, dim=1), stacked_maps
+
+    @staticmethod
+    def _attack_batch(
+        run: _Run, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor | None, seed: int
+    ) -> torch.Tensor | None:
+        """Attack one batch; a non-differentiable score (or a map target without masks) marks the run not attackable."""
+        if run.result.status != "ok":
+            return None
+        target = contextlib.nullcontext()
+        if run.result.target == "map":
+            if masks is None:
+                run.result.status = "not attackable"
+                run.result.reason = "target='map' needs anomaly maps and ground-truth masks in the test set"
+                return None
+            target = run.attack.detector.map_target(masks.to(images.device))
+        run.attack.seed = seed
+        try:
+            with target:
+                return run.attack(images, labels)
+        except NotDifferentiableError as error:
+            run.result.status, run.result.reason = "not attackable", str(error)
+            return None
+
+    def _gradient_check(self, detector: DetectorScore, loaders: list[DataLoader], device: torch.device) -> SanityCheck:
+        """Autograd vs finite differences on the first test images (the same images on every rank)."""
+        loader = next(loader for loader in loaders if len(loader.dataset))
+        count = min(4, len(loader.dataset))
+        batch = (loader.collate_fn or torch.utils.data.default_collate)([loader.dataset[i] for i in range(count)])
+        images, labels = images_and_labels(batch, device)
+        if self.resolution == "model":
+            images = detector.to_input_resolution(images)
+        name = "autograd matches finite differences"
+        try:
+            check = check_gradient(detector, images, labels, seed=self.seed)
+        except NotDifferentiableError:
+            return SanityCheck(name, None, "the score is not differentiable (see the attack rows)")
+        return SanityCheck(name, check.passed, check.detail)
+
+
+def synchronise_status(runs: list[_Run]) -> None:
+    """A run that could not be carried out on some rank (or some batch) is reported as such everywhere."""
+    local = [(run.result.status, run.result.reason) for run in runs]
+    if distributed.is_available() and distributed.is_initialized() and distributed.get_world_size() > 1:
+        parts = [None] * distributed.get_world_size()
+        distributed.all_gather_object(parts, local)
+    else:
+        parts = [local]
+    for number, run in enumerate(runs):
+        failed = next((part[number] for part in parts if part[number][0] != "ok"), None)
+        if failed is not None:
+            run.result.status, run.result.reason = failed
+            run.scores.clear()
+            run.maps.clear()
+
+
+def _image_auroc(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """Mean and std over repeats (columns of ``scores``) of the rank AUROC."""
+    return mean_and_std([rank_auroc(scores[:, repeat], labels) for repeat in range(scores.shape[1])])
+
+
+def _pixel_auroc(maps: torch.Tensor | None, masks: torch.Tensor | None) -> tuple[float | None, float]:
+    """Mean and std over repeats of the pixel AUROC; ``None`` without maps, masks or both kinds of pixels."""
+    if maps is None or masks is None:
+        return None, 0.0
+    values = [pixel_auroc(maps[:, repeat], masks) for repeat in range(maps.shape[1])]
+    if any(value is None for value in values):
+        return None, 0.0
+    return mean_and_std(values)
+
+
+def _budget(attack: Attack) -> str:
+    """``10 steps, EOT 8``-style summary of an attack's budget."""
+    parts = []
+    if getattr(attack, "steps", None):
+        parts.append(f"{attack.steps} steps")
+    if getattr(attack, "n_queries", None) and not getattr(attack, "steps", None):
+        parts.append(f"{attack.n_queries} queries")
+    if getattr(attack, "restarts", 1) > 1:
+        parts.append(f"{attack.restarts} restarts")
+    if attack.detector.eot_samples > 1:
+        parts.append(f"EOT {attack.detector.eot_samples}")
+    return ", ".join(parts)
+
+
+def _sanity_runs(runs: list[_Run]) -> dict[str, object]:
+    """The runs each sanity check compares, by the keyword names of :func:`sanity_checks`."""
+    configured = [run.result for run in runs if run.result.role == "attack" and run.result.target == "score"]
+    sanity = [run.result for run in runs if run.result.role == "sanity"]
+    if not sanity:
+        return {}
+    largest = max(result.eps for result in configured)
+    more_steps = next((r for r in sanity if r.eps == largest and r.steps and not r.attack.endswith("Square")), None)
+    fewer_steps = next(
+        (r for r in configured if more_steps and r.attack == more_steps.attack and r.eps == largest), None
+    )
+    return {
+        "large_eps": next((r for r in sanity if r.eps > largest), None),
+        "more_steps": (fewer_steps, more_steps) if fewer_steps and more_steps else None,
+        "square": next(
+            (
+                r.result
+                for r in runs
+                if r.attack.name == "Square" and r.result.eps == largest and r.result.target == "score"
+            ),
+            None,
+        ),
+    }
+
+
+def _grid(
+    images: torch.Tensor,
+    adversarial: torch.Tensor,
+    clean_maps: torch.Tensor | None,
+    adversarial_maps: torch.Tensor | None,
+    labels: torch.Tensor,
+    run: _Run,
+    count: int,
+) -> dict:
+    """Arguments of :func:`plot_adversarial_grid` for ``count`` images of a batch (first scoring repeat), normal and
+    anomalous alternating where the batch has both."""
+    normal, anomalous = ((labels == label).nonzero().flatten().tolist() for label in (0, 1))
+    alternating = [index for pair in itertools.zip_longest(normal, anomalous) for index in pair if index is not None]
+    pick = torch.tensor(alternating[:count])
+    with_maps = clean_maps is not None and adversarial_maps is not None
+    return {
+        "clean": images[pick.to(images.device)].cpu(),
+        "adversarial": adversarial[pick.to(images.device)].cpu(),
+        "clean_maps": clean_maps[pick, 0] if with_maps else None,
+        "adversarial_maps": adversarial_maps[pick, 0] if with_maps else None,
+        "labels": labels[pick.to(labels.device)].cpu(),
+        "title": f"{run.attack.detector.name}: {run.result.attack} {run.result.norm} "
+        f"eps={format_eps(run.result.eps, run.result.norm)}",
+    }
