@@ -56,6 +56,8 @@ class RobustEval(Callback):
         alpha: PGD step size; ``None`` for ``2.5 * eps / steps`` (at most ``eps``).
         restarts: random restarts per attack.
         n_queries: score queries of Square.
+        select: which PGD iterate is returned: ``"auto"`` (final for randomised detectors, best otherwise),
+            ``"best"`` or ``"final"``.
         eot_samples: the attacker's draws per gradient for randomised detectors; ``None`` for 8 (must be >= 2).
         eval_repeats: independent scorings of a randomised detector behind each AUROC (mean and std are reported).
         targets: ``"score"`` (the image score), ``"map"`` (the anomaly map: robust localisation), or both.
@@ -83,6 +85,7 @@ class RobustEval(Callback):
         alpha: float | None = None,
         restarts: int = 1,
         n_queries: int = 500,
+        select: str = "auto",
         eot_samples: int | None = None,
         eval_repeats: int = DEFAULT_EVAL_REPEATS,
         targets: str | Sequence[str] = ("score",),
@@ -108,6 +111,7 @@ class RobustEval(Callback):
             alpha=alpha,
             restarts=restarts,
             n_queries=n_queries,
+            select=select,
             eot_samples=eot_samples,
             eval_repeats=eval_repeats,
             targets=targets,

@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader
 
 from anomalib_robust.attacks import ATTACKS, Attack, DetectorScore, NotDifferentiableError, build_attack
 from anomalib_robust.attacks.base import check_count, check_norm, check_positive
+from anomalib_robust.attacks.pgd import check_select
 from anomalib_robust.defenses import DiffusionPurifier, Purified
 from anomalib_robust.evaluation.gradient_check import check_gradient
 from anomalib_robust.evaluation.metrics import mean_and_std, pixel_auroc, rank_auroc
@@ -120,6 +121,8 @@ class RobustEvaluator:
         alpha: PGD step size; ``None`` for ``2.5 * eps / steps`` (at most ``eps``).
         restarts: random restarts per attack.
         n_queries: score queries of Square.
+        select: which PGD iterate is the adversarial example (:class:`~anomalib_robust.attacks.PGD`): ``"auto"``
+            (the final iterate for randomised detectors, the best one for deterministic ones), ``"best"``, ``"final"``.
         eot_samples: the attacker's draws per gradient and objective for randomised detectors; ``None`` for 8.
         eval_repeats: independent scorings of a randomised detector per reported AUROC (mean and std).
         targets: ``"score"`` (the image score), ``"map"`` (the anomaly map; needs masks), or both.
@@ -145,6 +148,7 @@ class RobustEvaluator:
         alpha: float | None = None,
         restarts: int = 1,
         n_queries: int = 500,
+        select: str = "auto",
         eot_samples: int | None = None,
         eval_repeats: int = DEFAULT_EVAL_REPEATS,
         targets: str | Sequence[str] = ("score",),
@@ -178,6 +182,7 @@ class RobustEvaluator:
             "alpha": None if alpha is None else check_positive("alpha", alpha),
             "restarts": check_count("restarts", restarts),
             "n_queries": check_count("n_queries", n_queries),
+            "select": check_select(select),
         }
         self.eot_samples = None if eot_samples is None else check_count("eot_samples", eot_samples)
         self.eval_repeats = check_count("eval_repeats", eval_repeats)

@@ -22,7 +22,8 @@ Choices:
   the model cannot run in float64 (a dtype error, a device without float64) or returns a score in another dtype, it
   runs in the images' dtype with ``h = max(step, 1e-2)``: float32 round-off (~1e-7 |A| per evaluation, more after a
   deep network) divided by ``2 h`` stays near 1e-5 |A| at that step, and the O(h^2) truncation error of a smooth
-  score is still small, which is the usual ``eps^(1/3)`` balance for central differences.
+  score is still small, which is the usual ``eps^(1/3)`` balance for central differences (on the tiny AdvRAD of the
+  unit tests, float32 gives a 0.2% error at ``h = 1e-2`` but 7% at ``h = 1e-3``).
 - **Box constraint.** The images are clamped to ``[h, 1 - h]`` first. ``||v||_2 = 1`` bounds every pixel of ``h v``
   by ``h``, so ``x +- h v`` stays in [0, 1] and the difference stays central; only pixels within ``h`` of 0 or 1
   move, by at most ``h``.
@@ -98,10 +99,11 @@ class GradientCheck:
 
 
 def _percent(value: float) -> str:
-    """``0.003 -> '0.3%'``, ``3e-07 -> '3e-05%'``, ``12.3 -> '1230%'``."""
+    """``0.003 -> '0.3%'``, ``3e-07 -> '3e-05%'``, ``1.08 -> '108%'``."""
     if math.isnan(value):
         return "nan"
-    return f"{100 * value:.0f}%" if value >= 10 else f"{100 * value:.2g}%"
+    percent = 100 * value
+    return f"{percent:.0f}%" if percent >= 10 else f"{percent:.2g}%"
 
 
 @contextmanager

@@ -164,13 +164,13 @@ def test_clean_auroc_equals_anomalib_test_auroc_when_the_model_resizes(
 
 
 def test_randomised_advrad_is_scored_as_deployed(datamodule: FashionMNIST, tmp_path: Path) -> None:
-    """AdvRAD (tiny, briefly trained): deployed single-draw scoring with repeats, attacked with EOT, and a gradient
-    that matches finite differences through the reconstruction."""
+    """AdvRAD (tiny, briefly trained, resizing 32 -> 16 px): deployed single-draw scoring with repeats, attacked with
+    EOT, and a gradient that matches finite differences through the reconstruction."""
     from anomalib_robust import AdvRAD
 
     torch.manual_seed(0)
     model = AdvRAD(
-        image_size=(SIZE, SIZE), base_channels=32, channel_mult=(1, 2), attention_resolutions=(), layers_per_block=1,
+        image_size=(SIZE // 2, SIZE // 2), base_channels=32, channel_mult=(1, 2), attention_resolutions=(), layers_per_block=1,
         num_timesteps=100, diffusion_step=10,
     )  # fmt: skip
     engine = Engine(default_root_dir=tmp_path, max_steps=20, logger=False, enable_progress_bar=False)
