@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from anomalib.engine import Engine
-from anomalib.models import Cfa, Fastflow, Padim, Patchcore, Stfpm
+from anomalib.models import Cfa, Fastflow, Padim, Patchcore, ReverseDistillation, Stfpm
 from rich.console import Console
 from rich.table import Table
 
@@ -48,6 +48,7 @@ def detectors(size: int) -> dict[str, Callable[[], torch.nn.Module]]:
         "Stfpm": lambda: Stfpm(backbone="resnet18", **common),
         "Fastflow": lambda: Fastflow(backbone="resnet18", pre_trained=False, **common),
         "Cfa": lambda: Cfa(backbone="resnet18", **common),
+        "ReverseDistillation": lambda: ReverseDistillation(backbone="resnet18", pre_trained=False, **common),
         "AdvRAD": lambda: AdvRAD.cpu_preset(image_size=(size, size), evaluator=False, visualizer=False),
     }
 

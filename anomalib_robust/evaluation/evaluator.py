@@ -234,6 +234,7 @@ class RobustEvaluator:
             raise ValueError(msg)
         loaders = list(loaders)
         shards = rank_shards(loaders, rank, world_size, self.max_samples)
+        check_both_classes(_test_labels(shards))  # before any attack: a single-class test set is an error at once
         device = next(model.parameters(), torch.empty(0)).device
         repeats = self.eval_repeats if detector.stochastic else 1
         with torch.inference_mode(False), detector.prepared(), torch.random.fork_rng(devices=cuda_devices(device)):
@@ -257,7 +258,6 @@ class RobustEvaluator:
             clean.masks,
             *(values for run in runs for values in (run.scores, run.maps)),
         )
-        check_both_classes(labels)
         report = RobustReport(
             model=detector.name,
             norm=self.norm,
@@ -425,6 +425,16 @@ class RobustEvaluator:
         except NotDifferentiableError:
             return SanityCheck(name, None, "the score is not differentiable (see the attack rows)")
         return SanityCheck(name, check.passed, check.detail)
+
+
+def _test_labels(shards: list[DataLoader]) -> torch.Tensor:
+    """The labels of the whole (selected) test set, gathered from every rank's shard."""
+    indices, labels = [], []
+    for shard in shards:
+        for index, batch in shard:
+            indices.append(index)
+            labels.append(images_and_labels(batch, torch.device("cpu"))[1])
+    return gather_by_index(indices, labels)[0]
 
 
 def synchronise_status(runs: list[_Run]) -> None:
