@@ -129,7 +129,7 @@ class DetectorScore(nn.Module):
     def _score(self, images: torch.Tensor) -> torch.Tensor:
         return self.single_draw(images)[0]
 
-    def _objective(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def draw_objective(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One draw of the attack objective: ``y * A(x)``, or the map objective inside :meth:`map_target`."""
         if self._pixel_masks is None:
             return attack_objective(self._score(images), labels)
@@ -175,7 +175,7 @@ class DetectorScore(nn.Module):
         Raises:
             NotDifferentiableError: when the objective has no gradient w.r.t. ``images``.
         """
-        return self._differentiable(self._objective, images, labels)
+        return self._differentiable(self.draw_objective, images, labels)
 
     def objective_and_gradient(
         self,
@@ -191,7 +191,7 @@ class DetectorScore(nn.Module):
 
     def objective(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """EOT estimate of the objective (``y * A(x)``, or the map objective) per sample, without gradients."""
-        return expected_value(lambda x: self._objective(x, labels), images, self.eot_samples)
+        return expected_value(lambda x: self.draw_objective(x, labels), images, self.eot_samples)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

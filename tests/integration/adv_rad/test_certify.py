@@ -59,3 +59,34 @@ def test_example_runs_with_tiny_settings(tmp_path: Path) -> None:
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "Certified AUC" in completed.stdout
     assert (tmp_path / "certify" / "certified_auc_vs_radius.png").is_file()
+
+
+def test_ddp_run_equals_single_process(mvtec_root: Path, tiny_advrad: dict, tmp_path: Path) -> None:
+    """``anomalib test --callbacks certify`` on 2 DDP processes: rank 0 certifies the whole test set (batches of 3,
+    so Lightning's own sharding is uneven), with the numbers of a single-process run."""
+    datamodule = MVTecAD(root=mvtec_root, category="disc", train_batch_size=4, eval_batch_size=3, num_workers=0)
+    model = AdvRAD(**tiny_advrad)
+    engine = Engine(max_steps=2, default_root_dir=tmp_path / "fit", logger=False, enable_progress_bar=False)
+    engine.fit(model, datamodule=datamodule)
+    checkpoint = next((tmp_path / "fit").rglob("*.ckpt"))
+    settings = {"sigmas": [0.25], "radii": [0.0, 0.05], "n0": 3, "n": 12, "alpha": 0.1, "batch_size": 48}
+    single = CertifyEval(**settings).evaluate(model, datamodule.test_dataloader())
+    callback = [f"--trainer.callbacks.init_args.{key}={json.dumps(value)}" for key, value in settings.items()]
+    command = [
+        str(Path(sys.executable).parent / "anomalib"), "test", "--model", "AdvRAD", "--ckpt_path", str(checkpoint),
+        "--data", "anomalib.data.MVTecAD", "--data.root", str(mvtec_root), "--data.category", "disc",
+        "--data.eval_batch_size", "3", "--data.num_workers", "0",
+        "--trainer.callbacks", "anomalib_robust.callbacks.CertifyEval", *callback,
+        "--trainer.callbacks.init_args.output_dir", str(tmp_path / "ddp"),
+        "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+        "--default_root_dir", str(tmp_path / "runs"),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, check=False, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    saved = json.loads((tmp_path / "ddp" / "certify" / "report.json").read_text())
+    assert saved["num_samples"] == single.num_samples == 8
+    (result,) = saved["results"]
+    assert result["smoothed_auroc"] == pytest.approx(single.results[0].smoothed_auroc, abs=1e-9)
+    for radius, value in single.results[0].certified_auc.items():
+        assert result["certified_auc"][str(radius)] == pytest.approx(value, abs=1e-9)
