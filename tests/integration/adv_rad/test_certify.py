@@ -70,10 +70,15 @@ def test_ddp_run_equals_single_process(mvtec_root: Path, tiny_advrad: dict, tmp_
     engine.fit(model, datamodule=datamodule)
     checkpoint = next((tmp_path / "fit").rglob("*.ckpt"))
     settings = {"sigmas": [0.25], "radii": [0.0, 0.05], "n0": 3, "n": 12, "alpha": 0.1, "batch_size": 48}
-    single = CertifyEval(**settings).evaluate(model, datamodule.test_dataloader())
+    reference = CertifyEval(**settings)  # one process, the model rebuilt from the checkpoint as the CLI does
+    Engine(default_root_dir=tmp_path / "single", logger=False, callbacks=[reference]).test(
+        AdvRAD(diffusion_step=tiny_advrad["diffusion_step"]), datamodule=datamodule, ckpt_path=checkpoint
+    )
+    single = reference.report
     callback = [f"--trainer.callbacks.init_args.{key}={json.dumps(value)}" for key, value in settings.items()]
     command = [
         str(Path(sys.executable).parent / "anomalib"), "test", "--model", "AdvRAD", "--ckpt_path", str(checkpoint),
+        "--model.diffusion_step", str(tiny_advrad["diffusion_step"]),  # an inference option: not in the checkpoint
         "--data", "anomalib.data.MVTecAD", "--data.root", str(mvtec_root), "--data.category", "disc",
         "--data.eval_batch_size", "3", "--data.num_workers", "0",
         "--trainer.callbacks", "anomalib_robust.callbacks.CertifyEval", *callback,
