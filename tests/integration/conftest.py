@@ -1,5 +1,4 @@
-"""Shared by the integration tests: a tiny dataset in anomalib's MVTecAD folder layout, generated on the fly, and a
-tiny AdvRAD configuration."""
+"""Shared by the integration tests: a tiny dataset in anomalib's MVTecAD folder layout, generated on the fly."""
 
 from pathlib import Path
 
@@ -8,21 +7,6 @@ import pytest
 from PIL import Image
 
 IMAGE_SIZE = 32
-TINY_ADVRAD = {
-    "image_size": (IMAGE_SIZE, IMAGE_SIZE),
-    "base_channels": 32,
-    "channel_mult": (1, 2),
-    "attention_resolutions": (),
-    "layers_per_block": 1,
-    "num_timesteps": 100,
-    "diffusion_step": 10,
-}
-
-
-@pytest.fixture(scope="session")
-def tiny_advrad() -> dict:
-    """Init args of an AdvRAD small enough to fit in a few seconds on a CPU."""
-    return dict(TINY_ADVRAD)
 
 
 def _object(rng: np.random.Generator) -> np.ndarray:

@@ -9,16 +9,6 @@ from anomalib_robust.evaluation.gradient_check import check_gradient
 from anomalib_robust.models.adv_rad import torch_model
 from anomalib_robust.models.adv_rad.torch_model import AdvRADModel
 
-TINY_ADVRAD = {  # as tests/integration/conftest.py
-    "image_size": (32, 32),
-    "base_channels": 32,
-    "channel_mult": (1, 2),
-    "attention_resolutions": (),
-    "layers_per_block": 1,
-    "num_timesteps": 100,
-    "diffusion_step": 10,
-}
-
 
 class Detector(nn.Module):
     """Stands in for the ``AdvRAD`` lightning module: the torch model in ``.model``, no pre-processing."""
@@ -29,10 +19,10 @@ class Detector(nn.Module):
 
 
 @pytest.fixture
-def model() -> AdvRADModel:
+def model(tiny_advrad: dict) -> AdvRADModel:
     """A random-init tiny AdvRAD, "fitted" on its own error maps of a few images (as ``AdvRAD.fit`` computes them)."""
     torch.manual_seed(0)
-    model = AdvRADModel(**TINY_ADVRAD).eval()
+    model = AdvRADModel(**tiny_advrad).eval()
     with torch.no_grad():
         model.set_normal_error_map(model.error_map(torch.rand(4, 3, 32, 32)).mean(0))
     return model
