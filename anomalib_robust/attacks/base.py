@@ -25,6 +25,10 @@ from anomalib_robust.attacks.objective import check_labels
 
 NORMS = ("Linf", "L2")
 
+RESCORE_FACTOR = 4
+"""Draws, in multiples of ``eot_samples``, with which a randomised detector's candidates are re-scored before one is
+chosen."""
+
 
 def check_norm(norm: str) -> str:
     """Canonical norm name (``"Linf"`` or ``"L2"``, case-insensitive).
@@ -143,10 +147,16 @@ class Attack(ABC):
         labels: torch.Tensor,
         candidates: Iterable[torch.Tensor],
     ) -> torch.Tensor:
-        """Per sample, whichever of ``images`` and the ``candidates`` has the highest (EOT) objective ``y * A(x)``."""
-        best, best_objective = images, self.detector.objective(images, labels)
+        """Per sample, whichever of ``images`` and the ``candidates`` has the highest objective ``y * A(x)``.
+
+        On a randomised detector each point is re-scored with :data:`RESCORE_FACTOR` x ``eot_samples`` fresh draws
+        (:meth:`rescored_objective`): comparing single noisy estimates would favour the luckiest draw, often the
+        clean image's own (the winner's curse).
+        """
+        samples = RESCORE_FACTOR * self.detector.eot_samples if self.detector.stochastic else 1
+        best, best_objective = images, self.rescored_objective(images, labels, samples)
         for candidate in candidates:
-            objective = self.detector.objective(candidate, labels)
+            objective = self.rescored_objective(candidate, labels, samples)
             best, best_objective = keep_worst_case(best, best_objective, candidate, objective)
         return best
 

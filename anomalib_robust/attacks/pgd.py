@@ -35,7 +35,14 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from anomalib_robust.attacks.base import Attack, check_count, check_positive, keep_worst_case, warn_large_step
+from anomalib_robust.attacks.base import (
+    RESCORE_FACTOR,
+    Attack,
+    check_count,
+    check_positive,
+    keep_worst_case,
+    warn_large_step,
+)
 
 SELECTIONS = ("auto", "best", "final")
 """Values of :class:`PGD`'s ``select`` argument."""
@@ -142,7 +149,7 @@ class PGD(Attack):
         self.random_start = random_start
         self.select = check_select(select)
         if rescore_samples is None:
-            rescore_samples = 4 * self.detector.eot_samples if self.detector.stochastic else 1
+            rescore_samples = RESCORE_FACTOR * self.detector.eot_samples if self.detector.stochastic else 1
         self.rescore_samples = check_count("rescore_samples", rescore_samples)
 
     @property

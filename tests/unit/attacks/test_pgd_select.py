@@ -90,3 +90,22 @@ def test_final_with_restarts_is_never_worse_than_one_restart(detector: torch.nn.
 def test_bad_select_arguments_raise(detector: torch.nn.Module, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         PGD(detector, **kwargs)
+
+
+def test_worst_case_rescores_candidates_of_a_randomised_detector(linear_detector: Callable, linear_problem: tuple) -> None:
+    """Choosing between the clean image and the optimum on noise about equal to the gain: one draw each (today's
+    ``select="best"`` comparison) keeps the clean image for many samples; the re-scored comparison of
+    ``Attack.worst_case`` (4 x eot_samples fresh draws) for far fewer."""
+    weights, images, labels = linear_problem
+    gain = EPS * float(weights.abs().sum())
+    detector = linear_detector(weights, noise=gain)
+    optimum = images + EPS * (1.0 - 2.0 * labels.float()).view(-1, 1, 1, 1) * weights.sign()
+    attack = PGD(detector, eps=EPS, eot_samples=2)
+    single = DetectorScore(detector, eot_samples=1)
+    with single.prepared(), attack.detector.prepared():
+        torch.manual_seed(0)
+        noisy_pick = single.objective(optimum, labels) > single.objective(images, labels)
+        chosen = attack.worst_case(images, labels, [optimum])
+    rescored_pick = (chosen == optimum).flatten(1).all(dim=1)
+    assert (~noisy_pick).float().mean() > 0.15
+    assert (~rescored_pick).float().mean() < 0.5 * (~noisy_pick).float().mean()
