@@ -57,10 +57,16 @@ def attack_objective(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 
 
 def map_objective(anomaly_maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Per-sample objective of an attack on localisation: the mean of ``+map`` over normal pixels and ``-map`` over
-    anomalous pixels (``masks``), so maximising it raises normal pixels' values and lowers anomalous ones'.
+    """Per-sample objective of an attack on localisation: the mean map value over the image's normal pixels minus
+    the mean over its anomalous pixels (``masks``), so maximising it raises normal pixels and lowers anomalous ones.
 
-    The pixel-level counterpart of the AdvRAD paper's sec. 3 objective; its pixel AUROC is robust localisation.
+    The two classes of pixels weigh equally, so a small defect is pushed down as hard as the background is pushed up;
+    an image without anomalous pixels only pushes its map up. The pixel-level counterpart of the AdvRAD paper's
+    sec. 3 objective; its pixel AUROC is robust localisation.
     """
-    direction = 1.0 - 2.0 * masks.reshape(anomaly_maps.shape).to(anomaly_maps)
-    return (direction * anomaly_maps).flatten(1).mean(dim=1)
+    anomalous = masks.reshape(anomaly_maps.shape).to(anomaly_maps).flatten(1)
+    values = anomaly_maps.flatten(1)
+    normal = 1.0 - anomalous
+    normal_mean = (values * normal).sum(dim=1) / normal.sum(dim=1).clamp_min(1.0)
+    anomalous_mean = (values * anomalous).sum(dim=1) / anomalous.sum(dim=1).clamp_min(1.0)
+    return normal_mean - anomalous_mean
