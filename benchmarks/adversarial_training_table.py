@@ -20,8 +20,11 @@ Example:
 """
 
 import argparse
+import json
+import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from anomalib.engine import Engine
@@ -34,6 +37,7 @@ from anomalib_robust import AdvRAD
 from anomalib_robust.callbacks import RobustEval
 from anomalib_robust.data import FashionMNIST
 from anomalib_robust.defenses.training import DEFAULT_NOISE_STDS, AdversarialTraining, GaussianNoiseTraining
+from anomalib_robust.evaluation.report import format_auroc, write_atomic
 from anomalib_robust.offline import random_init_backbones
 
 EPS = 2 / 255
@@ -59,10 +63,8 @@ def trainings(args: argparse.Namespace) -> dict[str, Callable[[], list[Callback]
     }
 
 
-def run(
-    name: str, callbacks: list[Callback], datamodule: FashionMNIST, args: argparse.Namespace
-) -> tuple[float, float, float]:
-    """Train ``name`` from seed 0 with ``callbacks``; standard AUROC, robust AUROC, training seconds."""
+def run(name: str, callbacks: list[Callback], datamodule: FashionMNIST, args: argparse.Namespace) -> dict[str, float]:
+    """Train ``name`` from seed 0 with ``callbacks``; standard and robust AUROC (mean, std over repeats), seconds."""
     torch.manual_seed(0)
     with random_init_backbones():
         model = detectors(args.image_size)[name]()
@@ -89,7 +91,28 @@ def run(
     )
     report = evaluation.evaluate(model, datamodule.test_dataloader())
     (result,) = report.results
-    return report.clean_image_auroc, result.image_auroc, seconds
+    return {
+        "standard": report.clean_image_auroc,
+        "standard_std": report.clean_image_auroc_std,
+        "robust": result.image_auroc,
+        "robust_std": result.image_auroc_std,
+        "seconds": seconds,
+    }
+
+
+def average(values: list[dict[str, float]]) -> dict[str, float]:
+    """Mean over classes; the repeat spread of a mean of independent cells is sqrt(sum std^2) / n."""
+    count = len(values)
+    mean = {key: sum(value[key] for value in values) / count for key in ("standard", "robust", "seconds")}
+    for key in ("standard", "robust"):
+        mean[f"{key}_std"] = math.sqrt(sum(value[f"{key}_std"] ** 2 for value in values)) / count
+    return mean
+
+
+def robust_standard(value: dict[str, float]) -> str:
+    """A table cell: robust (standard) AUROC in percent, each with its repeat spread."""
+    standard = format_auroc(value["standard"], value["standard_std"])
+    return f"{format_auroc(value['robust'], value['robust_std'])} ({standard})"
 
 
 def main() -> None:
@@ -115,7 +138,8 @@ def main() -> None:
     if not args.no_advrad:
         rows.append(("", "AdvRAD"))
     console = Console()
-    cells: dict[str, list[tuple[float, float, float]]] = {prefix + model: [] for prefix, model in rows}
+    cells: dict[str, list[dict[str, float]]] = {prefix + model: [] for prefix, model in rows}
+    cache = Path("results/benchmarks/adversarial_training_table/cells")
     for category in args.classes:
         datamodule = FashionMNIST(
             category=category,
@@ -126,12 +150,16 @@ def main() -> None:
             num_test=args.num_test,
         )
         for prefix, model in rows:
-            standard, robust, seconds = run(model, trainings(args)[prefix](), datamodule, args)
-            cells[prefix + model].append((standard, robust, seconds))
-            console.log(
-                f"{category}/{prefix}{model}: robust {100 * robust:.1f} (standard {100 * standard:.1f}), "
-                f"trained in {seconds:.0f} s"
-            )
+            name = f"{args.protocol}_{category}_{prefix.strip(' +') or 'standard'}_{model}_steps{args.steps}.json"
+            finished = cache / name
+            if finished.exists():
+                value = json.loads(finished.read_text())
+            else:
+                value = run(model, trainings(args)[prefix](), datamodule, args)
+                finished.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(finished, json.dumps(value))
+            cells[prefix + model].append(value)
+            console.log(f"{category}/{prefix}{model}: {robust_standard(value)}, trained in {value['seconds']:.0f} s")
 
     table = Table(
         title=f"Robust (standard) image AUROC (%), L_inf PGD 2/255 ({args.steps} steps; AdvRAD: EOT-PGD, "
@@ -141,9 +169,8 @@ def main() -> None:
     for column in [*args.classes, "Average", "train s/class"]:
         table.add_column(column, justify="right")
     for method, values in cells.items():
-        averages = [sum(value[i] for value in values) / len(values) for i in range(3)]
-        row = [f"{100 * robust:.1f} ({100 * standard:.1f})" for standard, robust, _ in [*values, averages]]
-        table.add_row(method, *row, f"{averages[2]:.0f}")
+        mean = average(values)
+        table.add_row(method, *(robust_standard(value) for value in [*values, mean]), f"{mean['seconds']:.0f}")
     console.print(table)
 
 

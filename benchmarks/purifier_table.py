@@ -32,7 +32,7 @@ from rich.table import Table
 
 from anomalib_robust import AdvRAD, RobustEval
 from anomalib_robust.attacks import DetectorScore
-from anomalib_robust.evaluation.report import RobustReport, write_atomic
+from anomalib_robust.evaluation.report import RobustReport, format_auroc, write_atomic
 from anomalib_robust.data import CLASS_NAMES, FashionMNIST
 from anomalib_robust.defenses import TMA, DiffPure, Purified
 
@@ -61,10 +61,14 @@ def seconds_per_image(model: torch.nn.Module, images: torch.Tensor) -> float:
     return (time.perf_counter() - start) / images.shape[0]
 
 
-def cell(report: RobustReport) -> dict[str, float | None]:
-    """Standard and robust (full-gradient, BPDA) image AUROC of one report."""
-    robust = {result.attack.startswith("BPDA"): result.image_auroc for result in report.results}
-    return {"standard": report.clean_image_auroc, "full": robust.get(False), "bpda": robust.get(True)}
+def cell(report: RobustReport) -> dict[str, str]:
+    """Standard and robust (full-gradient, BPDA) image AUROC of one report, formatted with their repeat spread."""
+    robust = {
+        result.attack.startswith("BPDA"): format_auroc(result.image_auroc, result.image_auroc_std)
+        for result in report.results
+    }
+    standard = format_auroc(report.clean_image_auroc, report.clean_image_auroc_std)
+    return {"standard": standard, "full": robust.get(False, "-"), "bpda": robust.get(True, "-")}
 
 
 def main() -> None:
@@ -101,7 +105,7 @@ def main() -> None:
         adv_rad = padim = None
         for protocol in arguments.protocols:
             finished = (
-                runs / f"purifier_table_{category}_{protocol}_steps{arguments.steps}_eot{arguments.eot_samples}.json"
+                runs / f"purifier_table_{category}_{protocol}_steps{arguments.steps}_eot{arguments.eot_samples}_v2.json"
             )
             if finished.exists():
                 results[category, protocol] = json.loads(finished.read_text())
@@ -148,9 +152,6 @@ def main() -> None:
                 measured["AdvRAD"] = (1, seconds_per_image(adv_rad, images))
                 write_atomic(cost_file, json.dumps(measured))
 
-    def percent(value: float | None) -> str:
-        return "-" if value is None else f"{100 * value:.1f}"
-
     markdown = []
     for protocol in arguments.protocols:
         title = (
@@ -165,9 +166,9 @@ def main() -> None:
         for category in arguments.classes:
             row = results[category, protocol]
             cells = [
-                f"{percent(row[name]['full'])}"
-                + (f" / {percent(row[name]['bpda'])}" if name.startswith(("DiffPure", "TMA")) else "")
-                + f" ({percent(row[name]['standard'])})"
+                row[name]["full"]
+                + (f" / {row[name]['bpda']}" if name.startswith(("DiffPure", "TMA")) else "")
+                + f" ({row[name]['standard']})"
                 for name in systems
             ]
             table.add_row(category, *cells)
