@@ -8,13 +8,20 @@ points: its CLI resolves ``--model AdvRAD`` among the ``AnomalibModule`` subclas
   ``get_model``, ``list_models`` and the CLI);
 - once ``anomalib.cli.cli`` has executed, ``anomalib_robust.cli.extend_anomalib_cli`` adds the plugin's CLI
   shorthands (``--model adv_rad``, ``--callbacks robust_eval``).
+
+``ANOMALIB_ROBUST_AUTOLOAD=0`` (or ``false``/``no``/``off``) in the environment switches the hook off for that process:
+anomalib then runs as if the plugin were not installed, and ``import anomalib_robust`` still loads it explicitly.
 """
 
 import importlib
 import importlib.abc
 import importlib.machinery
+import os
 import sys
 import warnings
+
+DISABLE_VARIABLE = "ANOMALIB_ROBUST_AUTOLOAD"
+"""Set to ``0`` to switch the start-up hook off."""
 
 AFTER_IMPORT = {
     "anomalib.models": "anomalib_robust",
@@ -63,5 +70,7 @@ class _AnomalibFinder(importlib.abc.MetaPathFinder):
         return spec
 
 
-if not any(type(finder).__name__ == "_AnomalibFinder" for finder in sys.meta_path):
+if os.environ.get(DISABLE_VARIABLE, "1").strip().lower() not in {"0", "false", "no", "off"} and not any(
+    type(finder).__name__ == "_AnomalibFinder" for finder in sys.meta_path
+):
     sys.meta_path.insert(0, _AnomalibFinder())

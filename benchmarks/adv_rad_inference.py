@@ -1,4 +1,4 @@
-"""Inference speed of AdvRAD's reconstruction modes on the same inputs (seed 000, appendix D.5, Table 18).
+"""Inference speed of AdvRAD's reconstruction modes on the same inputs (AdvRAD paper, appendix D.5, Table 18).
 
 One-shot denoising (Alg. 1) costs one U-Net evaluation; arbitrary-shot (Alg. 3) with m steps costs m; full-shot
 (Alg. 2) costs k. The table reports images/s and the slowdown relative to one-shot, for the CPU preset and (with

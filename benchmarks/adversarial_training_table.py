@@ -1,14 +1,14 @@
-"""Adversarial training (AT) and Gaussian-noise training (GN) of Stfpm/Fastflow vs AdvRAD, seed 000 Table 8 shape.
+"""Adversarial training (AT) and Gaussian-noise training (GN) of Stfpm/Fastflow vs AdvRAD (AdvRAD paper, Table 8).
 
-Seed 000, sec. 5.4 (Table 8) compares "AT + FastFlow" and "AT + CFA" (Madry et al., 2018) with AdvRAD, and appendix D.6
-(Table 19) adds Gaussian-noise injection ("+ GN"). Here, for every Fashion-MNIST class of the chosen protocol, Stfpm
-and Fastflow are trained from the same random initialisation three ways: normally, with
-:class:`~anomalib_robust.defenses.training.AdversarialTraining` (L_inf PGD, eps 2/255, on every normal training
-batch) and with :class:`~anomalib_robust.defenses.training.GaussianNoiseTraining` (stds 0, 0.005, 0.01, 0.05, 0.1);
-AdvRAD (CPU preset) is trained next to them. Every detector is then attacked with the unified score-direction PGD
-(seed 000, sec. 3) at L_inf 2/255, AdvRAD with EOT-PGD (sec. 5.6). Cells read "robust (standard)" image AUROC in
-percent, as in the paper, with a last column for training time. Prints tables, never asserts. Defaults are CPU-sized;
-numbers are not the paper's (random-init backbones, small images and training budgets).
+The AdvRAD paper, sec. 5.4 (Table 8) compares "AT + FastFlow" and "AT + CFA" (Madry et al., 2018) with AdvRAD, and
+appendix D.6 (Table 19) adds Gaussian-noise injection ("+ GN"). Here, for every Fashion-MNIST class of the chosen
+protocol, Stfpm and Fastflow are trained from the same random initialisation three ways: normally, with
+:class:`~anomalib_robust.defenses.training.AdversarialTraining` (L_inf PGD, eps 2/255, on every normal training batch)
+and with :class:`~anomalib_robust.defenses.training.GaussianNoiseTraining` (stds 0, 0.005, 0.01, 0.05, 0.1); AdvRAD (CPU
+preset) is trained next to them. Every detector is then attacked with the unified score-direction PGD (AdvRAD paper,
+sec. 3) at L_inf 2/255, AdvRAD with EOT-PGD (sec. 5.6). Cells read "robust (standard)" image AUROC in percent, as in the
+paper, with a last column for training time. Prints tables, never asserts. Defaults are CPU-sized; numbers are not the
+paper's (random-init backbones, small images and training budgets).
 
 Data: ``--root`` (default: the Debian Fashion-MNIST files in /usr/share/datasets/fashion-mnist when present, else the
 embedded subset).

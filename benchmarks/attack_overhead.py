@@ -1,6 +1,6 @@
 """Cost of one PGD step relative to a bare forward + backward pass of the same detector on the same batch.
 
-A PGD step (seed 000, eq. 1) is one forward and one backward pass of the raw score plus the ascent, projection and
+A PGD step (AdvRAD paper, eq. 1) is one forward and one backward pass of the raw score plus the ascent, projection and
 worst-case bookkeeping; the target is a ratio below 1.3. The bare pass also lifts anomalib's ``no_grad`` blocks
 (otherwise there is no input gradient to compare with). The per-step time is measured as the difference between
 attacks with ``2n`` and ``n`` steps, so the fixed cost of an attack call (checks, state, final scoring) cancels out.

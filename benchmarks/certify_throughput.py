@@ -1,4 +1,4 @@
-"""Certification throughput of smoothed AdvRAD, and certified AUC in the shape of seed 000's Table 11.
+"""Certification throughput of smoothed AdvRAD, and certified AUC in the shape of the AdvRAD paper's Table 11.
 
 Throughput: images certified per second (all ``n0 + n`` noisy scores of an image; CERTIFY itself is negligible) for
 n = 100 and 1000 on the CPU preset, batched ``--batch`` noisy images per forward pass; weights are random, speed does
@@ -22,7 +22,7 @@ from anomalib_robust import AdvRAD
 from anomalib_robust.attacks import DetectorScore
 from anomalib_robust.callbacks import CertifyEval
 from anomalib_robust.data import FashionMNIST
-from anomalib_robust.models.adv_rad.smoothing import certify, noisy_scores
+from anomalib_robust.evaluation.smoothing import certify, noisy_scores
 
 
 def throughput(model: AdvRAD, n0: int, n: int, images: int, batch: int) -> float:

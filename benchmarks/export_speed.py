@@ -1,7 +1,7 @@
-"""Speed and AUROC of the exported one-shot AdvRAD pipeline per backend (seed 000, Alg. 1 and 4, appendix D.5).
+"""Speed and AUROC of the exported one-shot AdvRAD pipeline per backend (AdvRAD paper, Alg. 1 and 4, appendix D.5).
 
 Backends: PyTorch eager, ONNX Runtime, OpenVINO f32, OpenVINO with its CPU default precision (bf16 where the CPU has
-it), and OpenVINO INT8 (U-Net quantised by NNCF, :mod:`anomalib_robust.deploy.quantize`; the rest of the graph in f32
+it), and OpenVINO INT8 (U-Net quantised by NNCF, :mod:`anomalib_robust.models.adv_rad.export`; the rest of the graph in f32
 or in the CPU default). Every backend runs the same graph (pre-processor -> one-shot reconstruction -> Alg. 4 score;
 no post-processor, so AUROC sees the raw scores) on the same images with the same diffusion noise (graphs exported
 with ``noise="input"``), one image per call, with the same number of threads (``torch.get_num_threads()``; set
@@ -34,8 +34,8 @@ from rich.table import Table
 from anomalib_robust import AdvRAD
 from anomalib_robust.data import FashionMNIST
 from anomalib_robust.deploy import export_adv_rad
-from anomalib_robust.deploy.quantize import quantize_unet
 from anomalib_robust.evaluation.metrics import rank_auroc
+from anomalib_robust.models.adv_rad.export import quantize_unet
 
 Predict = Callable[[np.ndarray, np.ndarray], np.ndarray]
 F32 = {"INFERENCE_PRECISION_HINT": "f32"}

@@ -1,4 +1,4 @@
-"""DiffPure and TMA in front of Padim vs AdvRAD on Fashion-MNIST, in the shape of seed 000, Table 7.
+"""DiffPure and TMA in front of Padim vs AdvRAD on Fashion-MNIST, in the shape of the AdvRAD paper's Table 7.
 
 For every class and protocol: Padim (random-init ResNet-18) undefended, ``DiffPure(p) + Padim`` for every level p,
 ``TMA + Padim``, and AdvRAD (CPU preset, one-shot), each as "robust (standard)" image AUROC in percent under L_inf PGD

@@ -1,10 +1,10 @@
-"""Adversarial training of Stfpm (Madry et al., 2018; seed 000, sec. 5.4), followed by robust evaluation.
+"""Adversarial training of Stfpm (Madry et al., 2018; AdvRAD paper, sec. 5.4), followed by robust evaluation.
 
 Trains Stfpm twice on the embedded Fashion-MNIST data (``defect`` protocol), from the same random initialisation:
 once normally and once with the ``AdversarialTraining`` callback, which replaces every normal training batch by
-L_inf PGD examples that push Stfpm's raw anomaly score up (seed 000, sec. 3) before the training step. Both models
+L_inf PGD examples that push Stfpm's raw anomaly score up (AdvRAD paper, sec. 3) before the training step. Both models
 are then tested with ``RobustEval`` (PGD, L_inf 2/255), which prints standard vs robust image AUROC and writes
-``report.json`` under ``<results>/<run>/robust_eval/linf/``; a last table puts the two side by side (seed 000,
+``report.json`` under ``<results>/<run>/robust_eval/linf/``; a last table puts the two side by side (AdvRAD paper,
 Table 8 shape). Nothing is downloaded: the ResNet-18 teacher starts from random init (pass real weights when you
 have them, as anomalib's Stfpm does by default).
 

@@ -3,7 +3,7 @@
     python examples/certify_adv_rad.py                     # CPU preset, Table 11 settings, n = 1000 (~1 h on 2 cores)
     python examples/certify_adv_rad.py --tiny              # a smoke run in well under a minute
 
-Prints seed 000's Table 11 (certified AUC per noise level sigma and L_2 radius eps) and writes ``report.json``,
+Prints the AdvRAD paper's Table 11 (certified AUC per noise level sigma and L_2 radius eps) and writes ``report.json``,
 ``report.csv`` and ``certified_auc_vs_radius.png`` to ``<output>/certify``. What is certified: the smoothed detector
 at each threshold, with confidence 1 - alpha; abstentions count as failures; sigma and eps are in the [0, 1] pixel
 scale. ``--tiny`` trains for a few steps only, so its numbers mean nothing beyond "the pipeline runs".

@@ -1,8 +1,8 @@
 """DiffPure in front of Padim: standard vs robust AUROC per purification level, next to TMA and AdvRAD.
 
-Seed 000 (sec. 4.2, Table 7) shows why purification is not enough for anomaly detection: a diffusion model trained on
-normal images also repairs the defects, so a level that removes the attack removes the anomaly too. This script
-reproduces that sweep on the embedded Fashion-MNIST data:
+The AdvRAD paper (sec. 4.2, Table 7) shows why purification is not enough for anomaly detection: a diffusion model
+trained on normal images also repairs the defects, so a level that removes the attack removes the anomaly too. This
+script reproduces that sweep on the embedded Fashion-MNIST data:
 
 1. trains the AdvRAD CPU preset on the normal training images (or loads ``--denoiser``): its U-Net is the purifier's
    diffusion model, and AdvRAD itself is the comparison;

@@ -3,7 +3,7 @@
     python examples/export_adv_rad.py --images path/to/folder          # embedded Fashion-MNIST, CPU preset
     python examples/export_adv_rad.py --images path/to/folder --max-steps 5 --results /tmp/export_demo
 
-The exported graph draws its diffusion noise in the graph (seed 000, sec. 5.6: the randomness is part of the
+The exported graph draws its diffusion noise in the graph (AdvRAD paper, sec. 5.6: the randomness is part of the
 defence), so scoring the same image twice gives slightly different scores, as in PyTorch. Scores are the
 post-processed (normalised) image scores of anomalib. The same model and scoring from the command line:
 

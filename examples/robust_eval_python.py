@@ -2,7 +2,7 @@
 
 Trains Padim (random-init ResNet-18, nothing downloaded) on the embedded Fashion-MNIST data, then tests it with
 ``RobustEval``: after anomalib's usual test metrics it prints standard vs robust AUROC under PGD and APGD (L_inf,
-1/255 and 2/255; seed 000, sec. 3), with the gradient-masking sanity checks, and writes report.json, report.csv and
+1/255 and 2/255; AdvRAD paper, sec. 3), with the gradient-masking sanity checks, and writes report.json, report.csv and
 plots to ``<results>/Padim/FashionMNIST/trouser/latest/robust_eval/linf/``. The attacks can also be used on their own,
 as at the end.
 
