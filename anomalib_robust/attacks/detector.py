@@ -41,7 +41,13 @@ from torch import nn
 from torchvision.transforms import v2
 
 from anomalib_robust.attacks.bpda import bpda_stages, check_stages
-from anomalib_robust.attacks.eot import expected_value, expected_value_and_gradient, resolve_eot_samples
+from anomalib_robust.attacks.eot import (
+    check_max_batch,
+    expected_value,
+    expected_value_and_gradient,
+    resolve_eot_samples,
+    tile,
+)
 from anomalib_robust.attacks.objective import attack_objective, map_objective
 from anomalib_robust.attacks.unmasking import unmasked_gradients
 
@@ -60,6 +66,8 @@ class DetectorScore(nn.Module):
             1 for deterministic and 8 for randomised detectors.
         bpda: non-differentiable stages to differentiate through a surrogate, as ``{path: surrogate}`` with paths
             relative to ``model`` and ``None`` for the identity (see :mod:`anomalib_robust.attacks.bpda`).
+        max_batch: most images per forward call when EOT draws run batched (:mod:`anomalib_robust.attacks.eot`);
+            ``None`` picks it from the image size. Changes speed and memory, never the estimate's distribution.
     """
 
     def __init__(
@@ -67,6 +75,7 @@ class DetectorScore(nn.Module):
         model: nn.Module,
         eot_samples: int | None = None,
         bpda: Mapping[str, Callable | None] | None = None,
+        max_batch: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(getattr(model, "model", None), nn.Module):
@@ -78,6 +87,7 @@ class DetectorScore(nn.Module):
         self.detector = model
         self.stochastic = bool(getattr(model.model, "stochastic", False))
         self.eot_samples = resolve_eot_samples(eot_samples, self.stochastic)
+        self.max_batch = check_max_batch(max_batch)
         self.bpda = check_stages(model, bpda or {})
         self._is_prepared = False
         self._pixel_masks: torch.Tensor | None = None
@@ -130,14 +140,18 @@ class DetectorScore(nn.Module):
         return self.single_draw(images)[0]
 
     def draw_objective(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """One draw of the attack objective: ``y * A(x)``, or the map objective inside :meth:`map_target`."""
+        """One draw of the attack objective: ``y * A(x)``, or the map objective inside :meth:`map_target`.
+
+        ``images`` may hold stacked copies of the batch of ``labels`` (batched EOT draws); labels and masks follow.
+        """
+        copies = images.shape[0] // labels.shape[0]
         if self._pixel_masks is None:
-            return attack_objective(self._score(images), labels)
+            return attack_objective(self._score(images), tile(labels, copies))
         anomaly_map = self.single_draw(images)[1]
         if anomaly_map is None:
             msg = f"{self.name} returns no anomaly map, so it cannot be attacked with target='map'."
             raise ValueError(msg)
-        return map_objective(anomaly_map, self._pixel_masks)
+        return map_objective(anomaly_map, tile(self._pixel_masks, copies))
 
     @contextmanager
     def map_target(self, masks: torch.Tensor) -> Iterator[None]:
@@ -166,7 +180,7 @@ class DetectorScore(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Score ``(N,)`` averaged over ``eot_samples`` draws; differentiable when ``images`` requires a gradient."""
         if not (torch.is_grad_enabled() and images.requires_grad):
-            return expected_value(self._score, images, self.eot_samples)
+            return expected_value(self._score, images, self.eot_samples, self.max_batch)
         return torch.stack([self._differentiable(self._score, images) for _ in range(self.eot_samples)]).mean(dim=0)
 
     def differentiable_objective(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -187,11 +201,12 @@ class DetectorScore(nn.Module):
             lambda x: self.differentiable_objective(x, labels),
             images,
             self.eot_samples,
+            self.max_batch,
         )
 
     def objective(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """EOT estimate of the objective (``y * A(x)``, or the map objective) per sample, without gradients."""
-        return expected_value(lambda x: self.draw_objective(x, labels), images, self.eot_samples)
+        return expected_value(lambda x: self.draw_objective(x, labels), images, self.eot_samples, self.max_batch)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

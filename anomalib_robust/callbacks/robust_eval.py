@@ -59,6 +59,7 @@ class RobustEval(Callback):
         select: which PGD iterate is returned: ``"auto"`` (final for randomised detectors, best otherwise),
             ``"best"`` or ``"final"``.
         eot_samples: the attacker's draws per gradient for randomised detectors; ``None`` for 8 (must be >= 2).
+        max_batch: most images per forward call of the batched EOT draws; ``None`` picks it from the image size.
         eval_repeats: independent scorings of a randomised detector behind each AUROC (mean and std are reported).
         targets: ``"score"`` (the image score), ``"map"`` (the anomaly map: robust localisation), or both.
         resolution: ``"model"``: eps is measured at the model's input size (the papers' convention); ``"native"``:
@@ -87,6 +88,7 @@ class RobustEval(Callback):
         n_queries: int = 500,
         select: str = "auto",
         eot_samples: int | None = None,
+        max_batch: int | None = None,
         eval_repeats: int = DEFAULT_EVAL_REPEATS,
         targets: str | Sequence[str] = ("score",),
         resolution: str = "model",
@@ -113,6 +115,7 @@ class RobustEval(Callback):
             n_queries=n_queries,
             select=select,
             eot_samples=eot_samples,
+            max_batch=max_batch,
             eval_repeats=eval_repeats,
             targets=targets,
             resolution=resolution,

@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader
 
 from anomalib_robust.attacks import ATTACKS, Attack, DetectorScore, NotDifferentiableError, build_attack
 from anomalib_robust.attacks.base import check_count, check_norm, check_positive
+from anomalib_robust.attacks.eot import check_max_batch
 from anomalib_robust.attacks.pgd import check_select
 from anomalib_robust.defenses import DiffusionPurifier, Purified
 from anomalib_robust.evaluation.gradient_check import check_gradient
@@ -124,6 +125,7 @@ class RobustEvaluator:
         select: which PGD iterate is the adversarial example (:class:`~anomalib_robust.attacks.PGD`): ``"auto"``
             (the final iterate for randomised detectors, the best one for deterministic ones), ``"best"``, ``"final"``.
         eot_samples: the attacker's draws per gradient and objective for randomised detectors; ``None`` for 8.
+        max_batch: most images per forward call of the batched EOT draws; ``None`` picks it from the image size.
         eval_repeats: independent scorings of a randomised detector per reported AUROC (mean and std).
         targets: ``"score"`` (the image score), ``"map"`` (the anomaly map; needs masks), or both.
         resolution: ``"model"`` (eps at the model's input size) or ``"native"`` (the test image's size).
@@ -150,6 +152,7 @@ class RobustEvaluator:
         n_queries: int = 500,
         select: str = "auto",
         eot_samples: int | None = None,
+        max_batch: int | None = None,
         eval_repeats: int = DEFAULT_EVAL_REPEATS,
         targets: str | Sequence[str] = ("score",),
         resolution: str = "model",
@@ -185,6 +188,7 @@ class RobustEvaluator:
             "select": check_select(select),
         }
         self.eot_samples = None if eot_samples is None else check_count("eot_samples", eot_samples)
+        self.max_batch = check_max_batch(max_batch)
         self.eval_repeats = check_count("eval_repeats", eval_repeats)
         self.targets = [targets] if isinstance(targets, str) else list(targets)
         if not self.targets:
@@ -225,7 +229,7 @@ class RobustEvaluator:
         """
         if self.defense is not None:
             model = Purified(model, self.defense, visualizer=False).to(model.device)
-        detector = DetectorScore(model, eot_samples=self.eot_samples)
+        detector = DetectorScore(model, eot_samples=self.eot_samples, max_batch=self.max_batch)
         if detector.stochastic and detector.eot_samples < 2:
             msg = (
                 f"RobustEval: {detector.name} is randomised (model.model.stochastic is True), so its robust AUROC "
@@ -284,7 +288,9 @@ class RobustEvaluator:
         """The scores the attacks differentiate: the detector, or one per purifier-gradient mode with a defense."""
         if self.defense is None:
             return [detector]
-        bpda = DetectorScore(detector.detector, detector.eot_samples, bpda={"model.purifier": None})
+        bpda = DetectorScore(
+            detector.detector, detector.eot_samples, bpda={"model.purifier": None}, max_batch=detector.max_batch
+        )
         return [detector if mode == "full" else bpda for mode in self.purifier_gradients]
 
     def _runs(self, detectors: list[DetectorScore], loaders: list[DataLoader]) -> list[_Run]:
