@@ -4,19 +4,21 @@ Two samplers in front of a detector, as pure functions of a denoiser ``(x_t, t) 
 call, :data:`~anomalib_robust.models.adv_rad.reconstruction.Denoiser`) and a
 :class:`~anomalib_robust.models.adv_rad.diffusion.DiffusionSchedule`, on images in [-1, 1]:
 
-- :func:`ddpm_purification` (DiffPure, Nie et al. 2022; the baseline of seed 000, sec. 4.2 and Table 7): diffuse to
-  the purification level ``p`` with eq. (3), then ancestral DDPM sampling ``p -> 0`` with the learned variance. It is
-  the full-shot reconstruction of AdvRAD (Alg. 2) from step ``p``: the last step returns the posterior mean at step 1,
-  which equals the predicted ``x_0``; ``p`` U-Net evaluations.
-- :func:`ddim_purification` (TMA, seed 004, Alg. 2): diffuse to ``T*``, then stochastic DDIM along the sub-sequence
-  ``tau = (T*, T* - stride, ..., stride, 0)`` (eq. 4 of seed 004, which writes alpha for alpha-bar):
+- :func:`ddpm_purification` (DiffPure, Nie et al., ICML 2022; the baseline of the AdvRAD paper, sec. 4.2 and
+  Table 7): diffuse to the purification level ``p`` with eq. (3), then ancestral DDPM sampling ``p -> 0`` with the
+  learned variance. It is the full-shot reconstruction of AdvRAD (Alg. 2) from step ``p``: the last step returns the
+  posterior mean at step 1, which equals the predicted ``x_0``; ``p`` U-Net evaluations.
+- :func:`ddim_purification` (TMA paper, Blau et al., Alg. 2): diffuse to ``T*``, then stochastic DDIM along the
+  sub-sequence ``tau = (T*, T* - stride, ..., stride, 0)`` (eq. 4 of the TMA paper, which writes alpha for alpha-bar):
 
       x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma_t^2) eps_theta(x_t, t) + sigma_t z,
       sigma_t = eta * sqrt((1 - abar_s) / (1 - abar_t)) * sqrt(1 - abar_t / abar_s)   (Song et al. 2021, eq. 16)
 
   with ``abar_0 = 1``, so the last step returns ``x0_hat``; ``T* / stride`` U-Net evaluations.
 
-Steps are counted as in the papers, 1..T (the U-Net is conditioned on ``step - 1``); level 0 returns the input.
+Steps are counted as in the papers, 1..T (the U-Net is conditioned on ``step - 1``); level 0 returns the input. With
+``clip_denoised`` both chains clamp every predicted ``x0_hat`` to [-1, 1] (as ``improved-diffusion``'s samplers; see
+:func:`~anomalib_robust.models.adv_rad.reconstruction.arbitrary_shot`).
 
 Example:
     >>> import torch
@@ -50,7 +52,7 @@ def check_level(name: str, level: int, num_timesteps: int) -> int:
 
 
 def ddim_timesteps(depth: int, stride: int) -> list[int]:
-    """The sub-sequence ``tau = (T*, T* - stride, ..., stride, 0)`` of seed 004, sec. 4.
+    """The sub-sequence ``tau = (T*, T* - stride, ..., stride, 0)`` of the TMA paper, sec. 4.
 
     Raises:
         ValueError: when ``stride`` is not a positive integer dividing ``depth``.
@@ -71,6 +73,7 @@ def ddpm_purification(
     level: int,
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    clip_denoised: bool = False,
 ) -> torch.Tensor:
     """DiffPure: diffuse ``x`` to step ``level`` (eq. 3), then DDPM ancestral sampling ``level -> 0``.
 
@@ -81,7 +84,7 @@ def ddpm_purification(
         return x
     if noise is None:
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return arbitrary_shot(denoiser, schedule, x, list(range(level, 0, -1)), noise, generator)
+    return arbitrary_shot(denoiser, schedule, x, list(range(level, 0, -1)), noise, generator, clip_denoised)
 
 
 def ddim_purification(
@@ -93,11 +96,14 @@ def ddim_purification(
     eta: float,
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    clip_denoised: bool = False,
 ) -> torch.Tensor:
-    """TMA (seed 004, Alg. 2): diffuse ``x`` to ``depth`` = T*, then stochastic DDIM along ``(T*, ..., stride, 0)``.
+    """TMA (TMA paper, Alg. 2): diffuse ``x`` to ``depth`` = T*, then stochastic DDIM along ``(T*, ..., stride, 0)``.
 
     ``eta`` scales the per-step noise sigma_t (0: deterministic DDIM; 1: the DDPM posterior variance on the
-    sub-sequence); ``noise`` is the eps of the diffusion (drawn when ``None``).
+    sub-sequence); ``noise`` is the eps of the diffusion (drawn when ``None``). With ``clip_denoised`` the clamped
+    ``x0_hat`` also gives the eps of the step, ``(x_t - sqrt(abar_t) x0_hat) / sqrt(1 - abar_t)``, as
+    ``improved-diffusion``'s DDIM sampler.
     """
     check_level("depth", depth, schedule.num_timesteps)
     if eta < 0:
@@ -118,6 +124,9 @@ def ddim_purification(
         eps = denoiser(xt, timesteps(step)).chunk(2, dim=1)[0]
         x0 = predict_x0(schedule, xt, timesteps(step), eps)
         now, then = alpha_bar[step], alpha_bar[following]
+        if clip_denoised:
+            x0 = x0.clamp(-1.0, 1.0)
+            eps = (xt - now.sqrt() * x0) / (1 - now).sqrt()
         sigma = eta * ((1 - then) / (1 - now) * (1 - now / then)).sqrt()
         xt = then.sqrt() * x0 + (1 - then - sigma**2).clamp_min(0).sqrt() * eps
         if following > 0 and eta > 0:

@@ -6,8 +6,8 @@ standard AUROC of the purified pipeline, and :class:`~anomalib_robust.callbacks.
 purifier (full gradients with EOT, and BPDA+EOT when ``bpda={"model.purifier": None}``). ``RobustEval(defense=...)``
 builds this wrapper itself.
 
-The detector is trained on clean normal images as usual (seed 000, sec. 5.4 puts DiffPure in front of a trained CFA);
-the purifier is an inference-time stage, so ``Purified`` is not trained: fit the detector, then wrap it.
+The detector is trained on clean normal images as usual (the AdvRAD paper, sec. 5.4, puts DiffPure in front of a
+trained CFA); the purifier is an inference-time stage, so ``Purified`` is not trained: fit the detector, then wrap it.
 
 Example:
     >>> from anomalib.engine import Engine

@@ -1,7 +1,7 @@
 """Gaussian diffusion for AdvRAD: noise schedules, the forward process and the hybrid training objective.
 
 Everything here follows the DDPM formulation of Ho et al. (2020) with the learned-range variance and hybrid loss of
-Nichol & Dhariwal (2021), as used by AdvRAD (Chen et al., seed 000, sec. 4.1 and appendix A). Functions are pure: they
+Nichol & Dhariwal (2021), as used by the AdvRAD paper (Chen et al., sec. 4.1 and appendix A). Functions are pure: they
 take the schedule, the model output, the timestep and the sample, and hold no state of their own.
 
 Example:
@@ -178,10 +178,18 @@ def p_mean_variance(
     model_output: torch.Tensor,
     xt: torch.Tensor,
     t: torch.Tensor,
+    clip_denoised: bool = False,
 ) -> ModelPrediction:
-    """Reverse-step distribution p(x_{t-1} | x_t) from the U-Net output ``[eps, v]`` (channels concatenated)."""
+    """Reverse-step distribution p(x_{t-1} | x_t) from the U-Net output ``[eps, v]`` (channels concatenated).
+
+    With ``clip_denoised`` the predicted x_0 is clamped to the data range [-1, 1] before the posterior mean, as the
+    samplers of Nichol & Dhariwal (2021, ``improved-diffusion``: ``clip_denoised=True``) do; their training loss, as
+    :func:`hybrid_loss` here, does not clamp.
+    """
     eps, v = model_output.chunk(2, dim=1)
     x0 = predict_x0(schedule, xt, t, eps)
+    if clip_denoised:
+        x0 = x0.clamp(-1.0, 1.0)
     mean, _ = q_posterior(schedule, x0, xt, t)
     return ModelPrediction(eps=eps, x0=x0, mean=mean, log_variance=learned_log_variance(schedule, v, t))
 

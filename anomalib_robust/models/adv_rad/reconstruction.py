@@ -1,4 +1,4 @@
-"""Robust reconstruction of AdvRAD: diffuse a test image to step k, then denoise it (seed 000, Alg. 1-3).
+"""Robust reconstruction of AdvRAD: diffuse a test image to step k, then denoise it (AdvRAD paper, Alg. 1-3).
 
 Steps are counted as in the paper, 1..T; the U-Net is conditioned on the 0-based index ``step - 1``. Alg. 1 and 3
 print alpha_k where the cumulative alpha-bar_k of eq. (3) is meant; alpha-bar is used here.
@@ -14,6 +14,7 @@ Example:
     torch.Size([1, 3, 8, 8])
 """
 
+import itertools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -39,7 +40,7 @@ def check_step_schedule(steps: Sequence[int], k: int) -> list[int]:
     if not steps or steps[0] != k:
         msg = f"step_schedule must start at the diffusion step k = {k}, got {steps}"
         raise ValueError(msg)
-    if any(later >= earlier for earlier, later in zip(steps, steps[1:], strict=False)) or steps[-1] < 1:
+    if any(later >= earlier for earlier, later in itertools.pairwise(steps)) or steps[-1] < 1:
         msg = f"step_schedule must be strictly decreasing and end at a step >= 1, got {steps}"
         raise ValueError(msg)
     return steps
@@ -77,12 +78,20 @@ def arbitrary_shot(
     steps: Sequence[int],
     noise: torch.Tensor,
     generator: torch.Generator | None = None,
+    clip_denoised: bool = False,
 ) -> torch.Tensor:
     """Alg. 3: denoise x_k along the schedule S = (k = S_m > ... > S_1 >= 1), sampling with the learned variance.
 
     Between S_t and S_{t-1} the chain uses the respaced schedule of Nichol & Dhariwal (2021), whose beta is
     1 - alpha-bar_{S_t} / alpha-bar_{S_{t-1}}; for S = (k, k-1, ..., 1) this is Alg. 2 (full shot) exactly, and for
     S = (k,) it is Alg. 1 (one shot).
+
+    ``clip_denoised`` clamps every predicted x_0 (that of each posterior mean, and the returned one) to [-1, 1], as
+    the samplers of ``improved-diffusion`` do by default; the AdvRAD paper does not say. Off by default: on the
+    CPU-preset AdvRAD of Fashion-MNIST trouser (32 x 32, 100 test images), a third of the predicted x_0 values lie
+    outside [-1, 1] (mostly the black background, by up to 0.3), yet clipping left the clean image AUROC of
+    arbitrary shot (k = 100, 10 steps) unchanged: 0.757 vs 0.758, paired difference -0.001 +- 0.005 over 5 noise
+    draws (draw-to-draw spread 0.02); the clamp would also zero the attack gradient at every clipped value.
     """
     steps = check_step_schedule(steps, steps[0] if steps else 0)
     respaced = schedule.respaced([step - 1 for step in reversed(steps)])
@@ -92,8 +101,9 @@ def arbitrary_shot(
 
     xt = q_sample(schedule, x, timesteps(steps[0] - 1), noise)
     for index, step in zip(range(len(steps) - 1, 0, -1), steps[:-1], strict=True):
-        prediction = p_mean_variance(respaced, denoiser(xt, timesteps(step - 1)), xt, timesteps(index))
+        prediction = p_mean_variance(respaced, denoiser(xt, timesteps(step - 1)), xt, timesteps(index), clip_denoised)
         z = torch.randn(xt.shape, generator=generator, device=xt.device, dtype=xt.dtype)
         xt = prediction.mean + torch.exp(0.5 * prediction.log_variance) * z
     eps = denoiser(xt, timesteps(steps[-1] - 1)).chunk(2, dim=1)[0]
-    return predict_x0(respaced, xt, timesteps(0), eps)
+    x0 = predict_x0(respaced, xt, timesteps(0), eps)
+    return x0.clamp(-1.0, 1.0) if clip_denoised else x0

@@ -1,4 +1,6 @@
-"""Foreground masks for PatchGuard's foreground-aware pseudo anomalies (seed 001, sec. B and K).
+"""Foreground masks for PatchGuard's foreground-aware pseudo anomalies.
+
+PatchGuard paper (Nafez et al., CVPR 2025), supplementary sec. B and K.
 
 The paper estimates the foreground with Grad-CAM of a pretrained classifier, averaged over softly augmented views
 (sec. B: soft augmentations keep the semantics and stabilise the estimate); the official code used masks precomputed

@@ -1,4 +1,6 @@
-"""Foreground-aware pseudo anomalies for PatchGuard: self-CutPaste inside the foreground (seed 001, sec. B, Fig. 4).
+"""Foreground-aware pseudo anomalies for PatchGuard: self-CutPaste inside the foreground.
+
+PatchGuard paper (Nafez et al., CVPR 2025), supplementary sec. B and Fig. 4, as its official code implements it.
 
 For every image (all on tensors, so it runs inside ``training_step`` or a data pipeline):
 
@@ -7,16 +9,19 @@ For every image (all on tensors, so it runs inside ``training_step`` or a data p
    ``max_size_fraction`` of the image; after ``max_tries`` random proposals the fallback is a ``min_size`` square at
    a random foreground pixel (official: 250 tries);
 2. the source box of the SAME image is augmented at one of three levels drawn with probabilities 0.2/0.2/0.6
-   (official code). ``light`` is the paper's soft augmentation (sec. B: small colour jitter, tint, grayscale, slight
-   noise, light blur); ``medium`` and ``heavy`` are hard augmentations (stronger jitter, elastic deformation, swirl,
-   JPEG artefacts, random erasing, heavy noise). Each level always applies ColorJitter (light 0.1/0.1/0.1/0.1,
-   medium 0.4/0.4/0.4/0.3, heavy U(0.8, 1) x 3 / 0.5) plus up to 1, 2 or 4 operations of its list;
+   (official code). Each level always applies colour jitter (brightness/contrast/saturation/hue of torchvision's
+   ``ColorJitter``: light 0.1/0.1/0.1/0.1, medium 0.4/0.4/0.4/0.3, heavy U(0.8, 1) x 3 / 0.5) plus up to 1, 2 or 4
+   operations of its list, as the official code: light {blur, elastic, swirl}; medium {blur, swirl, JPEG, elastic};
+   heavy {elastic, JPEG, noise, swirl, random erasing, blur}. The swirl has the standard form of scikit-image's
+   ``swirl`` (rotation ``strength`` at the centre, decaying to 1/1000 of it at the radius, half the patch side);
 3. the patch is rotated uniformly in ``[-max_rotation, max_rotation]`` degrees (90 officially; canvas expanded), resized
    back to ``(h, w)`` and pasted at the destination through its alpha mask, restricted to the foreground;
 4. the pixel mask is the pasted alpha; a patch is labelled anomalous when any of its pixels is in the mask.
 
 Differences from the official code: its torn-paper lines and Perlin colour fill (heavy level) are replaced by heavy
-Gaussian noise and random erasing; box sizes and the fallback follow the description above.
+Gaussian noise; box sizes and the fallback follow the description above. Every random draw (boxes, levels, jitter
+factors and order, operations, noise, elastic fields, erased colours) comes from the generator's own seed, so the
+pseudo anomalies do not depend on torch's global random state.
 
 Example:
     >>> import torch
@@ -63,9 +68,9 @@ class PseudoAnomalyGenerator:
         level_probabilities (Sequence[float]): Probabilities of the light/medium/heavy levels.
         max_rotation (float): Rotation range in degrees.
         max_tries (int): Box proposals before the fallback square.
-        seed (int | None): Seed of the generator's own randomness (boxes, levels, operations, rotations); ``None``
-            draws it from torch's global generator, so ``torch.manual_seed`` makes runs reproducible. Colour jitter,
-            noise and elastic fields draw from torch's global generator.
+        seed (int | None): Seed of all the generator's randomness (scalar draws from ``rng``, tensor draws from
+            ``generator``); ``None`` draws it from torch's global generator, so ``torch.manual_seed`` makes runs
+            reproducible.
     """
 
     def __init__(
@@ -105,6 +110,7 @@ class PseudoAnomalyGenerator:
         if seed is None:
             seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
         self.rng = random.Random(seed)
+        self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, images: torch.Tensor, foreground: torch.Tensor | None = None) -> PseudoAnomalies:
         """Pseudo anomalies of ``images`` ``(B, C, H, W)`` in [0, 1] inside ``foreground`` ``(B, H, W)`` (or all)."""
@@ -182,44 +188,60 @@ class PseudoAnomalyGenerator:
         return corners[0], corners[1], (size, size)
 
     def augment(self, patch: torch.Tensor, level: str) -> torch.Tensor:
-        """ColorJitter of ``level`` followed by up to ``MAX_OPERATIONS[level]`` random operations of that level."""
+        """Colour jitter of ``level`` followed by up to ``MAX_OPERATIONS[level]`` random operations of that level."""
         if level not in LEVELS:
             msg = f"level must be one of {LEVELS}, got {level!r}"
             raise ValueError(msg)
         if level == "light":
-            jitter = v2.ColorJitter(0.1, 0.1, 0.1, 0.1)
+            patch = self._color_jitter(patch, (0.1, 0.1, 0.1), 0.1)
         elif level == "medium":
-            jitter = v2.ColorJitter(0.4, 0.4, 0.4, 0.3)
+            patch = self._color_jitter(patch, (0.4, 0.4, 0.4), 0.3)
         else:
-            strength = [self.rng.uniform(0.8, 1.0) for _ in range(3)]
-            jitter = v2.ColorJitter(*strength, hue=0.5)
-        patch = jitter(patch)
+            patch = self._color_jitter(patch, tuple(self.rng.uniform(0.8, 1.0) for _ in range(3)), 0.5)
         operations = self._operations(level)
         for operation in self.rng.sample(operations, k=self.rng.randint(0, MAX_OPERATIONS[level])):
             patch = operation(patch)
         return patch.clamp(0.0, 1.0)
+
+    def _color_jitter(self, patch: torch.Tensor, strengths: tuple[float, ...], hue: float) -> torch.Tensor:
+        """torchvision's ``ColorJitter(*strengths, hue)`` with its factors and random order drawn from ``rng``.
+
+        As ``ColorJitter``: brightness, contrast and saturation factors in ``[max(0, 1 - s), 1 + s]``, the hue shift
+        in ``[-hue, hue]``, applied in a random order.
+        """
+        adjustments = [
+            (TF.adjust_brightness, self.rng.uniform(max(0.0, 1 - strengths[0]), 1 + strengths[0])),
+            (TF.adjust_contrast, self.rng.uniform(max(0.0, 1 - strengths[1]), 1 + strengths[1])),
+            (TF.adjust_saturation, self.rng.uniform(max(0.0, 1 - strengths[2]), 1 + strengths[2])),
+            (TF.adjust_hue, self.rng.uniform(-hue, hue)),
+        ]
+        for adjust, factor in self.rng.sample(adjustments, k=len(adjustments)):
+            patch = adjust(patch, factor)
+        return patch
+
+    def _randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        """Standard normal noise shaped like ``x`` from the generator's own ``generator``."""
+        return torch.randn(x.shape, generator=self.generator, dtype=x.dtype).to(x.device)
 
     def _operations(self, level: str) -> list[Callable[[torch.Tensor], torch.Tensor]]:
         uniform = self.rng.uniform
         if level == "light":
             return [
                 lambda x: _blur(x, uniform(0.2, 0.5)),
-                lambda x: _elastic(x, uniform(10, 20), 3.0),
+                lambda x: self._elastic(x, uniform(10, 20), 3.0),
                 lambda x: _swirl(x, uniform(0.5, 1.0)),
-                lambda x: TF.rgb_to_grayscale(x, num_output_channels=x.shape[0]) if x.shape[0] == 3 else x,
-                lambda x: x + 0.02 * torch.randn_like(x),
             ]
         if level == "medium":
             return [
                 lambda x: _blur(x, uniform(0.8, 1.5)),
                 lambda x: _swirl(x, uniform(1.0, 1.5)),
                 lambda x: _jpeg(x, self.rng.randint(20, 30)),
-                lambda x: _elastic(x, uniform(20, 40), 3.0),
+                lambda x: self._elastic(x, uniform(20, 40), 3.0),
             ]
         return [
-            lambda x: _elastic(x, uniform(40, 100), 3.0),
+            lambda x: self._elastic(x, uniform(40, 100), 3.0),
             lambda x: _jpeg(x, self.rng.randint(1, 20)),
-            lambda x: x + 0.3 * torch.randn_like(x),
+            lambda x: x + 0.3 * self._randn_like(x),
             lambda x: _swirl(x, uniform(1.5, 2.0)),
             lambda x: self._erase(x, self.rng.randint(3, 5)),
             lambda x: _blur(x, uniform(2.0, 3.0)),
@@ -232,8 +254,25 @@ class PseudoAnomalyGenerator:
         for _ in range(boxes):
             h, w = self.rng.randint(1, max(1, height // 3)), self.rng.randint(1, max(1, width // 3))
             y, x = self.rng.randint(0, height - h), self.rng.randint(0, width - w)
-            patch[:, y : y + h, x : x + w] = torch.rand(patch.shape[0], 1, 1, dtype=patch.dtype, device=patch.device)
+            colour = torch.rand(patch.shape[0], 1, 1, generator=self.generator, dtype=patch.dtype)
+            patch[:, y : y + h, x : x + w] = colour.to(patch.device)
         return patch
+
+    def _elastic(self, patch: torch.Tensor, alpha: float, sigma: float) -> torch.Tensor:
+        """Elastic deformation: a smooth random displacement field of ``alpha`` pixels (at 224 px scale).
+
+        The field is white noise on a grid ``sigma`` pixels apart, upsampled bicubically (smooth at scale ``sigma``),
+        which, unlike a Gaussian-filtered full-resolution field, also works on patches smaller than the filter.
+        """
+        _, height, width = patch.shape
+        scaled_alpha = alpha * min(height, width) / 224.0
+        coarse = (max(2, round(height / sigma)), max(2, round(width / sigma)))
+        field = self._randn_like(patch.new_empty(1, 2, *coarse))
+        field = F.interpolate(field, size=(height, width), mode="bicubic", align_corners=True)[0]
+        field = field / field.abs().amax().clamp_min(1e-12) * scaled_alpha
+        y, x = _pixel_grid(patch)
+        grid = torch.stack([x + field[0], y + field[1]], dim=-1)
+        return _sample(patch, grid)
 
 
 def _blur(patch: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -242,24 +281,20 @@ def _blur(patch: torch.Tensor, sigma: float) -> torch.Tensor:
     return TF.gaussian_blur(patch, kernel_size=[size, size], sigma=[sigma, sigma]) if size >= 3 else patch
 
 
-def _elastic(patch: torch.Tensor, alpha: float, sigma: float) -> torch.Tensor:
-    """Elastic deformation: a smooth random displacement field of ``alpha`` pixels (at 224 px scale).
-
-    The field is white noise on a grid ``sigma`` pixels apart, upsampled bicubically (smooth at scale ``sigma``), which,
-    unlike a Gaussian-filtered full-resolution field, also works on patches smaller than the filter.
-    """
+def _pixel_grid(patch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column coordinates ``(H, W)`` of the pixels of ``patch``, in pixels from its centre."""
     _, height, width = patch.shape
-    scaled_alpha = alpha * min(height, width) / 224.0
-    coarse = (max(2, round(height / sigma)), max(2, round(width / sigma)))
-    field = torch.randn(1, 2, *coarse, device=patch.device, dtype=patch.dtype)
-    field = F.interpolate(field, size=(height, width), mode="bicubic", align_corners=True)[0]
-    field = field / field.abs().amax().clamp_min(1e-12) * scaled_alpha
-    ys = torch.linspace(-1.0, 1.0, height, device=patch.device, dtype=patch.dtype)
-    xs = torch.linspace(-1.0, 1.0, width, device=patch.device, dtype=patch.dtype)
-    y, x = torch.meshgrid(ys, xs, indexing="ij")
-    grid = torch.stack([x + field[0] * 2 / max(width - 1, 1), y + field[1] * 2 / max(height - 1, 1)], dim=-1)
+    ys = torch.arange(height, device=patch.device, dtype=patch.dtype) - (height - 1) / 2
+    xs = torch.arange(width, device=patch.device, dtype=patch.dtype) - (width - 1) / 2
+    return torch.meshgrid(ys, xs, indexing="ij")
+
+
+def _sample(patch: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Bilinear resampling of ``patch`` at the pixel coordinates ``grid`` ``(H, W, 2)`` (x, y from the centre)."""
+    _, height, width = patch.shape
+    scale = torch.tensor([2 / max(width - 1, 1), 2 / max(height - 1, 1)], device=patch.device, dtype=patch.dtype)
     return F.grid_sample(
-        patch.unsqueeze(0), grid.unsqueeze(0), mode="bilinear", padding_mode="border", align_corners=True
+        patch.unsqueeze(0), (grid * scale).unsqueeze(0), mode="bilinear", padding_mode="border", align_corners=True
     )[0]
 
 
@@ -269,12 +304,14 @@ def _jpeg(patch: torch.Tensor, quality: int) -> torch.Tensor:
 
 
 def _swirl(patch: torch.Tensor, strength: float) -> torch.Tensor:
-    """Swirl about the centre (as scikit-image's ``swirl`` with radius = half the smaller side)."""
-    _, height, width = patch.shape
-    ys = torch.linspace(-1.0, 1.0, height, device=patch.device, dtype=patch.dtype)
-    xs = torch.linspace(-1.0, 1.0, width, device=patch.device, dtype=patch.dtype)
-    y, x = torch.meshgrid(ys, xs, indexing="ij")
+    """Swirl about the centre, scikit-image's ``swirl`` with ``radius`` = half the smaller side.
+
+    A pixel at distance ``rho`` from the centre takes the value at angle ``theta + strength * exp(-rho / r0)``, with
+    ``r0 = radius * ln(2) / 5``: the rotation is ``strength`` radians at the centre and decays to ``strength / 1000``
+    at the radius, so pixels beyond it are (nearly) unchanged.
+    """
+    y, x = _pixel_grid(patch)
+    decay = min(patch.shape[-2:]) / 2 * math.log(2) / 5
     rho = torch.sqrt(x**2 + y**2)
-    theta = torch.atan2(y, x) + strength * torch.exp(-rho / (1.0 / math.log(2)))
-    grid = torch.stack([rho * torch.cos(theta), rho * torch.sin(theta)], dim=-1).unsqueeze(0)
-    return F.grid_sample(patch.unsqueeze(0), grid, mode="bilinear", padding_mode="border", align_corners=True)[0]
+    theta = torch.atan2(y, x) + strength * torch.exp(-rho / decay)
+    return _sample(patch, torch.stack([rho * torch.cos(theta), rho * torch.sin(theta)], dim=-1))
