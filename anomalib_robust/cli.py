@@ -29,6 +29,9 @@ from anomalib.models import AnomalibModule
 from anomalib.utils.path import convert_snake_to_pascal_case, resolve_versioned_path
 from rich.console import Console
 
+# imported for their side effect: they register their ``--callbacks`` names in CALLBACKS
+import anomalib_robust.callbacks
+import anomalib_robust.defenses  # noqa: F401
 from anomalib_robust.deploy.predict import (
     OPENVINO_SUFFIXES,
     TORCH_SUFFIXES,
@@ -36,14 +39,7 @@ from anomalib_robust.deploy.predict import (
     predict_exported,
     predictions_table,
 )
-
-CALLBACKS: dict[str, str] = {}
-"""Callback shorthands for ``--callbacks NAME``: name -> class path. Modules register their callbacks here."""
-
-
-def register_callback(name: str, class_path: str) -> None:
-    """Make ``--callbacks <name>`` resolve to ``class_path`` in the ``anomalib`` command."""
-    CALLBACKS[name] = class_path
+from anomalib_robust.registry import CALLBACKS
 
 
 def _model_class_path(name: str) -> str:

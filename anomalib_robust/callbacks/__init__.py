@@ -2,7 +2,7 @@
 
 from anomalib_robust.callbacks.certify import CertifyEval
 from anomalib_robust.callbacks.robust_eval import RobustEval
-from anomalib_robust.cli import register_callback
+from anomalib_robust.registry import register_callback
 
 register_callback("robust_eval", "anomalib_robust.callbacks.RobustEval")
 register_callback("certify", "anomalib_robust.callbacks.CertifyEval")

@@ -2,7 +2,7 @@
 
 For every noise level ``sigma`` the callback draws ``n0 + n`` noisy copies of each raw [0, 1] test image (read from
 the test dataset itself, before the pre-processor), scores them once with the detector's raw anomaly score, runs
-Cohen et al.'s CERTIFY at every threshold (:mod:`anomalib_robust.models.adv_rad.smoothing`) and reports the certified
+Cohen et al.'s CERTIFY at every threshold (:mod:`anomalib_robust.evaluation.smoothing`) and reports the certified
 AUC at every L_2 radius, in the shape of the AdvRAD paper's Table 11 (rows sigma, columns radius):
 
 - a rich table (with the AUROC of the smoothed scores and the mean abstention rate per sigma);
@@ -47,7 +47,7 @@ from anomalib_robust.evaluation.metrics import rank_auroc
 from anomalib_robust.evaluation.plots import save_figure
 from anomalib_robust.evaluation.report import write_atomic
 from anomalib_robust.evaluation.sharding import check_both_classes, cuda_devices, images_and_labels, rank_shards
-from anomalib_robust.models.adv_rad.smoothing import (
+from anomalib_robust.evaluation.smoothing import (
     certified_auc,
     certify,
     check_alpha,

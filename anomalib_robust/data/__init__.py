@@ -7,7 +7,8 @@ Example:
     'sneaker'
 """
 
-from anomalib_robust.data.fashion_mnist import FashionMNIST, FashionMNISTDataset
+from anomalib_robust.data.fashion_mnist import FashionMNIST
+from anomalib_robust.data.fashion_mnist_dataset import FashionMNISTDataset
 from anomalib_robust.data.fashion_mnist_source import CLASS_NAMES
 
 __all__ = ["CLASS_NAMES", "FashionMNIST", "FashionMNISTDataset"]

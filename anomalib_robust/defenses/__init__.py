@@ -7,10 +7,10 @@ Example:
     $ anomalib train --model Fastflow --data anomalib_robust.data.FashionMNIST --callbacks adversarial_training
 """
 
-from anomalib_robust.cli import register_callback
 from anomalib_robust.defenses.purified import Purified, PurifiedModel
 from anomalib_robust.defenses.purifiers import TMA, DiffPure, DiffusionPurifier
 from anomalib_robust.defenses.training import AdversarialTraining, GaussianNoiseTraining, NotGradientTrainedError
+from anomalib_robust.registry import register_callback
 
 register_callback("adversarial_training", "anomalib_robust.defenses.AdversarialTraining")
 register_callback("gaussian_noise_training", "anomalib_robust.defenses.GaussianNoiseTraining")

@@ -3,23 +3,23 @@
 Both are Lightning callbacks that replace ``batch.image`` of each *training* batch in place, in [0, 1] pixel space,
 before the model's pre-processor resizes and normalises it, and before ``training_step`` computes the detector's own
 loss. Labels, masks and every other field of the batch are left unchanged. They are the two training-time baselines
-that seed 000 compares AdvRAD against:
+that the AdvRAD paper compares AdvRAD against:
 
-- :class:`AdversarialTraining`: Madry et al. (2018) adversarial training, seed 000 sec. 5.4, Table 8 ("AT + FastFlow",
-  "AT + CFA"). The inner maximisation is the unified score-direction PGD of seed 000 sec. 3 (eq. 1-2,
-  :class:`anomalib_robust.attacks.PGD`), run on the normal training images; the outer minimisation is the detector's
-  unchanged training step on the perturbed images.
-- :class:`GaussianNoiseTraining`: Gaussian-noise injection as data augmentation, seed 000 appendix D.6, Table 19
+- :class:`AdversarialTraining`: Madry et al. (2018) adversarial training, AdvRAD paper, sec. 5.4, Table 8
+  ("AT + FastFlow", "AT + CFA"). The inner maximisation is the unified score-direction PGD of the AdvRAD paper,
+  sec. 3 (eq. 1-2, :class:`anomalib_robust.attacks.PGD`), run on the normal training images; the outer minimisation is
+  the detector's unchanged training step on the perturbed images.
+- :class:`GaussianNoiseTraining`: Gaussian-noise injection as data augmentation, AdvRAD paper, appendix D.6, Table 19
   ("FastFlow + GN", "CFA + GN"), noise standard deviations drawn from ``{0, 0.005, 0.01, 0.05, 0.1}``.
 
-Objective of the inner maximisation (a design decision; the issue allowed the anomaly score or the training loss):
+Objective of the inner maximisation (a design choice between the anomaly score and the training loss):
 PGD maximises the detector's *raw anomaly score* ``A(x)`` (eval-mode forward through the pre-processor and the torch
 model, :class:`anomalib_robust.attacks.DetectorScore`) with direction ``y = +1`` for the normal training images, i.e.
 exactly the test-time attack on normal samples (a false alarm). Reasons:
 
 1. Madry's min-max trains against the adversary the model will face. In anomaly detection that adversary moves the
-   score ``A(x)`` (seed 000 sec. 3), not the training loss; for classifiers the two coincide, for detectors they do not
-   (Draem's loss involves synthetic anomalies, Fastflow's a negative log-likelihood with Jacobian terms, Cfa's a
+   score ``A(x)`` (AdvRAD paper, sec. 3), not the training loss; for classifiers the two coincide, for detectors they do
+   not (Draem's loss involves synthetic anomalies, Fastflow's a negative log-likelihood with Jacobian terms, Cfa's a
    memory-bank distance that the score soft-mins differently).
 2. It is model-agnostic: every anomalib torch model returns ``InferenceBatch(pred_score=...)`` in eval mode, whereas
    train-mode outputs (losses, features, hidden variables) and ``training_step`` signatures differ per model.
@@ -27,7 +27,7 @@ exactly the test-time attack on normal samples (a false alarm). Reasons:
    iterates, no dropout noise enters the inner maximisation, and no optimizer state or logged loss is touched.
 
 Only normal images are available in one-class training, so AT can only harden the "normal -> false alarm" direction;
-seed 000 (sec. 5.4) names exactly this as AT's flaw for anomaly detection (anomalies stay unprotected).
+the AdvRAD paper (sec. 5.4) names exactly this as AT's flaw for anomaly detection (anomalies stay unprotected).
 
 Example:
     >>> from anomalib.engine import Engine
@@ -58,7 +58,7 @@ from anomalib_robust.attacks.base import check_count, check_norm, check_positive
 from anomalib_robust.attacks.objective import check_labels
 
 DEFAULT_NOISE_STDS = (0.0, 0.005, 0.01, 0.05, 0.1)
-"""Noise standard deviations of seed 000, appendix D.6 (in [0, 1] pixel units)."""
+"""Noise standard deviations of the AdvRAD paper, appendix D.6 (in [0, 1] pixel units)."""
 
 
 class NotGradientTrainedError(TypeError):
@@ -215,17 +215,17 @@ class _TrainingBatchDefense(Callback, ABC):
 
 
 class AdversarialTraining(_TrainingBatchDefense):
-    """Madry et al. (2018) adversarial training of an anomalib detector (seed 000, sec. 5.4, Table 8).
+    """Madry et al. (2018) adversarial training of an anomalib detector (AdvRAD paper, sec. 5.4, Table 8).
 
     Before each training step, the selected images of the batch are replaced by PGD adversarial examples that
-    maximise ``y * A(x)`` with ``y = +1`` (normal) within the ``eps``-ball (seed 000, sec. 3, eq. 1-2, reusing
+    maximise ``y * A(x)`` with ``y = +1`` (normal) within the ``eps``-ball (AdvRAD paper, sec. 3, eq. 1-2, reusing
     :class:`anomalib_robust.attacks.PGD`); the detector's own ``training_step`` then minimises its usual loss on them.
     The attack runs on the eval-mode raw anomaly score, with the model's mode, ``requires_grad`` flags, buffers and
     the global RNG restored afterwards (see the module docstring for why the score, not the training loss).
 
     Args:
         eps: radius of the perturbation ball in [0, 1] pixel units. The default ``2/255`` (L_inf) is the radius of
-            seed 000's evaluation attack (sec. 5.1), against which Table 8 reports AT; Madry et al. train at the
+            the AdvRAD paper's evaluation attack (sec. 5.1), against which Table 8 reports AT; Madry et al. train at the
             radius they evaluate at. Use ``0.2`` with ``norm="L2"`` for the paper's L_2 threat model.
         steps: PGD iterations of the inner maximisation (Madry et al. use 7 on CIFAR-10).
         alpha: PGD step size; ``None`` for ``min(eps, 2.5 * eps / steps)`` (Madry et al.).
@@ -269,6 +269,21 @@ class AdversarialTraining(_TrainingBatchDefense):
         self.random_start = bool(random_start)
         self.eot_samples = None if eot_samples is None else check_count("eot_samples", eot_samples)
 
+    @property
+    def state_key(self) -> str:
+        """Key of the callback's checkpoint state, distinct per configuration (several instances can be attached)."""
+        return self._generate_state_key(
+            eps=self.eps,
+            steps=self.steps,
+            alpha=self.alpha,
+            norm=self.norm,
+            fraction=self.fraction,
+            start_epoch=self.start_epoch,
+            random_start=self.random_start,
+            eot_samples=self.eot_samples,
+            seed=self.seed,
+        )
+
     def attack(self, model: LightningModule) -> PGD:
         """The inner-maximisation PGD on ``model`` (a fresh attack object; it holds no state across batches)."""
         return PGD(
@@ -311,12 +326,12 @@ class AdversarialTraining(_TrainingBatchDefense):
 
 
 class GaussianNoiseTraining(_TrainingBatchDefense):
-    """Gaussian-noise injection as training augmentation (seed 000, appendix D.6, Table 19).
+    """Gaussian-noise injection as training augmentation (AdvRAD paper, appendix D.6, Table 19).
 
     Each training batch gets ``x + N(0, sigma^2)``, clamped to [0, 1], with ``sigma`` drawn uniformly from ``stds``
-    (one draw per batch, or per image with ``per_sample=True``); ``sigma = 0`` leaves the batch clean. Seed 000 uses
-    ``stds = (0, 0.005, 0.01, 0.05, 0.1)``, whose largest values "dominate" an L_inf 2/255 perturbation, and finds that
-    it does not make FastFlow or CFA robust to PGD (Table 19): the cheap baseline next to adversarial training.
+    (one draw per batch, or per image with ``per_sample=True``); ``sigma = 0`` leaves the batch clean. The AdvRAD paper
+    uses ``stds = (0, 0.005, 0.01, 0.05, 0.1)``, whose largest values "dominate" an L_inf 2/255 perturbation, and finds
+    that it does not make FastFlow or CFA robust to PGD (Table 19): the cheap baseline next to adversarial training.
 
     Args:
         stds: noise standard deviations in [0, 1] pixel units; at least one must be > 0.
@@ -357,6 +372,13 @@ class GaussianNoiseTraining(_TrainingBatchDefense):
         self.per_sample = bool(per_sample)
         self.last_stds: torch.Tensor | None = None
         """The standard deviation(s) drawn for the last batch (diagnostics)."""
+
+    @property
+    def state_key(self) -> str:
+        """Key of the callback's checkpoint state, distinct per configuration (several instances can be attached)."""
+        return self._generate_state_key(
+            stds=self.stds.tolist(), per_sample=self.per_sample, start_epoch=self.start_epoch, seed=self.seed
+        )
 
     def perturb(self, images: torch.Tensor) -> torch.Tensor:
         """``images`` plus Gaussian noise of a standard deviation drawn from ``stds``, clamped to [0, 1]."""

@@ -1,4 +1,4 @@
-"""Export of AdvRAD's one-shot pipeline to Torch, ONNX and OpenVINO (seed 000, Alg. 1 and 4, appendix D.5).
+"""Export of AdvRAD's one-shot pipeline to Torch, ONNX and OpenVINO (AdvRAD paper, Alg. 1 and 4, appendix D.5).
 
 The exported graph is the whole deployed detector: image in [0, 1] -> resize (pre-processor) -> diffuse to step k ->
 U-Net -> one-shot x0 -> multi-scale error map -> deviation from the stored normal error map -> anomaly map and score
@@ -23,7 +23,7 @@ OpenVINO on CPUs with bf16 support computes in bf16 unless compiled with ``{"INF
 (e.g. ``OpenVINOInferencer(path, device="CPU", config=...)``); scores then move by ~3e-3 relative.
 
 ``compression_type`` is anomalib's OpenVINO compression; ``"int8_ptq"`` quantises the U-Net only, calibrated on the
-training images of ``datamodule`` (:mod:`anomalib_robust.deploy.quantize`).
+training images of ``datamodule`` (:mod:`anomalib_robust.models.adv_rad.export`).
 
 Example:
     >>> from anomalib_robust.deploy import export_adv_rad
@@ -40,40 +40,13 @@ from anomalib.data import AnomalibDataModule
 from anomalib.deploy import CompressionType, ExportType
 from anomalib.models.components.base.export_mixin.utils import create_export_root
 
-from anomalib_robust.deploy.quantize import check_calibration
+from anomalib_robust.models.adv_rad.export import check_calibration, check_exportable
 
 if TYPE_CHECKING:
     from anomalib_robust.models.adv_rad.lightning_model import AdvRAD
 
 NOISE_MODES = ("random", "input")
 EXPORT_TYPES = (ExportType.TORCH, ExportType.ONNX, ExportType.OPENVINO)
-
-
-def check_exportable(model: "AdvRAD", input_size: tuple[int, int] | None = None) -> None:
-    """Raise a clear error when ``model`` cannot be exported as the one-shot pipeline at ``input_size``.
-
-    Needs the normal error map of Alg. 4 (a fitted model) and one-shot reconstruction (Alg. 1). Without a resizing
-    pre-processor the graph only takes the U-Net's own image size, so ``input_size`` must be that size.
-    """
-    model.model.check_fitted()
-    if model.model.reconstruction != "one_shot":
-        msg = (
-            f"only one-shot reconstruction (Alg. 1) can be exported, got reconstruction="
-            f"{model.model.reconstruction!r}; call model.set_reconstruction(reconstruction='one_shot') first"
-        )
-        raise ValueError(msg)
-    if input_size is not None and (len(input_size) != 2 or any(int(side) < 1 for side in input_size)):
-        msg = f"input_size must be (height, width) with positive sides, got {input_size}"
-        raise ValueError(msg)
-    transform = model.pre_processor.transform if model.pre_processor else None
-    if transform is None:
-        image_size = tuple(model.model.image_size)
-        if input_size is None or tuple(input_size) != image_size:
-            msg = (
-                f"AdvRAD has no resizing pre-processor, so the exported graph only takes {image_size} images: pass "
-                f"input_size={image_size} (got {input_size}; None means a dynamic size the U-Net cannot take)"
-            )
-            raise ValueError(msg)
 
 
 def export_adv_rad(
@@ -98,7 +71,7 @@ def export_adv_rad(
             docstring. Defaults to ``"random"``.
         model_file_name (str): File name without extension. Defaults to ``"model"``.
         compression_type (CompressionType | str | None): OpenVINO only: ``"fp16"``, ``"int8"`` (weights),
-            ``"int8_ptq"`` (U-Net quantised to INT8, see :mod:`anomalib_robust.deploy.quantize`) or ``"int8_acq"``
+            ``"int8_ptq"`` (U-Net quantised to INT8, see :mod:`anomalib_robust.models.adv_rad.export`) or ``"int8_acq"``
             (anomalib's accuracy-controlled quantisation). Defaults to ``None`` (f32).
         datamodule (AnomalibDataModule | None): Calibration images for ``"int8_ptq"``/``"int8_acq"``: the datamodule
             the model was trained on. Defaults to ``None``.

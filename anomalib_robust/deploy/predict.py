@@ -7,8 +7,8 @@ module and so needs ``TRUST_REMOTE_CODE=1``). Every image is written as anomalib
 ``ImageVisualizer`` (image, anomaly map and predicted mask) under ``<output_dir>/images``, and the scores and labels
 go to ``<output_dir>/predictions.csv``.
 
-Seeding: AdvRAD's exported graph draws its diffusion noise in the graph (seed 000, sec. 5.6, appendix D.5), so scores
-vary from run to run like PyTorch's. ``seed`` makes a run reproducible: for OpenVINO it sets the seeds of every
+Seeding: AdvRAD's exported graph draws its diffusion noise in the graph (AdvRAD paper, sec. 5.6, appendix D.5), so
+scores vary from run to run like PyTorch's. ``seed`` makes a run reproducible: for OpenVINO it sets the seeds of every
 ``RandomUniform`` op of the graph (a seeded graph still draws fresh noise at each call, but the same sequence in
 every process), for Torch it seeds the global generator during the run. Whoever knows the seed can precompute the
 noise, which is what the randomness of the defence rules out: seed for tests and audits, not in deployment.

@@ -1,9 +1,9 @@
 """AdvRAD: Adversarially Robust Anomaly Detection through diffusion-model robust reconstruction.
 
-Paper: Chen et al., "Adversarially Robust Industrial Anomaly Detection Through Diffusion Model" (seed 000). A DDPM
-trained on normal images reconstructs a test image from diffusion step k; the Gaussian noise dominates both the
-anomaly and any adversarial perturbation, so the reconstruction "repairs" both and the reconstruction error stays a
-robust anomaly score (sec. 4.3, Alg. 1-4).
+Paper (the AdvRAD paper): Cao, Lin and Chen, "Adversarially Robust Industrial Anomaly Detection Through Diffusion
+Model". A DDPM trained on normal images reconstructs a test image from diffusion step k; the Gaussian noise dominates
+both the anomaly and any adversarial perturbation, so the reconstruction "repairs" both and the reconstruction error
+stays a robust anomaly score (sec. 4.3, Alg. 1-4).
 
 Example:
     >>> from anomalib.engine import Engine
@@ -20,9 +20,8 @@ From the CLI (the plugin is loaded automatically once installed):
     anomalib train --config configs/model/adv_rad_cpu.yaml
 """
 
-import inspect
-import logging
-from collections.abc import Sequence
+import copy
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,30 +35,16 @@ from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import Resize
 
-from anomalib_robust.deploy.adv_rad import check_exportable
-from anomalib_robust.deploy.quantize import check_calibration, quantize_unet
+from anomalib_robust.models.adv_rad.export import check_calibration, check_exportable, quantize_unet
 from anomalib_robust.models.adv_rad.scoring import DEFAULT_SCALES
 from anomalib_robust.models.adv_rad.torch_model import AdvRADModel
+from anomalib_robust.models.components import CheckpointArchitectureMixin
 
 if TYPE_CHECKING:
     import openvino as ov
-
-logger = logging.getLogger(__name__)
-
-ARCHITECTURE_ARGS = (
-    "image_size",
-    "in_channels",
-    "base_channels",
-    "channel_mult",
-    "layers_per_block",
-    "attention_resolutions",
-    "num_heads",
-    "num_timesteps",
-    "beta_schedule",
-)
-"""Init args that shape the weights; a checkpoint's values for them win over the constructor's."""
 
 NORMAL_STATISTICS_SEED = 0
 
@@ -80,8 +65,8 @@ Fashion-MNIST at 32 x 32.
 """
 
 
-class AdvRAD(AnomalibModule):
-    """AdvRAD anomaly detector (seed 000) as an anomalib model.
+class AdvRAD(CheckpointArchitectureMixin, AnomalibModule):
+    """AdvRAD anomaly detector (AdvRAD paper) as an anomalib model.
 
     Defaults are the paper's (256 x 256, 128-channel U-Net with attention at 16 x 16 and one head, T = 1000, linear
     schedule, hybrid loss with lambda = 0.001, Adam lr 1e-4, k = 100, one-shot reconstruction). Train with batch size 2
@@ -115,6 +100,20 @@ class AdvRAD(AnomalibModule):
             evaluation); ``None`` draws fresh noise every time, which is part of the defence. Defaults to ``None``.
         pre_processor, post_processor, evaluator, visualizer: anomalib components (``True`` for the defaults).
     """
+
+    TORCH_MODEL = AdvRADModel
+    ARCHITECTURE_ARGS = (
+        "image_size",
+        "in_channels",
+        "base_channels",
+        "channel_mult",
+        "layers_per_block",
+        "attention_resolutions",
+        "num_heads",
+        "num_timesteps",
+        "beta_schedule",
+    )
+    CPU_PRESET = CPU_PRESET
 
     def __init__(
         self,
@@ -155,16 +154,6 @@ class AdvRAD(AnomalibModule):
         self.model = self._build_model(self.hparams)
         self._noise_generator: torch.Generator | None = None
         self._statistics_step: int | None = None
-
-    @classmethod
-    def cpu_preset(cls, **overrides: Any) -> "AdvRAD":
-        """AdvRAD with the :data:`CPU_PRESET` architecture, e.g. ``AdvRAD.cpu_preset(diffusion_step=50)``."""
-        return cls(**{**CPU_PRESET, **overrides})
-
-    @staticmethod
-    def _build_model(hparams: dict[str, Any]) -> AdvRADModel:
-        names = inspect.signature(AdvRADModel).parameters
-        return AdvRADModel(**{name: hparams[name] for name in names if name in hparams})
 
     @classmethod
     def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
@@ -224,7 +213,7 @@ class AdvRAD(AnomalibModule):
     ) -> Path:
         """OpenVINO IR of the one-shot pipeline; a fitted model, and calibration data for INT8 quantisation.
 
-        ``compression_type=INT8_PTQ`` quantises the U-Net only (:mod:`anomalib_robust.deploy.quantize`).
+        ``compression_type=INT8_PTQ`` quantises the U-Net only (:mod:`anomalib_robust.models.adv_rad.export`).
         """
         check_exportable(self, input_size)
         check_calibration(compression_type, datamodule)
@@ -279,12 +268,12 @@ class AdvRAD(AnomalibModule):
     def fit_normal_statistics(self) -> None:
         """Mean Err_ms of the normal training images with the current weights (Alg. 4 line 9), stored as a buffer.
 
-        Uses seeded noise so that the statistics of a given checkpoint are reproducible. Under DDP every rank goes
-        through the whole training set (the dataloader is built outside Lightning's loops, so it is not sharded) and
-        computes the same statistics from the same synchronised weights.
+        The images are read as test images are (:meth:`_normal_images`), without the training augmentations, and
+        scored with seeded noise so that the statistics of a given checkpoint are reproducible. Under DDP every rank
+        goes through the whole training set (the dataloader is built outside Lightning's loops, so it is not sharded)
+        and computes the same statistics from the same synchronised weights.
         """
-        datamodule = getattr(self.trainer, "datamodule", None)
-        dataloader = datamodule.train_dataloader() if datamodule is not None else self.trainer.train_dataloader
+        dataloader = self._normal_images()
         if dataloader is None:
             msg = "AdvRAD needs the training dataloader to compute the normal error statistics of Alg. 4"
             raise RuntimeError(msg)
@@ -301,6 +290,27 @@ class AdvRAD(AnomalibModule):
         self.model.set_normal_error_map(total / count)
         self.model.train(was_training)
         self._statistics_step = self.global_step
+
+    def _normal_images(self) -> Iterable[Batch] | None:
+        """The normal training images, transformed as the test images are (without the training augmentations).
+
+        The normal error map is subtracted from the error maps of test images, so it is computed from the training
+        images as the test images arrive: an anomalib datamodule's training set is re-read with the augmentations of
+        its test set (which anomalib composes with the model's resize). Other datamodules, and dataloaders given to
+        ``fit`` directly, are used as they are.
+        """
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if not isinstance(datamodule, AnomalibDataModule):
+            return datamodule.train_dataloader() if datamodule is not None else self.trainer.train_dataloader
+        dataset = copy.copy(datamodule.train_data)
+        test_data = getattr(datamodule, "test_data", None)
+        dataset.augmentations = test_data.augmentations if test_data is not None else datamodule.test_augmentations
+        return DataLoader(
+            dataset,
+            batch_size=datamodule.eval_batch_size,
+            num_workers=datamodule.num_workers,
+            collate_fn=datamodule.external_collate_fn or dataset.collate_fn,
+        )
 
     def on_validation_start(self) -> None:
         """Refresh the normal error statistics when the weights changed since they were computed."""
@@ -336,26 +346,6 @@ class AdvRAD(AnomalibModule):
             None if self.noise_seed is None else torch.Generator(device=self.device).manual_seed(self.noise_seed)
         )
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Rebuild the torch model with the checkpoint's architecture when it differs from the constructor's.
-
-        The weights define the architecture, so ``anomalib test --model AdvRAD --ckpt_path ...`` works without
-        repeating the training configuration; inference-time args (k, reconstruction, noise draws) stay as given.
-        """
-        super().on_load_checkpoint(checkpoint)
-        saved = checkpoint.get("hyper_parameters", {})
-        missing = [name for name in ARCHITECTURE_ARGS if name not in saved]
-        if missing:
-            msg = f"checkpoint is not an AdvRAD checkpoint: its hyper_parameters lack {missing}"
-            raise ValueError(msg)
-        changed = {
-            name: saved[name] for name in ARCHITECTURE_ARGS if _as_list(saved[name]) != _as_list(self.hparams[name])
-        }
-        if changed:
-            logger.warning("Rebuilding AdvRAD with the checkpoint's architecture: %s", changed)
-            self.hparams.update(changed)
-            self.model = self._build_model(self.hparams).to(self.device)
-
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """Adam with the paper's learning rate 1e-4 (appendix C.1)."""
         return torch.optim.Adam(self.model.parameters(), lr=self.learning_rate)
@@ -369,8 +359,3 @@ class AdvRAD(AnomalibModule):
     def learning_type(self) -> LearningType:
         """AdvRAD learns from normal images only."""
         return LearningType.ONE_CLASS
-
-
-def _as_list(value: Any) -> Any:
-    """Compare hyper-parameters saved as tuples or lists alike."""
-    return list(value) if isinstance(value, tuple | list) else value

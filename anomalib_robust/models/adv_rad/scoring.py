@@ -1,4 +1,4 @@
-"""Anomaly score of AdvRAD: multi-scale reconstruction error and its deviation from normal data (seed 000, Alg. 4).
+"""Anomaly score of AdvRAD: multi-scale reconstruction error and its deviation from normal data (AdvRAD paper, Alg. 4).
 
 Example:
     >>> import torch

@@ -112,7 +112,7 @@ class AdvRADModel(nn.Module):
     """
 
     stochastic = True
-    """Fresh diffusion noise at every call: attacks must use EOT (seed 000, sec. 5.6)."""
+    """Fresh diffusion noise at every call: attacks must use EOT (AdvRAD paper, sec. 5.6)."""
 
     normal_error_map: torch.Tensor
     is_fitted: torch.Tensor

@@ -1,4 +1,4 @@
-"""PatchGuard (CVPR 2025, seed 001): ViT + attention discriminator + pseudo anomalies + adversarial training."""
+"""PatchGuard (PatchGuard paper, CVPR 2025): ViT + attention discriminator + pseudo anomalies + adversarial training."""
 
 from anomalib_robust.models.patch_guard.lightning_model import CPU_PRESET, PatchGuard
 from anomalib_robust.models.patch_guard.torch_model import PatchGuardModel

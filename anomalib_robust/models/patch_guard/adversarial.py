@@ -1,13 +1,13 @@
-"""Adversarial examples for PatchGuard's adversarial training: L_inf PGD that flips patch labels (seed 001, sec. L).
+"""PatchGuard's adversarial training examples: L_inf PGD that flips patch labels (PatchGuard paper, sec. L).
 
-The official training attack (``reference/patchguard_official_impl.md``) maximises, on the patch logits ``s``,
+The official training attack (PatchGuard's official code) maximises, on the patch logits ``s``,
 
     J(x) = sum_b [ mean_{j: y_bj = 0} s_bj  -  mean_{j: y_bj = 1} s_bj ]
 
 (normal patches pushed to look anomalous, anomalous ones to look normal: "all pixels are flipped", sec. L), with
 ``eps = 8/255``, 10 steps of ``2/255`` (``2.5 eps / steps``), no random start, images clipped to [0, 1], model in
 whatever mode the caller left it (train mode in the official recipe). The ascent step and the projection are
-:func:`anomalib_robust.attacks.pgd.ascent_step` and :func:`anomalib_robust.attacks.pgd.project` (eq. 1 of seed 000).
+:func:`anomalib_robust.attacks.pgd.ascent_step` and :func:`anomalib_robust.attacks.pgd.project` (AdvRAD paper, eq. 1).
 """
 
 from collections.abc import Callable

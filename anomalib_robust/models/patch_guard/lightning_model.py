@@ -1,8 +1,8 @@
 """PatchGuard: adversarially robust anomaly detection and localisation with a ViT and pseudo anomalies.
 
-Paper: Nafez et al., "PatchGuard: Adversarially Robust Anomaly Detection and Localization through Vision Transformers
-and Pseudo Anomalies", CVPR 2025 (seed 001 is the supplementary; ``reference/patchguard_official_impl.md`` lists the
-facts of the official code, which produced the paper's numbers). A randomly initialised ViT and an attention
+Paper (the PatchGuard paper): Nafez et al., "PatchGuard: Adversarially Robust Anomaly Detection and Localization
+through Vision Transformers and Pseudo Anomalies", CVPR 2025, with its supplementary; where they differ, the official
+code, which produced the paper's numbers, is followed. A randomly initialised ViT and an attention
 discriminator learn to label patches of foreground-aware pseudo anomalies (self-CutPaste), with an attention
 regulariser that raises the attention degree, under adversarial training that flips patch labels. The image score is
 the mean of the top-k patch logits, the anomaly map the smoothed, upsampled patch logits.
@@ -22,8 +22,6 @@ From the CLI (the plugin is loaded automatically once installed):
     anomalib train --config configs/model/patch_guard_cpu.yaml --data configs/data/fashion_mnist.yaml
 """
 
-import inspect
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,28 +37,12 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT, OptimizerLRScheduler
 from torchvision.transforms.v2 import Resize
 
+from anomalib_robust.models.components import CheckpointArchitectureMixin
 from anomalib_robust.models.patch_guard.adversarial import check_attack_settings, patch_label_flip_pgd
 from anomalib_robust.models.patch_guard.foreground import ForegroundEstimator
 from anomalib_robust.models.patch_guard.loss import OFFICIAL_ATTENTION_WEIGHTS, PatchGuardLoss
 from anomalib_robust.models.patch_guard.pseudo_anomaly import OFFICIAL_LEVEL_PROBABILITIES, PseudoAnomalyGenerator
 from anomalib_robust.models.patch_guard.torch_model import PatchGuardModel
-
-logger = logging.getLogger(__name__)
-
-ARCHITECTURE_ARGS = (
-    "image_size",
-    "patch_size",
-    "embed_dim",
-    "depth",
-    "num_heads",
-    "mlp_ratio",
-    "layer_scale_init",
-    "discriminator_heads",
-    "discriminator_mlp_dim",
-)
-"""Init args that shape the weights; a checkpoint's values for them win over the constructor's."""
-STATE_SHAPING_ARGS = ("sigma", "kernel_size", "attention_layers", "attention_weights")
-"""Init args of the Gaussian kernel buffer and of the regularised blocks, restored with the architecture."""
 
 CPU_PRESET = {
     "image_size": (32, 32),
@@ -83,10 +65,10 @@ at the paper's eps 8/255 instead of 10 steps; every other setting is the officia
 """
 
 
-class PatchGuard(AnomalibModule):
-    """PatchGuard anomaly detector (seed 001) as an anomalib model.
+class PatchGuard(CheckpointArchitectureMixin, AnomalibModule):
+    """PatchGuard anomaly detector (PatchGuard paper) as an anomalib model.
 
-    Defaults follow the official code where it differs from the paper (``reference/patchguard_official_impl.md``):
+    Defaults follow the official code where it differs from the paper:
 
     - ``top_k=3`` (official code; the paper, sec. G, says 5);
     - ``regularizer="kl_uniform"`` (the official code's KL-to-uniform log barrier on blocks 6/9/12 of 12 with weights
@@ -126,7 +108,7 @@ class PatchGuard(AnomalibModule):
         degree_delta (float | None): ``delta`` of the degree regulariser (``None``: ``1/(N-1)``).
         degree_temperature (float): Soft-threshold temperature of the degree regulariser. Defaults to ``0.1``.
         foreground (str): ``"all"`` (textures), ``"heuristic"`` (objects) or ``"gradcam"`` (then call
-            :meth:`set_foreground_estimator` with a classifier). Defaults to ``"all"``.
+            :meth:`set_foreground_estimator` with a classifier). Defaults to ``"heuristic"``.
         dilation_iterations (int): 3 x 3 dilations of the foreground mask. Defaults to ``10``.
         pseudo_min_size (int | None): Smallest pasted box side (``None``: ``patch_size``).
         pseudo_max_size_fraction (float): Largest pasted box side relative to the image. Defaults to ``0.5``.
@@ -142,6 +124,22 @@ class PatchGuard(AnomalibModule):
         lr_decay_factor (float): Cosine annealing floor as a fraction of the learning rate. Defaults to ``0.0125``.
         pre_processor, post_processor, evaluator, visualizer: anomalib components (``True`` for the defaults).
     """
+
+    TORCH_MODEL = PatchGuardModel
+    ARCHITECTURE_ARGS = (
+        "image_size",
+        "patch_size",
+        "embed_dim",
+        "depth",
+        "num_heads",
+        "mlp_ratio",
+        "layer_scale_init",
+        "discriminator_heads",
+        "discriminator_mlp_dim",
+    )
+    RESTORED_ARGS = ("sigma", "kernel_size", "attention_layers", "attention_weights")
+    """The Gaussian kernel buffer's and the regularised blocks' init args."""
+    CPU_PRESET = CPU_PRESET
 
     def __init__(
         self,
@@ -164,7 +162,7 @@ class PatchGuard(AnomalibModule):
         attention_weights: Sequence[float] = OFFICIAL_ATTENTION_WEIGHTS,
         degree_delta: float | None = None,
         degree_temperature: float = 0.1,
-        foreground: str = "all",
+        foreground: str = "heuristic",
         dilation_iterations: int = 10,
         pseudo_min_size: int | None = None,
         pseudo_max_size_fraction: float = 0.5,
@@ -223,16 +221,6 @@ class PatchGuard(AnomalibModule):
             msg = f"attention_weights must have one weight per regularised block ({num_layers}), got {weights}"
             raise ValueError(msg)
         return PatchGuardLoss(weights, hparams["regularizer"], hparams["degree_delta"], hparams["degree_temperature"])
-
-    @classmethod
-    def cpu_preset(cls, **overrides: Any) -> "PatchGuard":
-        """PatchGuard with the :data:`CPU_PRESET` settings, e.g. ``PatchGuard.cpu_preset(adversarial_training=False)``."""
-        return cls(**{**CPU_PRESET, **overrides})
-
-    @staticmethod
-    def _build_model(hparams: dict[str, Any]) -> PatchGuardModel:
-        names = inspect.signature(PatchGuardModel).parameters
-        return PatchGuardModel(**{name: hparams[name] for name in names if name in hparams})
 
     @classmethod
     def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
@@ -303,31 +291,13 @@ class PatchGuard(AnomalibModule):
         del batch_idx, dataloader_idx  # These variables are not used.
         return self._predict(batch)
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Rebuild the torch model with the checkpoint's architecture when it differs from the constructor's.
-
-        The weights define the architecture, so ``anomalib test --model PatchGuard --ckpt_path ...`` works without
-        repeating the training configuration; the pre-processor follows the checkpoint's image size.
-        """
-        super().on_load_checkpoint(checkpoint)
-        saved = checkpoint.get("hyper_parameters", {})
-        missing = [name for name in ARCHITECTURE_ARGS if name not in saved]
-        if missing:
-            msg = f"checkpoint is not a PatchGuard checkpoint: its hyper_parameters lack {missing}"
-            raise ValueError(msg)
-        changed = {
-            name: saved[name]
-            for name in (*ARCHITECTURE_ARGS, *STATE_SHAPING_ARGS)
-            if name in saved and _as_list(saved[name]) != _as_list(self.hparams[name])
-        }
-        if changed:
-            logger.warning("Rebuilding PatchGuard with the checkpoint's architecture: %s", changed)
-            self.hparams.update(changed)
-            self.hparams["pretrained_weights"] = None  # the checkpoint holds the weights
-            self.model = self._build_model(self.hparams).to(self.device)
-            self._build_training_components()
-            if "image_size" in changed and isinstance(self.pre_processor, PreProcessor):
-                self.pre_processor = self.configure_pre_processor(tuple(saved["image_size"]))
+    def _rebuild(self, changed: dict[str, Any]) -> None:
+        """Rebuild the torch model (without pretrained weights), the training components and the pre-processor."""
+        self.hparams["pretrained_weights"] = None  # the checkpoint holds the weights
+        super()._rebuild(changed)
+        self._build_training_components()
+        if "image_size" in changed and isinstance(self.pre_processor, PreProcessor):
+            self.pre_processor = self.configure_pre_processor(tuple(changed["image_size"]))
 
     def configure_optimizers(self) -> OptimizerLRScheduler:
         """AdamW (lr 8e-4) with cosine annealing to ``lr * 0.0125`` over the whole run (sec. G), stepped per batch."""
@@ -365,8 +335,3 @@ class PatchGuard(AnomalibModule):
     def learning_type(self) -> LearningType:
         """PatchGuard learns from normal images (and the pseudo anomalies it makes from them)."""
         return LearningType.ONE_CLASS
-
-
-def _as_list(value: Any) -> Any:
-    """Compare hyper-parameters saved as tuples or lists alike."""
-    return list(value) if isinstance(value, tuple | list) else value

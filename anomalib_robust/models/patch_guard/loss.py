@@ -1,4 +1,4 @@
-"""PatchGuard loss: patch-wise BCE plus an attention regulariser that raises the attention degree (seed 001).
+"""PatchGuard loss: patch-wise BCE plus an attention regulariser that raises the attention degree (PatchGuard paper).
 
 ``L = (1/B) sum_b sum_j BCE(s_bj, y_bj) + sum_l c_l R_l`` over the regularised blocks ``l`` (official code: blocks
 6/9/12 of 12 with ``c = (0.005, 0.01, 0.05)``). Two regularisers ``R_l`` of an attention map ``A`` (``(B, heads, N, N)``,

@@ -1,8 +1,8 @@
 """PyTorch model of PatchGuard: a randomly initialised ViT, an attention discriminator and top-k patch scoring.
 
-Paper: Nafez et al., "PatchGuard: Adversarially Robust Anomaly Detection and Localization through Vision Transformers
-and Pseudo Anomalies", CVPR 2025 (seed 001: supplementary, sections G and I; the architecture facts follow the official
-code, ``reference/patchguard_official_impl.md``).
+Paper (the PatchGuard paper): Nafez et al., "PatchGuard: Adversarially Robust Anomaly Detection and Localization
+through Vision Transformers and Pseudo Anomalies", CVPR 2025 (supplementary, sections G and I; the architecture facts
+follow the official code).
 
 Pipeline (eval mode, images in [0, 1] at ``image_size``):
 
@@ -82,7 +82,7 @@ def patch_labels_from_mask(mask: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 
 class AttentionDiscriminator(nn.Module):
-    """One transformer block plus a linear head, one logit per patch token (seed 001, sec. I).
+    """One transformer block plus a linear head, one logit per patch token (PatchGuard paper, supplementary sec. I).
 
     As the official code: ``z = x + P`` with a learnable positional table ``P`` (randn init);
     ``h = LayerNorm(z + Dropout(MHA(z)))``; ``out = h + Dropout(W2 Dropout(GELU(W1 h)))``; ``logit = w^T out + b``.

@@ -7,7 +7,7 @@ import torch
 from scipy.stats import binomtest, norm
 
 from anomalib_robust.evaluation.metrics import rank_auroc
-from anomalib_robust.models.adv_rad.smoothing import (
+from anomalib_robust.evaluation.smoothing import (
     certified_auc,
     certified_radius,
     certify,

@@ -1,4 +1,4 @@
-"""Adversarial training and Gaussian-noise training callbacks (seed 000, sec. 5.4 / Table 8 and appendix D.6)."""
+"""Adversarial training and Gaussian-noise training callbacks (AdvRAD paper, sec. 5.4 / Table 8 and appendix D.6)."""
 
 from types import SimpleNamespace
 
@@ -203,3 +203,29 @@ def test_noise_rejects_bad_std_lists(stds: object, match: str) -> None:
 def test_noise_rejects_bad_start_epoch() -> None:
     with pytest.raises(ValueError, match="start_epoch"):
         GaussianNoiseTraining(start_epoch=-1)
+
+
+def test_differently_configured_instances_keep_separate_checkpoint_states() -> None:
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.trainer import call
+
+    def callbacks() -> list:
+        return [
+            AdversarialTraining(eps=EPS),
+            AdversarialTraining(eps=2 * EPS),
+            GaussianNoiseTraining(),
+            GaussianNoiseTraining(seed=1),
+        ]
+
+    def trainer(attached: list) -> Trainer:
+        return Trainer(callbacks=list(attached), logger=False, enable_checkpointing=False, enable_model_summary=False)
+
+    saved = callbacks()
+    assert len({callback.state_key for callback in saved}) == len(saved)
+    for count, callback in enumerate(saved, start=1):
+        callback.batches_changed = count
+    checkpoint = {"callbacks": call._call_callbacks_state_dict(trainer(saved))}
+    assert set(checkpoint["callbacks"]) == {callback.state_key for callback in saved}
+    restored = callbacks()
+    call._call_callbacks_load_state_dict(trainer(restored), checkpoint)
+    assert [callback.batches_changed for callback in restored] == [1, 2, 3, 4]

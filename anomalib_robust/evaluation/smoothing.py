@@ -1,4 +1,4 @@
-"""Randomised smoothing of an anomaly score: certified predictions, radii and certified AUC (seed 000, sec. 5.7).
+"""Randomised smoothing of an anomaly score: certified predictions, radii and certified AUC (AdvRAD paper, sec. 5.7).
 
 For a threshold ``h`` the base classifier is eq. (4): ``f(x) = anomaly`` if ``A(x) > h``, else ``normal``. The smoothed
 classifier ``g`` returns the class that ``f(x + delta)``, ``delta ~ N(0, sigma^2 I)``, outputs with probability above
@@ -26,7 +26,7 @@ thresholds are evaluated at once from the sorted scores.
 
 Example:
     >>> import torch
-    >>> from anomalib_robust.models.adv_rad.smoothing import certified_auc, certify, noisy_scores
+    >>> from anomalib_robust.evaluation.smoothing import certified_auc, certify, noisy_scores
     >>> images, labels = torch.rand(6, 1, 8, 8), torch.tensor([0, 0, 0, 1, 1, 1])
     >>> images[3:] += 1.0  # brighter images are anomalous for the mean-brightness detector below
     >>> def score(x):

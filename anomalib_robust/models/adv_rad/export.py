@@ -1,11 +1,16 @@
-"""INT8 post-training quantisation of AdvRAD's exported one-shot graph with NNCF (seed 000, Alg. 1 and 4, appendix D.5).
+"""What AdvRAD's own export needs: the exportability checks and the INT8 quantisation of its U-Net.
 
-Only the U-Net is quantised: NNCF quantises the weights and inputs of the graph's ``Convolution`` and ``MatMul`` ops,
-which are all in the U-Net, and an ``IgnoredScope`` keeps every other op type in floating point. The rest of the graph
-is the diffusion arithmetic of Alg. 1 (``x_t = sqrt(a_k) x_0 + sqrt(1 - a_k) eps`` and the one-shot ``x_0``) and the
-multi-scale error map of Alg. 4: differences of nearly equal images whose small values are the anomaly score. Quantised
-with NNCF's defaults (every quantisable op), the scores of the CPU preset trained on Fashion-MNIST correlated only 0.77
-with f32 (normalised scores moved by up to 0.49); with the U-Net alone, 0.9998 (up to 0.014).
+AdvRAD exports its one-shot pipeline (AdvRAD paper, Alg. 1 and 4, appendix D.5) through anomalib's ``to_torch``,
+``to_onnx`` and ``to_openvino``; :func:`check_exportable` and :func:`check_calibration` turn what cannot be exported
+into clear errors first. :mod:`anomalib_robust.deploy` builds on these for the variant with a noise input.
+
+INT8 post-training quantisation (``compression_type=INT8_PTQ``, :func:`quantize_unet`) quantises the U-Net only: NNCF
+quantises the weights and inputs of the graph's ``Convolution`` and ``MatMul`` ops, which are all in the U-Net, and an
+``IgnoredScope`` keeps every other op type in floating point. The rest of the graph is the diffusion arithmetic of
+Alg. 1 (``x_t = sqrt(a_k) x_0 + sqrt(1 - a_k) eps`` and the one-shot ``x_0``) and the multi-scale error map of Alg. 4:
+differences of nearly equal images whose small values are the anomaly score. Quantised with NNCF's defaults (every
+quantisable op), the scores of the CPU preset trained on Fashion-MNIST correlated only 0.77 with f32 (normalised scores
+moved by up to 0.49); with the U-Net alone, 0.9998 (up to 0.014).
 
 Calibration runs the whole graph on the training images of the datamodule, the normal images the model was fit on
 (Alg. 4 line 9 averages their error maps into the stored normal map). The in-graph noise op (``RandomUniform``)
@@ -13,8 +18,9 @@ needs nothing special: NNCF leaves it alone and calibrates on fresh noise. A gra
 ``noise`` input (``export_adv_rad(..., noise="input")``) gets seeded Gaussian noise.
 
 Example:
-    >>> from anomalib_robust.deploy import export_adv_rad
-    >>> export_adv_rad(model, "exported", compression_type="int8_ptq", datamodule=datamodule)  # doctest: +SKIP
+    >>> from anomalib.deploy import CompressionType
+    >>> model.to_openvino("exported", compression_type=CompressionType.INT8_PTQ, datamodule=datamodule)
+    ... # doctest: +SKIP
     PosixPath('exported/weights/openvino/model.xml')
 """
 
@@ -28,9 +34,38 @@ if TYPE_CHECKING:
     import nncf
     import openvino as ov
 
+    from anomalib_robust.models.adv_rad.lightning_model import AdvRAD
+
 QUANTIZED_OP_TYPES = ("Convolution", "MatMul")
 CALIBRATED_COMPRESSION = (CompressionType.INT8_PTQ, CompressionType.INT8_ACQ)
 CALIBRATION_NOISE_SEED = 0
+
+
+def check_exportable(model: "AdvRAD", input_size: tuple[int, int] | None = None) -> None:
+    """Raise a clear error when ``model`` cannot be exported as the one-shot pipeline at ``input_size``.
+
+    Needs the normal error map of Alg. 4 (a fitted model) and one-shot reconstruction (Alg. 1). Without a resizing
+    pre-processor the graph only takes the U-Net's own image size, so ``input_size`` must be that size.
+    """
+    model.model.check_fitted()
+    if model.model.reconstruction != "one_shot":
+        msg = (
+            f"only one-shot reconstruction (Alg. 1) can be exported, got reconstruction="
+            f"{model.model.reconstruction!r}; call model.set_reconstruction(reconstruction='one_shot') first"
+        )
+        raise ValueError(msg)
+    if input_size is not None and (len(input_size) != 2 or any(int(side) < 1 for side in input_size)):
+        msg = f"input_size must be (height, width) with positive sides, got {input_size}"
+        raise ValueError(msg)
+    transform = model.pre_processor.transform if model.pre_processor else None
+    if transform is None:
+        image_size = tuple(model.model.image_size)
+        if input_size is None or tuple(input_size) != image_size:
+            msg = (
+                f"AdvRAD has no resizing pre-processor, so the exported graph only takes {image_size} images: pass "
+                f"input_size={image_size} (got {input_size}; None means a dynamic size the U-Net cannot take)"
+            )
+            raise ValueError(msg)
 
 
 def check_calibration(compression_type: CompressionType | str | None, datamodule: AnomalibDataModule | None) -> None:
