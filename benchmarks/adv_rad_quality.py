@@ -22,8 +22,8 @@ from rich.console import Console
 from rich.table import Table
 
 from anomalib_robust import AdvRAD
-from anomalib_robust.evaluation.report import write_atomic
 from anomalib_robust.data import CLASS_NAMES, FashionMNIST
+from anomalib_robust.evaluation.report import write_atomic
 
 COLUMNS = ("AdvRAD image", "AdvRAD pixel", "Padim image", "Padim pixel", "Patchcore image", "Patchcore pixel")
 

@@ -48,7 +48,10 @@ def detectors(datamodule: FashionMNIST) -> dict[str, torch.nn.Module]:
     )
     engine = Engine(logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir="/tmp")
     engine.fit(padim, datamodule=datamodule)
-    return {"AdvRAD (CPU preset)": adv_rad, "Purified(Padim, DiffPure p=5)": Purified(padim, DiffPure(adv_rad, level=5))}
+    return {
+        "AdvRAD (CPU preset)": adv_rad,
+        "Purified(Padim, DiffPure p=5)": Purified(padim, DiffPure(adv_rad, level=5)),
+    }
 
 
 def throughput(model: torch.nn.Module, images: torch.Tensor, draws: int, max_batch: int | None, args) -> float:

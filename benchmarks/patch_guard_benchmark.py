@@ -110,9 +110,16 @@ def robust_table(args: argparse.Namespace, console: Console) -> Table:
         train_seconds = time.perf_counter() - started
         cells, standard = [], ""
         for steps in args.pgd_steps:
-            evaluator = RobustEvaluator(attacks=["pgd"], eps=list(EPSILONS), steps=steps, targets=list(TARGETS),
-                                        eot_samples=args.eot_samples if name == "AdvRAD" else None,
-                                        eval_repeats=args.eval_repeats, sanity_checks=False, num_grid_images=0)
+            evaluator = RobustEvaluator(
+                attacks=["pgd"],
+                eps=list(EPSILONS),
+                steps=steps,
+                targets=list(TARGETS),
+                eot_samples=args.eot_samples if name == "AdvRAD" else None,
+                eval_repeats=args.eval_repeats,
+                sanity_checks=False,
+                num_grid_images=0,
+            )
             report, _ = evaluator.evaluate(model, [datamodule.test_dataloader()])  # fmt: skip
             standard = (f"{format_auroc(report.clean_image_auroc, report.clean_image_auroc_std)} / "
                         f"{format_auroc(report.clean_pixel_auroc, report.clean_pixel_auroc_std)}")  # fmt: skip

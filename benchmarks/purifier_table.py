@@ -32,9 +32,9 @@ from rich.table import Table
 
 from anomalib_robust import AdvRAD, RobustEval
 from anomalib_robust.attacks import DetectorScore
-from anomalib_robust.evaluation.report import RobustReport, format_auroc, write_atomic
 from anomalib_robust.data import CLASS_NAMES, FashionMNIST
 from anomalib_robust.defenses import TMA, DiffPure, Purified
+from anomalib_robust.evaluation.report import RobustReport, format_auroc, write_atomic
 
 SIZE = 32
 """The AdvRAD CPU preset's image size; purifier, AdvRAD and Padim all see 32 x 32 images."""

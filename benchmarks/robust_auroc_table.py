@@ -85,7 +85,10 @@ def measure(name: str, datamodule: FashionMNIST, args: argparse.Namespace) -> di
         cell["standard"] = [report.clean_image_auroc, report.clean_image_auroc_std]
         cell["num_samples"] = report.num_samples
         for result in report.results:
-            cell["robust"][f"{result.attack.removeprefix('EOT-')}|{norm}"] = [result.image_auroc, result.image_auroc_std]
+            cell["robust"][f"{result.attack.removeprefix('EOT-')}|{norm}"] = [
+                result.image_auroc,
+                result.image_auroc_std,
+            ]
     cell["seconds"] = time.perf_counter() - started
     return cell
 
