@@ -22,7 +22,7 @@ demo: $(STAMP)
 
 ## test: the test suite (CPU, offline).
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 ## fashion-mnist: the full Fashion-MNIST from Debian (benchmarks use it; demo and tests use the embedded subset).
 fashion-mnist:

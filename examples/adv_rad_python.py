@@ -16,7 +16,7 @@ from anomalib_robust import AdvRAD
 from anomalib_robust.data import FashionMNIST
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--category", default="trouser", help="Fashion-MNIST class trained on (name or 0-9)")
     parser.add_argument("--protocol", default="defect", choices=["defect", "semantic"])
@@ -24,7 +24,7 @@ def main() -> None:
     parser.add_argument("--num-train", type=int, default=200)
     parser.add_argument("--num-test", type=int, default=100)
     parser.add_argument("--results", type=Path, default=Path("results"))
-    arguments = parser.parse_args()
+    arguments = parser.parse_args(argv)
 
     datamodule = FashionMNIST(
         category=arguments.category,
@@ -45,7 +45,7 @@ def main() -> None:
     (metrics,) = engine.test(model, datamodule=datamodule)
     for name, value in sorted(metrics.items()):
         print(f"{name}: {value:.3f}")
-    print(f"anomaly maps: {sorted(arguments.results.glob('AdvRAD/**/images'))[0]}")
+    print(f"anomaly maps: {min(arguments.results.glob('AdvRAD/**/images'))}")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from anomalib_robust.defenses.training import AdversarialTraining
 from anomalib_robust.offline import random_init_backbones
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--category", default="trouser")
     parser.add_argument(
@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--eval-steps", type=int, default=10, help="PGD steps of the robust evaluation")
     parser.add_argument("--tiny", action="store_true", help="32 px, 16 images, 2 training steps: a smoke test")
     parser.add_argument("--results", default="results/adversarial_training_stfpm")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.tiny:
         args.image_size, args.num_train, args.num_test, args.max_steps = 32, 16, 16, 2
         args.train_steps, args.eval_steps = 2, 2

@@ -19,7 +19,7 @@ from anomalib_robust.callbacks import CertifyEval
 from anomalib_robust.data import FashionMNIST
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--category", default="trouser", help="Fashion-MNIST class trained on (name or 0-9)")
     parser.add_argument("--epochs", type=int, default=100, help="training epochs")
@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.001, help="the certificate holds with prob. 1 - alpha")
     parser.add_argument("--tiny", action="store_true", help="a few training steps, 8 test images, n0=3, n=10")
     parser.add_argument("--output", type=Path, default=Path("results"))
-    arguments = parser.parse_args()
+    arguments = parser.parse_args(argv)
 
     if arguments.tiny:
         arguments.num_train, arguments.num_test, arguments.n0, arguments.n, arguments.alpha = 8, 8, 3, 10, 0.1

@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> None:
 
     title = f"Fashion-MNIST '{arguments.category}', defect protocol: standard vs robust AUROC (%), PGD L_inf 2/255"
     table = Table(
-        title=title + f", {arguments.attack_steps} steps; EOT over {arguments.eot_samples} draws for AdvRAD's attacker, "
+        title=title
+        + f", {arguments.attack_steps} steps; EOT over {arguments.eot_samples} draws for AdvRAD's attacker, "
         f"AdvRAD scored as deployed (one draw), mean ± std over {arguments.eval_repeats} scorings"
     )
     columns = ("model", "anomalib test AUROC", "image AUROC", "robust image AUROC", "pixel AUROC", "robust pixel AUROC")

@@ -33,7 +33,7 @@ SIZE = 32
 """The AdvRAD CPU preset's image size; the purifier, AdvRAD and Padim all see 32 x 32 images."""
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--denoiser", type=Path, help="a trained AdvRAD checkpoint (default: train the CPU preset)")
     parser.add_argument("--epochs", type=int, default=60, help="AdvRAD training epochs when no --denoiser is given")
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--num-train", type=int, default=200)
     parser.add_argument("--num-test", type=int, default=100)
     parser.add_argument("--results", type=Path, default=Path("results/diffpure_sweep"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     datamodule = FashionMNIST(category="trouser", image_size=SIZE, num_train=args.num_train, num_test=args.num_test)
     if args.denoiser is None:

@@ -24,13 +24,13 @@ from anomalib_robust.deploy import export_adv_rad
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=Path, required=True, help="folder of images to score")
     parser.add_argument("--max-steps", type=int, default=1500, help="training iterations")
     parser.add_argument("--num-train", type=int, default=200)
     parser.add_argument("--results", type=Path, default=Path("results"))
-    arguments = parser.parse_args()
+    arguments = parser.parse_args(argv)
     images = sorted(path for path in arguments.images.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         parser.error(f"--images {arguments.images} holds no {'/'.join(IMAGE_SUFFIXES)} files")

@@ -21,7 +21,7 @@ from anomalib_robust import PatchGuard, RobustEval
 from anomalib_robust.data import FashionMNIST
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--category", default="trouser", help="Fashion-MNIST class trained on (name or 0-9)")
     parser.add_argument("--max-steps", type=int, default=600, help="training iterations (batch 16)")
@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--eps", type=float, default=8 / 255, help="L_inf radius of training and evaluation attacks")
     parser.add_argument("--attack-steps", type=int, default=10, help="PGD steps of the evaluation attack")
     parser.add_argument("--results", type=Path, default=Path("results"))
-    arguments = parser.parse_args()
+    arguments = parser.parse_args(argv)
 
     torch.manual_seed(0)
     datamodule = FashionMNIST(

@@ -21,14 +21,14 @@ from anomalib_robust.callbacks import RobustEval
 from anomalib_robust.data import FashionMNIST
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--num-train", type=int, default=100)
     parser.add_argument("--num-test", type=int, default=60)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--results", default="results/robust_eval_python")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     datamodule = FashionMNIST(
         category="trouser", image_size=args.image_size, num_train=args.num_train, num_test=args.num_test

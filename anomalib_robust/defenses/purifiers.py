@@ -161,7 +161,7 @@ class DiffPure(DiffusionPurifier):
         return ddpm_purification(self.denoise, self.schedule, x, self.level, clip_denoised=self.clip_denoised)
 
     def extra_repr(self) -> str:
-        return f"level={self.level}, clip_denoised={self.clip_denoised}"
+        return f"level={self.level}" + (", clip_denoised=True" if self.clip_denoised else "")
 
 
 class TMA(DiffusionPurifier):
@@ -212,4 +212,5 @@ class TMA(DiffusionPurifier):
         )
 
     def extra_repr(self) -> str:
-        return f"depth={self.depth}, stride={self.stride}, eta={self.eta}, clip_denoised={self.clip_denoised}"
+        clip = ", clip_denoised=True" if self.clip_denoised else ""
+        return f"depth={self.depth}, stride={self.stride}, eta={self.eta}{clip}"

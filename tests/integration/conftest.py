@@ -1,10 +1,16 @@
-"""Shared by the integration tests: a tiny dataset in anomalib's MVTecAD folder layout, generated on the fly."""
+"""Shared by the integration tests: a tiny dataset in anomalib's MVTecAD folder layout, generated on the fly, and a
+tiny AdvRAD trained on it once per test run."""
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from anomalib.engine import Engine
 from PIL import Image
+from shared_artifacts import TINY_ADVRAD, build_once, mvtec_datamodule
+
+from anomalib_robust import AdvRAD
 
 IMAGE_SIZE = 32
 
@@ -23,10 +29,7 @@ def _save(array: np.ndarray, path: Path) -> None:
     Image.fromarray((array * 255).astype(np.uint8)).convert("RGB").save(path)
 
 
-@pytest.fixture(scope="session")
-def mvtec_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``<root>/disc/{train/good, test/good, test/scratch, ground_truth/scratch}`` as in MVTec AD."""
-    root = tmp_path_factory.mktemp("mvtec")
+def _write_mvtec(root: Path) -> None:
     rng = np.random.default_rng(0)
     category = root / "disc"
     for index in range(12):
@@ -41,7 +44,27 @@ def mvtec_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         Image.fromarray((mask * 255).astype(np.uint8)).save(
             _mkdir(category / "ground_truth" / "scratch") / f"{index:03d}_mask.png",
         )
-    return root
+
+
+@pytest.fixture(scope="session")
+def mvtec_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``<root>/disc/{train/good, test/good, test/scratch, ground_truth/scratch}`` as in MVTec AD (shared by the
+    workers, so that the shared checkpoints below were trained on the very files the tests read)."""
+    return build_once(tmp_path_factory, "mvtec", _write_mvtec)
+
+
+@pytest.fixture(scope="session")
+def advrad_checkpoint(mvtec_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny AdvRAD (``tiny_advrad``) fitted for one epoch (3 steps, then validation: normalised scores are defined)
+    on ``mvtec_root``, built once per test run. Tests load it with ``AdvRAD.load_from_checkpoint``."""
+
+    def build(directory: Path) -> None:
+        model = AdvRAD(**TINY_ADVRAD)
+        engine = Engine(max_epochs=1, default_root_dir=directory, logger=False, enable_progress_bar=False)
+        engine.fit(model, datamodule=mvtec_datamodule(mvtec_root))
+        shutil.copy(engine.trainer.checkpoint_callback.best_model_path, directory / "model.ckpt")
+
+    return build_once(tmp_path_factory, "advrad_mvtec", build) / "model.ckpt"
 
 
 def _mkdir(path: Path) -> Path:

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -80,7 +81,10 @@ def test_long_form_under_ddp_equals_single_process(fastflow: tuple, tmp_path: Pa
             *DATA,
             *callback,
             *ddp,
-            "--data.num_test", "20", "--data.eval_batch_size", "2",
+            "--data.num_test",
+            "20",
+            "--data.eval_batch_size",
+            "2",
             "--ckpt_path",
             str(checkpoint),
             "--default_root_dir",
@@ -111,11 +115,8 @@ def test_cli_example_shorthand_and_yaml(tmp_path: Path) -> None:
     assert all(result["status"] == "ok" for result in linf["results"] + l2["results"])
 
 
-def test_python_example(tmp_path: Path) -> None:
-    output = _run(
-        [sys.executable, str(REPO / "examples/robust_eval_python.py"), "--image-size", str(SIZE), "--num-train", "16",
-         "--num-test", "16", "--steps", "2", "--results", "results"],
-        cwd=tmp_path,
-    )  # fmt: skip
+def test_python_example(run_example: Callable[..., str], tmp_path: Path) -> None:
+    output = run_example("robust_eval_python.py", "--image-size", SIZE, "--num-train", "16", "--num-test", "16",
+                         "--steps", "2", "--results", "results", cwd=tmp_path)  # fmt: skip
     assert "robust (PGD 2/255)" in output
     assert _report(tmp_path / "results")["model"] == "Padim"

@@ -1,7 +1,7 @@
 """Breadth: the score-direction attack on anomalib's own detectors (random-init backbones, 32x32 Fashion-MNIST).
 
 Per model: fit briefly, then PGD L_inf at 2/255 and at a very large eps (0.5). With random-init backbones some models
-are less fragile at 2/255 than the paper's pretrained ones (seed 000, Table 3), so the assertions are the ones that
+are less fragile at 2/255 than the paper's pretrained ones (AdvRAD paper, Table 3), so the assertions are the ones that
 hold with margin: the attack never raises AUROC, and a very large eps drives it to near 0. The measured curve is
 printed (``pytest -s``).
 """

@@ -7,44 +7,52 @@ import torch
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
 from lightning.pytorch.callbacks import ModelCheckpoint
+from shared_artifacts import mvtec_datamodule
+from torchmetrics.functional.classification import binary_auroc
 
 from anomalib_robust import AdvRAD
 
 
 def _datamodule(root: Path) -> MVTecAD:
-    return MVTecAD(root=root, category="disc", train_batch_size=4, eval_batch_size=4, num_workers=0)
+    return mvtec_datamodule(root)
 
 
 @pytest.fixture(scope="module")
-def trained(
-    mvtec_root: Path,
-    tmp_path_factory: pytest.TempPathFactory,
-    tiny_advrad: dict,
-) -> tuple[AdvRAD, Engine, Path]:
-    model = AdvRAD(**tiny_advrad)
-    engine = Engine(max_steps=6, default_root_dir=tmp_path_factory.mktemp("results"), logger=False)
-    engine.fit(model, datamodule=_datamodule(mvtec_root))
-    checkpoint = Path(engine.trainer.checkpoint_callback.best_model_path)
-    return model, engine, checkpoint
+def trained(advrad_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[AdvRAD, Engine, Path]:
+    """The shared tiny AdvRAD (fitted once per run on ``mvtec_root``), loaded from its checkpoint."""
+    model = AdvRAD.load_from_checkpoint(advrad_checkpoint)
+    engine = Engine(default_root_dir=tmp_path_factory.mktemp("results"), logger=False, enable_progress_bar=False)
+    return model, engine, advrad_checkpoint
 
 
-def test_fit_computes_and_checkpoints_normal_error_map(trained: tuple[AdvRAD, Engine, Path]) -> None:
-    model, _, checkpoint = trained
-    assert bool(model.model.is_fitted)
-    assert model.model.normal_error_map.abs().sum() > 0
-    assert checkpoint.is_file()
-    restored = AdvRAD.load_from_checkpoint(checkpoint)
-    torch.testing.assert_close(restored.model.normal_error_map, model.model.normal_error_map)
-    assert bool(restored.model.is_fitted)
-    for name, parameter in model.model.state_dict().items():
-        torch.testing.assert_close(restored.model.state_dict()[name], parameter)
+def _auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """P(score of an anomaly > score of a normal sample), ties counting half: the AUROC, computed by hand."""
+    anomalous, normal = scores[labels.bool()], scores[~labels.bool()]
+    greater = (anomalous[:, None] > normal[None, :]).float().mean()
+    ties = (anomalous[:, None] == normal[None, :]).float().mean()
+    return float(greater + ties / 2)
 
 
-def test_engine_test_reports_image_and_pixel_metrics(trained: tuple[AdvRAD, Engine, Path], mvtec_root: Path) -> None:
-    model, engine, _ = trained
-    results = engine.test(model, datamodule=_datamodule(mvtec_root))
-    assert 0.0 <= results[0]["image_AUROC"] <= 1.0
-    assert 0.0 <= results[0]["pixel_AUROC"] <= 1.0
+def test_engine_test_reports_the_auroc_of_its_predictions(
+    advrad_checkpoint: Path, mvtec_root: Path, tmp_path: Path
+) -> None:
+    """The image and pixel AUROC that ``Engine.test`` reports are those of the scores and maps the model predicts
+    (the same seeded noise in both runs), computed independently here."""
+    model = AdvRAD.load_from_checkpoint(advrad_checkpoint, noise_seed=0)
+    engine = Engine(default_root_dir=tmp_path, logger=False, enable_progress_bar=False)
+    datamodule = _datamodule(mvtec_root)
+    (metrics,) = engine.test(model, datamodule=datamodule, verbose=False)
+    predictions = engine.predict(model, dataloaders=datamodule.test_dataloader())
+    scores = torch.cat([batch.pred_score.flatten() for batch in predictions])
+    labels = torch.cat([batch.gt_label.flatten() for batch in predictions])
+    assert labels.sum() == 4 and len(labels) == 8
+    assert scores.unique().numel() > 1, "constant scores would make the comparison vacuous"
+    assert metrics["image_AUROC"] == pytest.approx(_auroc(scores, labels), abs=1e-6)
+    maps = torch.cat([batch.anomaly_map.flatten() for batch in predictions])
+    masks = torch.cat([batch.gt_mask.flatten() for batch in predictions])
+    assert masks.sum() == 4 * 36  # the 6 x 6 scratches
+    pixel = binary_auroc(maps, masks.long())
+    assert metrics["pixel_AUROC"] == pytest.approx(float(pixel), abs=1e-4)
 
 
 def test_checkpoint_architecture_wins_over_constructor(trained: tuple[AdvRAD, Engine, Path], mvtec_root: Path) -> None:
@@ -126,11 +134,18 @@ def test_checkpoint_without_validation_still_has_statistics(
     tmp_path: Path,
     tiny_advrad: dict,
 ) -> None:
-    """A checkpoint saved mid-training, with no validation run yet, carries the statistics of its weights."""
+    """``Engine.fit`` computes the normal error map; a checkpoint saved mid-training, with no validation run yet,
+    carries it and the weights it belongs to."""
     model = AdvRAD(**tiny_advrad)
+    assert not bool(model.model.is_fitted)
     every_two_steps = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
-    engine = Engine(max_steps=2, check_val_every_n_epoch=5, callbacks=[every_two_steps], logger=False)
+    engine = Engine(max_steps=2, check_val_every_n_epoch=5, callbacks=[every_two_steps], logger=False,
+                    enable_progress_bar=False)  # fmt: skip
     engine.fit(model, datamodule=_datamodule(mvtec_root))
+    assert bool(model.model.is_fitted)
+    assert model.model.normal_error_map.abs().sum() > 0
     restored = AdvRAD.load_from_checkpoint(every_two_steps.last_model_path or every_two_steps.best_model_path)
     assert bool(restored.model.is_fitted)
     torch.testing.assert_close(restored.model.normal_error_map, model.model.normal_error_map)
+    for name, parameter in model.model.state_dict().items():
+        torch.testing.assert_close(restored.model.state_dict()[name], parameter)

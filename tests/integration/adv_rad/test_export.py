@@ -2,9 +2,7 @@
 exported model, example, bad input."""
 
 import csv
-import os
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,24 +16,10 @@ from anomalib.engine import Engine
 from anomalib_robust import AdvRAD
 from anomalib_robust.cli import run_exported_predict
 from anomalib_robust.deploy import export_adv_rad, load_inferencer, predict_exported
-from anomalib_robust.deploy.quantize import QUANTIZED_OP_TYPES
-
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
-ov = pytest.importorskip("openvino")
+from anomalib_robust.models.adv_rad.export import QUANTIZED_OP_TYPES
 
 REPO = Path(__file__).resolve().parents[3]
-ANOMALIB = str(Path(sys.executable).with_name("anomalib"))
 F32 = {"INFERENCE_PRECISION_HINT": "f32"}  # OpenVINO picks bf16 on CPUs that have it
-
-
-def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=environment, check=False, timeout=600)
-    assert result.returncode == 0, (
-        f"{' '.join(args)}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}"
-    )
-    return result
 
 
 def _relative_error(reference: np.ndarray, other: np.ndarray) -> float:
@@ -43,16 +27,31 @@ def _relative_error(reference: np.ndarray, other: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def trained(mvtec_root: Path, tmp_path_factory: pytest.TempPathFactory, tiny_advrad: dict) -> tuple[AdvRAD, Path]:
-    model = AdvRAD(**tiny_advrad)
-    engine = Engine(max_epochs=1, default_root_dir=tmp_path_factory.mktemp("results"), logger=False)
-    datamodule = MVTecAD(root=mvtec_root, category="disc", train_batch_size=4, eval_batch_size=4, num_workers=0)
-    engine.fit(model, datamodule=datamodule)
+def onnx():
+    return pytest.importorskip("onnx")  # the `openvino` extra: installed by `make install`, so these tests run
+
+
+@pytest.fixture(scope="module")
+def ort():
+    return pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def ov():
+    return pytest.importorskip("openvino")
+
+
+@pytest.fixture(scope="module")
+def trained(advrad_checkpoint: Path) -> tuple[AdvRAD, Path]:
+    """The shared tiny AdvRAD, fitted for one epoch (validated: normalised scores are defined)."""
+    model = AdvRAD.load_from_checkpoint(advrad_checkpoint)
     assert torch.isfinite(model.post_processor.image_max), "one full epoch validates: normalised scores are defined"
-    return model.eval(), Path(engine.trainer.checkpoint_callback.best_model_path)
+    return model.eval(), advrad_checkpoint
 
 
-def test_onnx_and_openvino_reproduce_pytorch_with_identical_noise(trained: tuple[AdvRAD, Path], tmp_path: Path) -> None:
+def test_onnx_and_openvino_reproduce_pytorch_with_identical_noise(
+    trained: tuple[AdvRAD, Path], tmp_path: Path, onnx: object, ort: object, ov: object
+) -> None:
     model, _ = trained
     onnx_path = export_adv_rad(model, tmp_path, export_type="onnx", noise="input")
     assert [node.name for node in onnx.load(onnx_path).graph.input] == ["input", "noise"]
@@ -77,6 +76,8 @@ def test_in_graph_noise_is_standard_normal_so_exported_scores_match_pytorch_on_a
     trained: tuple[AdvRAD, Path],
     tmp_path: Path,
     mvtec_root: Path,
+    ort: object,
+    ov: object,
 ) -> None:
     # OpenVINO turned ONNX RandomNormalLike into skewed noise, which raised the mean score ~1.5x (measured 1.4-1.6)
     _, checkpoint = trained
@@ -97,12 +98,16 @@ def test_in_graph_noise_is_standard_normal_so_exported_scores_match_pytorch_on_a
 
 
 @pytest.fixture(scope="module")
-def cli_openvino_export(trained: tuple[AdvRAD, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+def cli_openvino_export(trained: tuple[AdvRAD, Path], tmp_path_factory: pytest.TempPathFactory, ov: object) -> Path:
     """``anomalib export --model AdvRAD --export_type openvino --ckpt_path ...`` as a user types it."""
     _, checkpoint = trained
     workdir = tmp_path_factory.mktemp("cli_export")
-    _run(ANOMALIB, "export", "--model", "AdvRAD", "--export_type", "openvino", "--ckpt_path", str(checkpoint),
-         "--default_root_dir", str(workdir), cwd=workdir)  # fmt: skip
+    from anomalib.cli.cli import AnomalibCLI  # in-process, as the console script runs it
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(workdir)
+        AnomalibCLI(args=["export", "--model", "AdvRAD", "--export_type", "openvino", "--ckpt_path", str(checkpoint),
+                          "--default_root_dir", str(workdir)])  # fmt: skip
     (model_path,) = workdir.glob("**/weights/openvino/model.xml")
     return model_path
 
@@ -127,18 +132,19 @@ def test_cli_predict_on_the_exported_model_matches_openvino_inferencer_with_the_
     tmp_path: Path,
     mvtec_root: Path,
     monkeypatch: pytest.MonkeyPatch,
+    ov: object,
+    anomalib_cli: Callable[..., str],
 ) -> None:
     test_images = mvtec_root / "disc" / "test"
-    result = _run(ANOMALIB, "predict", "--model", "AdvRAD", "--ckpt_path", str(cli_openvino_export),
-                  "--data", str(test_images), "--default_root_dir", "results", "--seed_everything", "7",
-                  cwd=tmp_path)  # fmt: skip
+    output = anomalib_cli("predict", "--model", "AdvRAD", "--ckpt_path", cli_openvino_export, "--data", test_images,
+                          "--default_root_dir", "results", "--seed_everything", "7", cwd=tmp_path)  # fmt: skip
     images = sorted(test_images.glob("**/*.png"))
     with (tmp_path / "results" / "AdvRAD" / "latest" / "predictions.csv").open() as file:
         rows = list(csv.DictReader(file))
     assert [Path(row["image_path"]) for row in rows] == images
     for row in rows:
         assert Path(row["visualization"]).is_file()
-        assert str(Path(row["image_path"]).relative_to(test_images)) in result.stdout  # the printed table
+        assert str(Path(row["image_path"]).relative_to(test_images)) in output  # the printed table
     cli_scores = np.array([float(row["pred_score"]) for row in rows])
     assert np.isfinite(cli_scores).all()
     assert np.ptp(cli_scores) > 0, "scores that do not vary would make the comparison below vacuous"
@@ -211,6 +217,7 @@ def test_int8_export_quantizes_the_unet_only_and_its_scores_track_f32(
     tmp_path: Path,
     mvtec_root: Path,
     monkeypatch: pytest.MonkeyPatch,
+    ov: object,
 ) -> None:
     _, checkpoint = trained
     # raw scores: the tiny model's normalised scores saturate at 1 on these images, which would hide any difference
@@ -254,22 +261,13 @@ def test_torch_export_runs_in_torch_inferencer(
 
 
 @pytest.mark.slow
-def test_example_trains_exports_and_scores_a_folder(mvtec_root: Path, tmp_path: Path) -> None:
+def test_example_trains_exports_and_scores_a_folder(
+    mvtec_root: Path, tmp_path: Path, run_example: Callable[..., str]
+) -> None:
     images = mvtec_root / "disc" / "test" / "scratch"
-    result = _run(
-        sys.executable,
-        str(REPO / "examples" / "export_adv_rad.py"),
-        "--images",
-        str(images),
-        "--max-steps",
-        "2",
-        "--num-train",
-        "16",
-        "--results",
-        str(tmp_path),
-        cwd=tmp_path,
-    )
-    assert result.stdout.count("score=") == len(list(images.glob("*.png")))
+    output = run_example("export_adv_rad.py", "--images", images, "--max-steps", "2", "--num-train", "16",
+                         "--results", tmp_path, cwd=tmp_path)  # fmt: skip
+    assert output.count("score=") == len(list(images.glob("*.png")))
 
 
 def test_export_before_fit_is_a_clear_error(tiny_advrad: dict, tmp_path: Path) -> None:

@@ -20,7 +20,18 @@ def test_editable_install_loads_the_working_tree() -> None:
 def test_regular_wheel_registers_the_model_and_cli_shorthands(tmp_path: Path) -> None:
     wheel_dir = tmp_path / "wheel"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", wheel_dir, REPOSITORY],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            wheel_dir,
+            REPOSITORY,
+        ],
         check=True,
         timeout=300,
     )
@@ -57,7 +68,9 @@ def test_regular_wheel_registers_the_model_and_cli_shorthands(tmp_path: Path) ->
         "from anomalib.cli.cli import main\n"
         "main()\n"
     )
-    result = subprocess.run([python, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300, check=False)
+    result = subprocess.run(
+        [python, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300, check=False
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert Path(lines[0]).is_relative_to(target)

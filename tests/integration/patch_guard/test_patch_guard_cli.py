@@ -1,40 +1,34 @@
-"""``anomalib train/test --model PatchGuard`` as a user types it (subprocess), with ``--callbacks robust_eval``."""
+"""``anomalib train/test --model PatchGuard`` in-process (as the console script runs them), with ``--callbacks robust_eval``."""
 
+import contextlib
+import io
 import json
-import os
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from anomalib.cli.cli import AnomalibCLI
 
 REPO = Path(__file__).resolve().parents[3]
-ANOMALIB = str(Path(sys.executable).with_name("anomalib"))
 FASHION_MNIST = [
     "--data", str(REPO / "configs/data/fashion_mnist.yaml"), "--data.category=trouser", "--data.root=embedded",
     "--data.image_size=32", "--data.num_train=16", "--data.num_test=16", "--data.train_batch_size=8",
 ]  # fmt: skip
 
 
-def run(*args: str, cwd: Path) -> str:
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=environment, check=False, timeout=600)
-    assert result.returncode == 0, (
-        f"{' '.join(args)}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}"
-    )
-    return result.stdout + result.stderr
-
-
 @pytest.fixture(scope="module")
 def trained(mvtec_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """``anomalib train`` (fit, then test) with the CPU preset YAML on a tiny MVTecAD-layout dataset."""
+    """``anomalib train`` (fit, then test) with the CPU preset YAML on a tiny MVTecAD-layout dataset, in-process."""
     workdir = tmp_path_factory.mktemp("cli")
-    output = run(ANOMALIB, "train", "--config", str(REPO / "configs/model/patch_guard_cpu.yaml"), "--data", "MVTecAD",
-                 f"--data.root={mvtec_root}", "--data.category=disc", "--data.train_batch_size=4",
-                 "--data.eval_batch_size=4", "--data.num_workers=0", "--model.adversarial_steps=1",
-                 "--trainer.max_steps=2", "--default_root_dir=results", cwd=workdir)  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()) as stdout:
+        patch.chdir(workdir)
+        AnomalibCLI(args=["train", "--config", str(REPO / "configs/model/patch_guard_cpu.yaml"), "--data", "MVTecAD",
+                          f"--data.root={mvtec_root}", "--data.category=disc", "--data.train_batch_size=4",
+                          "--data.eval_batch_size=4", "--data.num_workers=0", "--model.adversarial_steps=1",
+                          "--trainer.max_steps=2", "--trainer.enable_progress_bar=false",
+                          "--default_root_dir=results"])  # fmt: skip
     (path,) = workdir.glob("results/PatchGuard/MVTecAD/disc/latest/weights/lightning/model.ckpt")
-    return path, output
+    return path, stdout.getvalue()
 
 
 def test_train_on_mvtec_layout_reports_image_and_pixel_metrics(trained: tuple[Path, str]) -> None:
@@ -42,10 +36,12 @@ def test_train_on_mvtec_layout_reports_image_and_pixel_metrics(trained: tuple[Pa
     assert "image_AUROC" in output and "pixel_AUROC" in output
 
 
-def test_test_on_embedded_data_with_robust_eval_from_snake_case_name(trained: tuple[Path, str], tmp_path: Path) -> None:
+def test_test_on_embedded_data_with_robust_eval_from_snake_case_name(
+    trained: tuple[Path, str], tmp_path: Path, anomalib_cli: Callable[..., str]
+) -> None:
     """The checkpoint's architecture is restored without repeating it; RobustEval attacks the trained model."""
     checkpoint, _ = trained
-    output = run(ANOMALIB, "test", "--model", "patch_guard", *FASHION_MNIST, f"--ckpt_path={checkpoint}",
+    output = anomalib_cli("test", "--model", "patch_guard", *FASHION_MNIST, f"--ckpt_path={checkpoint}",
                  "--default_root_dir=results", "--callbacks", "robust_eval", "--callbacks.init_args.attacks=[pgd]",
                  "--callbacks.init_args.eps=0.0313725", "--callbacks.init_args.steps=2",
                  "--callbacks.init_args.sanity_checks=false", "--callbacks.init_args.plots=false", cwd=tmp_path)  # fmt: skip
@@ -56,20 +52,24 @@ def test_test_on_embedded_data_with_robust_eval_from_snake_case_name(trained: tu
     assert [result["status"] for result in report["results"]] == ["ok"]
 
 
-def test_predict_from_checkpoint_saves_visualisations(trained: tuple[Path, str], mvtec_root: Path, tmp_path: Path) -> None:
+def test_predict_from_checkpoint_saves_visualisations(
+    trained: tuple[Path, str], mvtec_root: Path, tmp_path: Path, anomalib_cli: Callable[..., str]
+) -> None:
     checkpoint, _ = trained
     images = mvtec_root / "disc" / "test" / "scratch"
-    run(ANOMALIB, "predict", "--model", "PatchGuard", f"--data={images}", f"--ckpt_path={checkpoint}",
+    anomalib_cli("predict", "--model", "PatchGuard", f"--data={images}", f"--ckpt_path={checkpoint}",
         "--default_root_dir=results", cwd=tmp_path)  # fmt: skip
     saved = list(tmp_path.glob("results/**/*.png"))
     assert len(saved) == len(list(images.glob("*.png"))), "anomalib predict should save one visualisation per image"
 
 
-def test_export_to_openvino_from_checkpoint(trained: tuple[Path, str], mvtec_root: Path, tmp_path: Path) -> None:
+def test_export_to_openvino_from_checkpoint(
+    trained: tuple[Path, str], mvtec_root: Path, tmp_path: Path, anomalib_cli: Callable[..., str]
+) -> None:
     from anomalib.deploy import OpenVINOInferencer
 
     checkpoint, _ = trained
-    run(ANOMALIB, "export", "--model", "patch_guard", "--export_type", "openvino", f"--ckpt_path={checkpoint}",
+    anomalib_cli("export", "--model", "patch_guard", "--export_type", "openvino", f"--ckpt_path={checkpoint}",
         "--default_root_dir", str(tmp_path), cwd=tmp_path)  # fmt: skip
     (model_path,) = tmp_path.glob("**/weights/openvino/model.xml")
     prediction = OpenVINOInferencer(path=model_path, device="CPU").predict(mvtec_root / "disc/test/scratch/000.png")

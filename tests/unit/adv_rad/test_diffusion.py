@@ -55,9 +55,9 @@ def test_posterior_matches_closed_form(schedule: DiffusionSchedule) -> None:
     alphas_cumprod = torch.cumprod(1 - betas, 0)
     for i, step in enumerate(t.tolist()):
         beta, alpha_bar, alpha_bar_prev = betas[step], alphas_cumprod[step], alphas_cumprod[step - 1]
-        expected_mean = (alpha_bar_prev.sqrt() * beta * x0[i].double() + (1 - beta).sqrt() * (1 - alpha_bar_prev) * xt[i].double()) / (
-            1 - alpha_bar
-        )
+        expected_mean = (
+            alpha_bar_prev.sqrt() * beta * x0[i].double() + (1 - beta).sqrt() * (1 - alpha_bar_prev) * xt[i].double()
+        ) / (1 - alpha_bar)
         expected_variance = beta * (1 - alpha_bar_prev) / (1 - alpha_bar)
         torch.testing.assert_close(mean[i].double(), expected_mean, rtol=1e-4, atol=1e-5)
         assert log_variance[i].exp().item() == pytest.approx(expected_variance.item(), rel=1e-4)

@@ -61,9 +61,10 @@ def test_full_shot_follows_algorithm_2(schedule: DiffusionSchedule) -> None:
             log_beta_tilde = (b[i] * (1 - ab[i - 1]) / (1 - ab[i])).log()
             frac = (v + 1) / 2
             sigma2 = torch.exp(frac * b[i].log() + (1 - frac) * log_beta_tilde)
-            mean = ab[i - 1].sqrt() * b[i] / (1 - ab[i]) * x0 + (ab[i] / ab[i - 1]).sqrt() * (1 - ab[i - 1]) / (
-                1 - ab[i]
-            ) * xt
+            mean = (
+                ab[i - 1].sqrt() * b[i] / (1 - ab[i]) * x0
+                + (ab[i] / ab[i - 1]).sqrt() * (1 - ab[i - 1]) / (1 - ab[i]) * xt
+            )
             xt = mean + sigma2.sqrt() * z
         else:
             expected = x0

@@ -1,5 +1,7 @@
 """PGD L_inf / L_2 (AdvRAD paper, eq. 1-2): constraints, direction, restarts, seeds and bad input."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -33,7 +35,21 @@ def test_score_moves_in_requested_direction(detector: torch.nn.Module, batch: tu
     assert (change[labels == 1] < 0).all()
 
 
-def test_restarts_and_steps_never_weaken_the_attack(detector: torch.nn.Module, batch: tuple) -> None:
+def test_more_steps_never_weaken_the_attack_and_do_strengthen_it(detector: torch.nn.Module, batch: tuple) -> None:
+    """Same seed and step size: the run with more steps extends the shorter one, so (best iterate kept) its objective
+    is at least as high per sample, and strictly higher somewhere (the extra steps are actually taken)."""
+    images, labels = batch
+    objective = torch.where(labels == 0, 1.0, -1.0)
+    values = [
+        objective * _scores(detector, PGD(detector, eps=8 / 255, alpha=0.5 / 255, steps=steps, seed=0)(images, labels))
+        for steps in (1, 3, 10)
+    ]
+    for fewer, more in itertools.pairwise(values):
+        assert (more >= fewer - 1e-6).all()
+        assert (more > fewer + 1e-6).any()
+
+
+def test_restarts_never_weaken_the_attack(detector: torch.nn.Module, batch: tuple) -> None:
     images, labels = batch
     objective = torch.where(labels == 0, 1.0, -1.0)
     single = objective * _scores(detector, PGD(detector, eps=4 / 255, steps=3)(images, labels))

@@ -92,7 +92,9 @@ def test_bad_select_arguments_raise(detector: torch.nn.Module, kwargs: dict, mes
         PGD(detector, **kwargs)
 
 
-def test_worst_case_rescores_candidates_of_a_randomised_detector(linear_detector: Callable, linear_problem: tuple) -> None:
+def test_worst_case_rescores_candidates_of_a_randomised_detector(
+    linear_detector: Callable, linear_problem: tuple
+) -> None:
     """Choosing between the clean image and the optimum on noise about equal to the gain: one draw each (today's
     ``select="best"`` comparison) keeps the clean image for many samples; the re-scored comparison of
     ``Attack.worst_case`` (4 x eot_samples fresh draws) for far fewer."""

@@ -39,7 +39,6 @@ def test_output_shape_range_and_fresh_noise(denoiser: AdvRADModel, purifier_clas
     assert first.shape == images.shape
     assert first.min() >= 0 and first.max() <= 1
     assert not torch.equal(first, second), "the purifier must draw fresh noise at every call"
-    assert purifier.stochastic
 
 
 def test_level_zero_is_the_identity(denoiser: AdvRADModel) -> None:
@@ -83,10 +82,27 @@ def test_deterministic_ddim_two_steps_matches_the_closed_form() -> None:
     torch.testing.assert_close(out, x0, atol=1e-4, rtol=1e-4)
 
 
-def test_ddim_timesteps_and_cost(denoiser: AdvRADModel) -> None:
+@pytest.mark.parametrize(
+    ("purifier_class", "arguments", "calls"),
+    [(TMA, {"depth": 60, "stride": 10}, 6), (DiffPure, {"level": 25}, 25), (DiffPure, {"level": 0}, 0)],
+)
+def test_reported_cost_is_the_number_of_unet_calls(
+    denoiser: AdvRADModel, purifier_class: type, arguments: dict, calls: int
+) -> None:
+    purifier = purifier_class(denoiser, **arguments)
+    counted = []
+    handle = purifier.unet.register_forward_hook(lambda *_: counted.append(1))
+    try:
+        with torch.no_grad():
+            purifier(torch.rand(2, 3, SIZE, SIZE))
+    finally:
+        handle.remove()
+    assert len(counted) == calls == purifier.unet_evaluations
+
+
+def test_ddim_timesteps() -> None:
     assert ddim_timesteps(140, 10) == list(range(140, -1, -10))
-    assert TMA(denoiser, depth=60, stride=10).unet_evaluations == 6
-    assert DiffPure(denoiser, level=25).unet_evaluations == 25
+    assert ddim_timesteps(30, 30) == [30, 0]
 
 
 def test_full_gradients_flow_through_the_chain_with_checkpointing(denoiser: AdvRADModel) -> None:
