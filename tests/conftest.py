@@ -1,8 +1,14 @@
 """Shared test settings: one torch thread per process (2-core CI), deterministic seeds, a tiny AdvRAD, artefacts built
 once per test run and shared by the xdist workers, and the ``anomalib`` command run in-process."""
 
+import json
 import logging
 import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -101,3 +107,86 @@ def run_example(
         return captured.out + captured.err + caplog.text
 
     return run
+
+
+ANOMALIB_SHIM = """\
+#!{python} -I
+# ``anomalib`` on the PATH of a shell example under test: hands its arguments and working directory to the test
+# process (which runs them with ``AnomalibCLI``) and exits with the status that run ended with.
+import json, os, socket, sys
+
+client = socket.socket(socket.AF_UNIX)
+client.connect(os.environ["ANOMALIB_IN_PROCESS_SOCKET"])
+client.sendall(json.dumps({{"args": sys.argv[1:], "cwd": os.getcwd()}}).encode())
+client.shutdown(socket.SHUT_WR)
+sys.exit(int(client.makefile().read() or 1))
+"""
+
+
+class InProcessShell:
+    """``shell("examples/x.sh", cwd=..., VAR="value")`` runs the script with bash, as a user does, while every
+    ``anomalib`` command in it runs in this process (:class:`InProcessCLI`): the script's own logic (its variables,
+    ``ls``, ``find``, ``set -e``) runs for real, and the test skips one interpreter start (torch and anomalib
+    imports) per command. Returns the text that the script and its commands printed and logged."""
+
+    def __init__(self, cli: InProcessCLI):
+        self.cli = cli
+
+    def __call__(self, script: Path, cwd: Path, timeout: float = 900, **environment: str) -> str:
+        with tempfile.TemporaryDirectory(prefix="anomalib-shim-") as shim:  # short: a socket path has <= 107 bytes
+            executable = Path(shim) / "anomalib"
+            executable.write_text(ANOMALIB_SHIM.format(python=sys.executable))
+            executable.chmod(0o755)
+            address = str(Path(shim) / "socket")
+            server = socket.socket(socket.AF_UNIX)
+            server.bind(address)
+            server.listen(1)
+            server.settimeout(0.2)
+            env = {**os.environ, **environment, "PATH": f"{shim}{os.pathsep}{os.environ['PATH']}",
+                   "ANOMALIB_IN_PROCESS_SOCKET": address}  # fmt: skip
+            log = Path(shim) / "script.log"
+            with log.open("w") as script_output:
+                process = subprocess.Popen(["bash", str(script)], cwd=cwd, env=env, stdout=script_output,
+                                           stderr=subprocess.STDOUT)  # fmt: skip
+                outputs = self._serve(server, process, timeout)
+            server.close()
+            text = log.read_text() + "".join(outputs)
+        assert process.returncode == 0, f"{script} exited with {process.returncode}:\n{text[-6000:]}"
+        return text
+
+    def _serve(self, server: socket.socket, process: subprocess.Popen, timeout: float) -> list[str]:
+        """Run each ``anomalib`` command the script sends until the script exits (or ``timeout`` seconds pass)."""
+        outputs, deadline = [], time.monotonic() + timeout
+        while process.poll() is None:
+            if time.monotonic() > deadline:
+                process.kill()
+                process.wait()
+                outputs.append(f"timed out after {timeout} s\n")
+                break
+            try:
+                connection, _ = server.accept()
+            except TimeoutError:
+                continue
+            with connection:
+                request = json.loads(connection.makefile("rb").read())
+                status = self._run(request["args"], Path(request["cwd"]), outputs)
+                connection.sendall(str(status).encode())
+        return outputs
+
+    def _run(self, args: list[str], cwd: Path, outputs: list[str]) -> int:
+        status = 0
+        try:
+            self.cli(*args, cwd=cwd)
+        except SystemExit as exit_:
+            status = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+        except Exception as error:  # noqa: BLE001 - reported to the script as a failed command, as a process would be
+            status = 1
+            outputs.append(f"{type(error).__name__}: {error}\n")
+        outputs.append(f"$ anomalib {' '.join(args)}\n{self.cli.last_output()}")
+        return status
+
+
+@pytest.fixture
+def run_shell_example(anomalib_cli: InProcessCLI, embedded_by_default: None) -> InProcessShell:
+    """A shell example run by bash with its ``anomalib`` commands in-process: see :class:`InProcessShell`."""
+    return InProcessShell(anomalib_cli)

@@ -102,13 +102,10 @@ def test_long_form_under_ddp_equals_single_process(fastflow: tuple, tmp_path: Pa
     assert result["pixel_auroc"] == pytest.approx(single.results[0].pixel_auroc, abs=1e-4)
 
 
-def test_cli_example_shorthand_and_yaml(tmp_path: Path) -> None:
+def test_cli_example_shorthand_and_yaml(run_shell_example: Callable[..., str], tmp_path: Path) -> None:
     """``examples/robust_eval_cli.sh``: ``anomalib train``, then ``anomalib test --callbacks robust_eval`` and YAML."""
-    _run(
-        ["bash", str(REPO / "examples/robust_eval_cli.sh")],
-        cwd=tmp_path,
-        IMAGE_SIZE=str(SIZE), NUM_TRAIN="16", NUM_TEST="16", STEPS="2", QUERIES="10",
-    )  # fmt: skip
+    run_shell_example(REPO / "examples/robust_eval_cli.sh", cwd=tmp_path,
+                      IMAGE_SIZE=str(SIZE), NUM_TRAIN="16", NUM_TEST="16", STEPS="2", QUERIES="10")  # fmt: skip
     linf, l2 = _report(tmp_path / "results", "linf"), _report(tmp_path / "results", "l2")
     assert [result["attack"] for result in linf["results"] if result["role"] == "attack"] == ["PGD"] * 2 + ["APGD"] * 2
     assert [result["eps"] for result in l2["results"][:2]] == [0.1, 0.2]

@@ -1,22 +1,10 @@
 """The AdvRAD examples with tiny settings, so that they never rot: the Python ones in-process (their ``main(argv)``),
-the shell script as a user runs it."""
+the shell script run by bash with its ``anomalib`` commands in-process (``run_shell_example``)."""
 
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 REPOSITORY = Path(__file__).resolve().parents[3]
-
-
-def run(command: list[str], cwd: Path, **environment: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    result = subprocess.run(
-        command, cwd=cwd, capture_output=True, text=True, check=False, env={**env, **environment}, timeout=900
-    )
-    assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}"
-    return result
 
 
 def test_python_example(run_example: Callable[..., str], tmp_path: Path) -> None:
@@ -26,9 +14,9 @@ def test_python_example(run_example: Callable[..., str], tmp_path: Path) -> None
     assert list(tmp_path.glob("AdvRAD/**/images/**/*.png")), "no anomaly-map visualisation was saved"
 
 
-def test_cli_example(tmp_path: Path) -> None:
-    run(["bash", "examples/adv_rad_cli.sh"], cwd=REPOSITORY, EPOCHS="1", NUM_TRAIN="8", NUM_TEST="8",
-        RESULTS=str(tmp_path))  # fmt: skip
+def test_cli_example(run_shell_example: Callable[..., str], tmp_path: Path) -> None:
+    run_shell_example(REPOSITORY / "examples/adv_rad_cli.sh", cwd=REPOSITORY, EPOCHS="1", NUM_TRAIN="8", NUM_TEST="8",
+                      RESULTS=str(tmp_path))  # fmt: skip
     assert list(tmp_path.glob("AdvRAD/**/*.ckpt"))
     assert list(tmp_path.glob("AdvRAD/**/images/**/*.png"))
 
