@@ -4,6 +4,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from shared_artifacts import TINY_ADVRAD
 
 from anomalib_robust.defenses import TMA, DiffPure
 from anomalib_robust.defenses.chains import ddim_purification, ddpm_purification
@@ -96,14 +97,7 @@ def test_ddim_clipping_rederives_eps_from_the_clamped_x0() -> None:
 @pytest.mark.parametrize("clip", [False, True])
 def test_purifiers_pass_the_option_to_their_chains(clip: bool) -> None:
     torch.manual_seed(0)
-    model = AdvRADModel(
-        image_size=(8, 8),
-        base_channels=32,
-        channel_mult=(1, 2),
-        attention_resolutions=(),
-        layers_per_block=1,
-        num_timesteps=100,
-    ).eval()
+    model = AdvRADModel(**{**TINY_ADVRAD, "image_size": (8, 8)}).eval()
 
     def unet(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return model.unet(x, t).sample

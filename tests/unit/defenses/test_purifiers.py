@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from shared_artifacts import TINY_ADVRAD
 
 from anomalib_robust.attacks import BPDA
 from anomalib_robust.defenses import TMA, DiffPure
@@ -16,14 +17,7 @@ SIZE = 16
 @pytest.fixture(scope="module")
 def denoiser() -> AdvRADModel:
     torch.manual_seed(0)
-    return AdvRADModel(
-        image_size=(SIZE, SIZE),
-        base_channels=32,
-        channel_mult=(1, 2),
-        attention_resolutions=(),
-        layers_per_block=1,
-        num_timesteps=100,
-    ).eval()
+    return AdvRADModel(**{**TINY_ADVRAD, "image_size": (SIZE, SIZE)}).eval()
 
 
 def _unet(model: AdvRADModel):
