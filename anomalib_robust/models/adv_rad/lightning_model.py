@@ -21,6 +21,7 @@ From the CLI (the plugin is loaded automatically once installed):
 """
 
 import copy
+import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,16 +36,19 @@ from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import Resize
 
 from anomalib_robust.models.adv_rad.export import check_calibration, check_exportable, quantize_unet
 from anomalib_robust.models.adv_rad.scoring import DEFAULT_SCALES
+from anomalib_robust.models.adv_rad.selection import CHECKPOINT_KEY, DiffusionStepChoice
 from anomalib_robust.models.adv_rad.torch_model import AdvRADModel
 from anomalib_robust.models.components import CheckpointArchitectureMixin
 
 if TYPE_CHECKING:
     import openvino as ov
+
+logger = logging.getLogger(__name__)
 
 NORMAL_STATISTICS_SEED = 0
 
@@ -74,8 +78,11 @@ class AdvRAD(CheckpointArchitectureMixin, AnomalibModule):
     ``configs/model/adv_rad_cpu.yaml`` is a small preset that trains in minutes on a CPU.
 
     Images enter in [0, 1]; the pre-processor only resizes (no ImageNet normalisation), the torch model maps to
-    [-1, 1]. The reconstruction method, k and the noise draws are inference-time choices: change them on a trained
-    model with :meth:`set_reconstruction` or the init args when loading a checkpoint.
+    [-1, 1]. The reconstruction method, k, the mean filter and the noise draws are inference-time choices: change k,
+    s and the draws on a trained model with :meth:`set_inference` (which recomputes the normal error map of Alg. 4),
+    the reconstruction method with :meth:`set_reconstruction`. :class:`~anomalib_robust.callbacks.SelectDiffusionStep`
+    chooses k and s at the end of training from held-out training images; a checkpoint keeps that choice
+    (:attr:`diffusion_step_choice`), and loading it restores the chosen k and s whatever the init args say.
 
     Args:
         image_size (Sequence[int]): Size the pre-processor resizes to, and the U-Net's input. Defaults to (256, 256).
@@ -154,6 +161,8 @@ class AdvRAD(CheckpointArchitectureMixin, AnomalibModule):
         self.model = self._build_model(self.hparams)
         self._noise_generator: torch.Generator | None = None
         self._statistics_step: int | None = None
+        self.diffusion_step_choice: DiffusionStepChoice | None = None
+        """The automatic choice of k and s with every candidate's numbers, when one was made (saved in checkpoints)."""
 
     @classmethod
     def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
@@ -171,6 +180,55 @@ class AdvRAD(CheckpointArchitectureMixin, AnomalibModule):
         reconstruction = reconstruction or self.model.reconstruction
         self.model.set_reconstruction(diffusion_step, reconstruction, step_schedule)
         self.hparams.update(diffusion_step=diffusion_step, reconstruction=reconstruction, step_schedule=step_schedule)
+
+    def set_inference(
+        self,
+        diffusion_step: int | None = None,
+        mean_filter_size: int | None = None,
+        num_noise_draws: int | None = None,
+        normal_images: AnomalibDataModule | Iterable[Batch] | None = None,
+    ) -> None:
+        """Set k, the mean filter size s and the noise draws of a trained model (no retraining: the U-Net is shared).
+
+        The normal error map of Alg. 4 line 9 belongs to one k and one s, so a fitted model recomputes it from
+        ``normal_images`` when either changes: the training datamodule (its training split is read as test images
+        are, see :func:`read_as_test_images`) or batches of training images; ``None`` for the trainer's datamodule.
+        The noise draws leave the map as it is (it is the mean error of the normal images over the noise).
+        ``None`` keeps a setting. Nothing changes when an argument is invalid.
+
+        Example:
+            >>> model = AdvRAD.load_from_checkpoint("model.ckpt")  # doctest: +SKIP
+            >>> model.set_inference(diffusion_step=50, mean_filter_size=3, normal_images=datamodule)  # doctest: +SKIP
+        """
+        model = self.model
+        old_step, old_schedule, old_size, old_draws = (
+            model.diffusion_step, model.step_schedule, model.mean_filter_size, model.num_noise_draws
+        )  # fmt: skip
+        diffusion_step = old_step if diffusion_step is None else diffusion_step
+        mean_filter_size = old_size if mean_filter_size is None else mean_filter_size
+        num_noise_draws = old_draws if num_noise_draws is None else num_noise_draws
+        changes_map = (diffusion_step, mean_filter_size) != (old_step, old_size)
+        refit = changes_map and (bool(model.is_fitted) or normal_images is not None)
+        try:
+            model.set_scoring(mean_filter_size, num_noise_draws)
+            schedule = old_schedule if diffusion_step == old_step else None  # arbitrary shot: a new k needs one
+            model.set_reconstruction(diffusion_step, model.reconstruction, schedule)
+            if refit and normal_images is None and self._trainer is None:
+                msg = (
+                    "set_inference changes k or the mean filter size of a fitted model: pass normal_images (the "
+                    "training datamodule, or batches of the training images) to recompute the normal error map of "
+                    "Alg. 4"
+                )
+                raise ValueError(msg)
+            if refit:
+                self.fit_normal_statistics(normal_images)
+        except Exception:
+            model.set_scoring(old_size, old_draws)
+            model.set_reconstruction(old_step, model.reconstruction, old_schedule)
+            raise
+        self.hparams.update(
+            diffusion_step=diffusion_step, mean_filter_size=mean_filter_size, num_noise_draws=num_noise_draws
+        )
 
     def forward(self, batch: torch.Tensor, noise: torch.Tensor | None = None) -> InferenceBatch:
         """Exported pipeline: pre-processor -> torch model -> post-processor, for images in [0, 1].
@@ -265,15 +323,18 @@ class AdvRAD(CheckpointArchitectureMixin, AnomalibModule):
         return self._predict(batch)
 
     @torch.no_grad()
-    def fit_normal_statistics(self) -> None:
+    def fit_normal_statistics(self, normal_images: AnomalibDataModule | Iterable[Batch] | None = None) -> None:
         """Mean Err_ms of the normal training images with the current weights (Alg. 4 line 9), stored as a buffer.
 
-        The images are read as test images are (:meth:`_normal_images`), without the training augmentations, and
+        The images are those of ``normal_images`` (a datamodule's training split, or batches), by default the
+        trainer's, read as test images are (:meth:`_normal_images`), without the training augmentations, and
         scored with seeded noise so that the statistics of a given checkpoint are reproducible. Under DDP every rank
         goes through the whole training set (the dataloader is built outside Lightning's loops, so it is not sharded)
         and computes the same statistics from the same synchronised weights.
         """
-        dataloader = self._normal_images()
+        if isinstance(normal_images, AnomalibDataModule):
+            normal_images = read_as_test_images(normal_images)
+        dataloader = self._normal_images() if normal_images is None else normal_images
         if dataloader is None:
             msg = "AdvRAD needs the training dataloader to compute the normal error statistics of Alg. 4"
             raise RuntimeError(msg)
@@ -302,15 +363,7 @@ class AdvRAD(CheckpointArchitectureMixin, AnomalibModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if not isinstance(datamodule, AnomalibDataModule):
             return datamodule.train_dataloader() if datamodule is not None else self.trainer.train_dataloader
-        dataset = copy.copy(datamodule.train_data)
-        test_data = getattr(datamodule, "test_data", None)
-        dataset.augmentations = test_data.augmentations if test_data is not None else datamodule.test_augmentations
-        return DataLoader(
-            dataset,
-            batch_size=datamodule.eval_batch_size,
-            num_workers=datamodule.num_workers,
-            collate_fn=datamodule.external_collate_fn or dataset.collate_fn,
-        )
+        return read_as_test_images(datamodule)
 
     def on_validation_start(self) -> None:
         """Refresh the normal error statistics when the weights changed since they were computed."""
@@ -330,7 +383,25 @@ class AdvRAD(CheckpointArchitectureMixin, AnomalibModule):
             for name, buffer in self.model.named_buffers(prefix="model"):
                 if name in checkpoint["state_dict"]:
                     checkpoint["state_dict"][name] = buffer.clone()
+        if self.diffusion_step_choice is not None:
+            checkpoint[CHECKPOINT_KEY] = self.diffusion_step_choice.to_dict()
         super().on_save_checkpoint(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Rebuild the architecture of the checkpoint (see the mixin); restore its automatic choice of k and s.
+
+        The checkpoint's normal error map was computed at the chosen k and s, so they win over the init args
+        (``anomalib test --model AdvRAD --ckpt_path ...`` builds the model with the default k = 100).
+        """
+        super().on_load_checkpoint(checkpoint)
+        if CHECKPOINT_KEY not in checkpoint:
+            return
+        choice = DiffusionStepChoice.from_dict(checkpoint[CHECKPOINT_KEY])
+        self.model.set_scoring(choice.mean_filter_size, self.model.num_noise_draws)  # the map: in the state dict
+        self.set_reconstruction(choice.diffusion_step)
+        self.hparams.update(mean_filter_size=choice.mean_filter_size)
+        self.diffusion_step_choice = choice
+        logger.info("AdvRAD: the checkpoint's automatic choice, %s", choice.summary())
 
     def on_test_start(self) -> None:
         """Check the statistics exist and seed the inference noise if requested."""
@@ -359,3 +430,23 @@ class AdvRAD(CheckpointArchitectureMixin, AnomalibModule):
     def learning_type(self) -> LearningType:
         """AdvRAD learns from normal images only."""
         return LearningType.ONE_CLASS
+
+
+def read_as_test_images(datamodule: AnomalibDataModule, dataset: Dataset | None = None) -> DataLoader:
+    """``dataset`` (by default the training split of ``datamodule``) read as the test images are, without shuffling.
+
+    An anomalib datamodule serves its test set with its test augmentations (composed with the model's resize when a
+    trainer is attached); the training images are re-read with those instead of the training augmentations, in
+    batches of ``eval_batch_size``. The datamodule is set up first when it is not yet.
+    """
+    if not hasattr(datamodule, "train_data"):
+        datamodule.setup()
+    dataset = copy.copy(datamodule.train_data if dataset is None else dataset)
+    test_data = getattr(datamodule, "test_data", None)
+    dataset.augmentations = test_data.augmentations if test_data is not None else datamodule.test_augmentations
+    return DataLoader(
+        dataset,
+        batch_size=datamodule.eval_batch_size,
+        num_workers=datamodule.num_workers,
+        collate_fn=datamodule.external_collate_fn or dataset.collate_fn,
+    )

@@ -140,18 +140,11 @@ class AdvRADModel(nn.Module):
         super().__init__()
         image_size = tuple(image_size)
         check_scales(scales, image_size)
-        if mean_filter_size < 1 or mean_filter_size % 2 == 0:
-            msg = f"mean_filter_size must be a positive odd integer, got {mean_filter_size}"
-            raise ValueError(msg)
-        if num_noise_draws < 1:
-            msg = f"num_noise_draws must be >= 1, got {num_noise_draws}"
-            raise ValueError(msg)
         self.image_size = image_size
         self.in_channels = in_channels
         self.vb_weight = vb_weight
         self.scales = tuple(scales)
-        self.mean_filter_size = mean_filter_size
-        self.num_noise_draws = num_noise_draws
+        self.set_scoring(mean_filter_size, num_noise_draws)
         self.unet = build_unet(
             image_size,
             in_channels,
@@ -188,6 +181,20 @@ class AdvRADModel(nn.Module):
         self.diffusion_step = diffusion_step
         self.reconstruction = reconstruction
         self.step_schedule = step_schedule
+
+    def set_scoring(self, mean_filter_size: int, num_noise_draws: int) -> None:
+        """Choose the mean filter size s of Alg. 4 and the noise draws averaged per image (no retraining).
+
+        The normal error map (:meth:`set_normal_error_map`) depends on s: recompute it after changing s.
+        """
+        if not _is_count(mean_filter_size) or mean_filter_size % 2 == 0:
+            msg = f"mean_filter_size must be a positive odd integer, got {mean_filter_size!r}"
+            raise ValueError(msg)
+        if not _is_count(num_noise_draws):
+            msg = f"num_noise_draws must be an integer >= 1, got {num_noise_draws!r}"
+            raise ValueError(msg)
+        self.mean_filter_size = mean_filter_size
+        self.num_noise_draws = num_noise_draws
 
     def denoise(self, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """U-Net output ``[eps, v]`` for diffused images ``xt`` at 0-based steps ``t``."""
@@ -295,3 +302,8 @@ class AdvRADModel(nn.Module):
         error_map = self.error_map(images, generator, noise)
         anomaly_map, score = deviation_from_normal(error_map, self.normal_error_map)
         return InferenceBatch(pred_score=score, anomaly_map=anomaly_map)
+
+
+def _is_count(value: object) -> bool:
+    """An integer >= 1 (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1

@@ -1,0 +1,204 @@
+"""Choosing AdvRAD's k and s on held-out training images: the rule, the held-out data, ``set_inference``, and the
+whole choice on a model whose best k is known by construction."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from anomalib.data import ImageBatch, ImageItem
+from torch import nn
+
+from anomalib_robust import AdvRAD
+from anomalib_robust.callbacks import SelectDiffusionStep
+from anomalib_robust.callbacks.diffusion_step import choose_diffusion_step
+from anomalib_robust.data import FashionMNIST
+from anomalib_robust.data.defects import MAX_AREA, MIN_AREA
+from anomalib_robust.evaluation import RobustEvaluator
+from anomalib_robust.models.adv_rad.selection import (
+    DiffusionStepCandidate,
+    DiffusionStepChoice,
+    HeldOutDefects,
+    check_candidates,
+    choose_candidate,
+    held_out_split,
+)
+
+
+def _candidate(k: int, standard: float, robust: float, s: int = 5) -> DiffusionStepCandidate:
+    return DiffusionStepCandidate(k, s, standard=standard, robust=robust)
+
+
+def test_rule_takes_the_most_robust_candidate_within_the_margin() -> None:
+    candidates = [_candidate(50, 0.83, 0.65), _candidate(100, 0.81, 0.70), _candidate(200, 0.64, 0.80)]
+    assert choose_candidate(candidates, margin=0.03).diffusion_step == 100  # 200 is more robust, but too inaccurate
+    assert choose_candidate(candidates, margin=0.0).diffusion_step == 50
+    assert choose_candidate(candidates, margin=0.2).diffusion_step == 200
+
+
+def test_rule_breaks_ties_by_standard_auroc_then_smaller_k() -> None:
+    assert choose_candidate([_candidate(50, 0.80, 0.7), _candidate(25, 0.82, 0.7)], 0.05).diffusion_step == 25
+    assert choose_candidate([_candidate(50, 0.80, 0.7), _candidate(25, 0.80, 0.7)], 0.05).diffusion_step == 25
+    assert choose_candidate([_candidate(25, 0.79, 0.7), _candidate(50, 0.80, 0.7)], 0.05).diffusion_step == 50
+
+
+@pytest.mark.parametrize(
+    ("steps", "sizes", "match"),
+    [
+        ((), (3,), "diffusion_steps must be a non-empty list"),
+        ((50, 50), (3,), "must not repeat"),
+        ((50,), (4,), "mean_filter_sizes must be odd"),
+        ((50,), (0,), "mean_filter_sizes must be a non-empty list of positive integers"),
+        ((True,), (3,), "diffusion_steps must be a non-empty list of positive integers"),
+        ((50, 150), (3,), r"1 <= k <= T = 100"),
+    ],
+)
+def test_bad_candidates_are_clear_errors(steps: tuple, sizes: tuple, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        check_candidates(steps, sizes, num_timesteps=100)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "match"),
+    [
+        ({"margin": 1.5}, "margin must be an AUROC difference in"),
+        ({"holdout": 1.0}, r"holdout must be a fraction in \(0, 1\)"),
+        ({"eot_samples": 1}, "eot_samples must be an integer >= 2"),
+        ({"diffusion_steps": [0]}, "diffusion_steps must be a non-empty list of positive integers"),
+        ({"steps": 0}, "steps"),
+        ({"norm": "L1"}, "norm"),
+    ],
+)
+def test_bad_callback_arguments_are_clear_errors(arguments: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        SelectDiffusionStep(**arguments)
+
+
+@pytest.fixture(scope="module")
+def trouser_images() -> FashionMNIST:
+    datamodule = FashionMNIST(category="trouser", protocol="semantic", root="embedded", image_size=32, num_train=10)
+    datamodule.setup()
+    return datamodule
+
+
+def test_held_out_split_is_seeded_and_disjoint(trouser_images: FashionMNIST) -> None:
+    training, held_out = held_out_split(trouser_images.train_data, 0.3, seed=0)
+    assert (len(training), len(held_out)) == (7, 3)
+    kept, out = set(training.samples.source_index), set(held_out.samples.source_index)
+    assert not kept & out
+    assert kept | out == set(trouser_images.train_data.samples.source_index)
+    again = held_out_split(trouser_images.train_data, 0.3, seed=0)[1]
+    assert list(again.samples.source_index) == list(held_out.samples.source_index)
+    other = held_out_split(trouser_images.train_data, 0.3, seed=1)[1]
+    assert list(other.samples.source_index) != list(held_out.samples.source_index)
+    with pytest.raises(ValueError, match="needs at least 2"):
+        held_out_split(trouser_images.train_data, 0.1, seed=0)
+
+
+def test_held_out_defects_paint_perlin_defects_on_half_the_images(trouser_images: FashionMNIST) -> None:
+    source = trouser_images.train_data
+    defects = HeldOutDefects(source, seed=0)
+    labels = [int(defects[i].gt_label) for i in range(len(defects))]
+    assert sorted(labels) == [0] * 5 + [1] * 5
+    for index, label in enumerate(labels):
+        item, original = defects[index], source[index]
+        assert item.image_path == original.image_path
+        changed = (item.image - original.image).abs().amax(0) > 0
+        if label == 0:
+            assert not item.gt_mask.any()
+            assert not changed.any()
+        else:
+            assert MIN_AREA <= item.gt_mask.float().mean() <= MAX_AREA
+            assert not (changed & ~item.gt_mask).any()  # only the defect's pixels change
+            assert changed.any()
+            torch.testing.assert_close(item.image[0], item.image[2])  # still gray
+
+
+def test_choice_survives_a_plain_checkpoint_load(tmp_path) -> None:
+    choice = DiffusionStepChoice(
+        [_candidate(50, 0.8, 0.6), _candidate(100, 0.78, 0.7, s=3)], chosen=1, margin=0.03,
+        attack="EOT-4 PGD-5 Linf 2/255", num_normal=20, num_defective=20, holdout=0.2, seed=0,
+    )  # fmt: skip
+    torch.save({"choice": choice.to_dict()}, tmp_path / "checkpoint.pt")
+    loaded = DiffusionStepChoice.from_dict(torch.load(tmp_path / "checkpoint.pt", weights_only=True)["choice"])
+    assert loaded == choice
+    assert (loaded.diffusion_step, loaded.mean_filter_size) == (100, 3)
+    assert "k = 100, mean filter 3" in loaded.summary()
+
+
+def _batches(images: torch.Tensor, batch_size: int = 4) -> list[ImageBatch]:
+    items = [ImageItem(image=image, gt_label=torch.tensor(0), image_path=f"normal_{i}") for i, image in enumerate(images)]
+    return [ImageBatch.collate(items[start : start + batch_size]) for start in range(0, len(items), batch_size)]
+
+
+def test_set_inference_recomputes_the_normal_map_as_training_would(tiny_advrad: dict) -> None:
+    images = _batches(torch.rand(6, 3, 32, 32))
+    model = AdvRAD(**tiny_advrad)
+    model.fit_normal_statistics(images)
+    at_training_k = model.model.normal_error_map.clone()
+    model.set_inference(diffusion_step=50, mean_filter_size=5, normal_images=images)
+
+    trained_at_50 = AdvRAD(**{**tiny_advrad, "diffusion_step": 50, "mean_filter_size": 5})
+    trained_at_50.model.unet.load_state_dict(model.model.unet.state_dict())
+    trained_at_50.fit_normal_statistics(images)
+    torch.testing.assert_close(model.model.normal_error_map, trained_at_50.model.normal_error_map)
+    assert not torch.allclose(model.model.normal_error_map, at_training_k)
+    assert (model.hparams.diffusion_step, model.hparams.mean_filter_size) == (50, 5)
+
+    model.set_inference(num_noise_draws=3)  # the draws leave the map: no images needed
+    assert model.model.num_noise_draws == 3
+    torch.testing.assert_close(model.model.normal_error_map, trained_at_50.model.normal_error_map)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "match"),
+    [
+        ({"diffusion_step": 101}, r"1 <= k <= T = 100"),
+        ({"diffusion_step": 20, "mean_filter_size": 4}, "mean_filter_size must be a positive odd integer"),
+        ({"num_noise_draws": 0}, "num_noise_draws must be an integer >= 1"),
+        ({"diffusion_step": 20}, "pass normal_images"),
+    ],
+)
+def test_set_inference_rejects_bad_input_and_changes_nothing(tiny_advrad: dict, arguments: dict, match: str) -> None:
+    model = AdvRAD(**tiny_advrad)
+    model.fit_normal_statistics(_batches(torch.rand(2, 3, 32, 32)))
+    before = model.model.normal_error_map.clone()
+    with pytest.raises(ValueError, match=match):
+        model.set_inference(**arguments)
+    assert (model.model.diffusion_step, model.model.mean_filter_size, model.model.num_noise_draws) == (10, 3, 1)
+    torch.testing.assert_close(model.model.normal_error_map, before)
+
+
+class TemplateOracle(nn.Module):
+    """A denoiser whose best k is known: from step ``threshold`` on it predicts the noise that makes the one-shot
+    reconstruction (Alg. 1) exactly ``template`` (the noise has drowned any defect: it is repaired); below, it
+    predicts zero noise, so the reconstruction is the noisy input itself and its error is noise, blind to defects."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor, template: torch.Tensor, threshold: int) -> None:
+        super().__init__()
+        self.alphas_cumprod, self.template, self.threshold = alphas_cumprod, template * 2 - 1, threshold
+
+    def forward(self, xt: torch.Tensor, t: torch.Tensor) -> SimpleNamespace:
+        alpha_bar = self.alphas_cumprod[t].to(xt.dtype).reshape(-1, 1, 1, 1)
+        repairing = (xt - alpha_bar.sqrt() * self.template) / (1 - alpha_bar).sqrt()
+        eps = torch.where((t >= self.threshold).reshape(-1, 1, 1, 1), repairing, torch.zeros_like(xt))
+        return SimpleNamespace(sample=torch.cat([eps, torch.zeros_like(eps)], dim=1))
+
+
+def test_choice_picks_the_k_that_is_better_by_construction(tiny_advrad: dict) -> None:
+    template = torch.full((3, 32, 32), 0.2)
+    template[:, 8:24, 10:22] = 0.8
+    model = AdvRAD(**tiny_advrad)
+    model.model.unet = TemplateOracle(model.model.schedule.alphas_cumprod, template, threshold=50)
+    held_out = HeldOutDefects([ImageItem(image=template.clone(), image_path=f"held_out_{i}") for i in range(16)])
+    evaluator = RobustEvaluator(attacks=["pgd"], steps=2, eot_samples=2, eval_repeats=1, sanity_checks=False,
+                                num_grid_images=0)  # fmt: skip
+    choice = choose_diffusion_step(
+        model, _batches(template.expand(4, -1, -1, -1)), held_out, evaluator, diffusion_steps=(5, 60),
+        mean_filter_sizes=(3,), margin=0.03,
+    )  # fmt: skip
+    assert (choice.diffusion_step, choice.mean_filter_size) == (60, 3)
+    assert model.model.diffusion_step == 60 and model.diffusion_step_choice is choice
+    small, large = choice.candidates
+    assert (large.standard, large.robust) == (1.0, 1.0)  # repaired defects stand out, even under attack
+    assert small.standard < 0.85  # an error map of pure noise cannot rank the defects
+    assert (choice.num_normal, choice.num_defective) == (8, 8)
