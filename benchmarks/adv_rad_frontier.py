@@ -1,0 +1,176 @@
+"""AdvRAD's accuracy-robustness frontier: standard vs robust AUROC over k, the mean filter size and the noise draws.
+
+One trained U-Net serves every setting (AdvRAD paper, sec. 4.3 and appendix D.4: k is an inference-time choice); for
+each setting the normal error map of Alg. 4 is recomputed from the training images (``AdvRAD.set_inference``) and the
+test set of the Fashion-MNIST datamodule is attacked with EOT-PGD and scored as deployed, ``--eval-repeats`` times
+(:class:`~anomalib_robust.evaluation.RobustEvaluator`; cells are mean ± std). Prints a rich table and writes
+``frontier.png`` (robust against standard AUROC, one point per setting) and ``frontier.json`` (finished settings: an
+interrupted run resumes) to ``--output``.
+
+Without ``--ckpt`` the CPU preset is trained first (``--epochs``) with
+:class:`~anomalib_robust.callbacks.SelectDiffusionStep`, so the table also marks the setting chosen automatically
+from held-out training images; with a checkpoint that has such a choice, it is marked too, and the normal maps are
+computed from the same training split.
+
+Example:
+    $ python benchmarks/adv_rad_frontier.py --category trouser --epochs 60
+    $ python benchmarks/adv_rad_frontier.py --ckpt model.ckpt --diffusion-steps 50 100 --mean-filter-sizes 5 \\
+        --noise-draws 1 4 --protocol semantic
+"""
+
+import argparse
+import itertools
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import matplotlib as mpl
+
+mpl.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+from anomalib.engine import Engine
+from rich.console import Console
+from rich.table import Table
+from torch.utils.data import DataLoader
+
+from anomalib_robust import AdvRAD
+from anomalib_robust.callbacks import SelectDiffusionStep
+from anomalib_robust.callbacks.diffusion_step import attack_label, candidate_table, measure_setting
+from anomalib_robust.data import FashionMNIST
+from anomalib_robust.evaluation import RobustEvaluator
+from anomalib_robust.evaluation.report import format_auroc, write_atomic
+from anomalib_robust.models.adv_rad.lightning_model import read_as_test_images
+from anomalib_robust.models.adv_rad.selection import DiffusionStepCandidate, held_out_split
+
+PAPER_DIFFUSION_STEP = 100
+
+
+def datamodule(args: argparse.Namespace, protocol: str) -> FashionMNIST:
+    """The Fashion-MNIST datamodule of ``protocol`` (the training images are the same for both)."""
+    return FashionMNIST(
+        category=args.category, protocol=protocol, image_size=32, num_train=args.num_train, num_test=args.num_test,
+        train_batch_size=16, eval_batch_size=16,
+    )  # fmt: skip
+
+
+def trained_model(args: argparse.Namespace) -> AdvRAD:
+    """The checkpoint's model, or the CPU preset trained with the automatic choice of k (checkpoint saved)."""
+    if args.ckpt is not None:
+        return AdvRAD.load_from_checkpoint(args.ckpt, map_location="cpu")
+    torch.manual_seed(0)
+    model = AdvRAD.cpu_preset(evaluator=False, visualizer=False)
+    engine = Engine(
+        max_epochs=args.epochs,
+        check_val_every_n_epoch=args.epochs,
+        logger=False,
+        enable_progress_bar=False,
+        default_root_dir=args.output / "runs",
+        callbacks=[SelectDiffusionStep(diffusion_steps=args.select_steps)],
+    )
+    started = time.perf_counter()
+    engine.fit(model, datamodule=datamodule(args, args.protocol[0]))
+    Console().log(f"trained {args.epochs} epochs and chose k in {time.perf_counter() - started:.0f} s")
+    Console().log(f"checkpoint: {engine.trainer.checkpoint_callback.best_model_path}")
+    return model
+
+
+def training_images(model: AdvRAD, datamodule: FashionMNIST) -> DataLoader:
+    """The training images the model's normal maps come from: without those its automatic choice held out."""
+    datamodule.setup()
+    choice, train_data = model.diffusion_step_choice, datamodule.train_data
+    if choice is not None and choice.holdout is not None:
+        train_data = held_out_split(train_data, choice.holdout, choice.seed)[0]
+    return read_as_test_images(datamodule, train_data)
+
+
+def plot_frontier(rows: list[tuple[str, DiffusionStepCandidate]], marked: dict[str, str], path: Path) -> None:
+    """Robust against standard AUROC with the spread over repeats, one labelled point per setting."""
+    figure, axis = plt.subplots(figsize=(6, 5))
+    for label, cell in rows:
+        axis.errorbar(
+            100 * cell.standard, 100 * cell.robust, xerr=100 * cell.standard_std, yerr=100 * cell.robust_std,
+            fmt="o", capsize=3, color="tab:red" if label in marked else "tab:blue",
+        )  # fmt: skip
+        axis.annotate(f"{label}{marked.get(label, '')}", (100 * cell.standard, 100 * cell.robust), fontsize=7,
+                      xytext=(4, 4), textcoords="offset points")  # fmt: skip
+    axis.set_xlabel("standard image AUROC (%)")
+    axis.set_ylabel("robust image AUROC (%)")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt", type=Path, help="a trained AdvRAD checkpoint; without it the CPU preset is trained")
+    parser.add_argument("--category", default="trouser")
+    parser.add_argument("--protocol", nargs="+", default=["defect"], choices=["defect", "semantic"])
+    parser.add_argument("--num-train", type=int, default=200)
+    parser.add_argument("--num-test", type=int, default=100, help="test and validation images together")
+    parser.add_argument("--epochs", type=int, default=75, help="training epochs without --ckpt (batch 16)")
+    parser.add_argument("--select-steps", type=int, nargs="+", default=[25, 50, 100, 200],
+                        help="candidate k of the automatic choice (without --ckpt)")  # fmt: skip
+    parser.add_argument("--diffusion-steps", type=int, nargs="+", default=[25, 50, 100, 200])
+    parser.add_argument("--mean-filter-sizes", type=int, nargs="+", default=[3, 5])
+    parser.add_argument("--noise-draws", type=int, nargs="+", default=[1])
+    parser.add_argument("--eps", type=float, default=2 / 255)
+    parser.add_argument("--norm", default="Linf", choices=["Linf", "L2"])
+    parser.add_argument("--steps", type=int, default=10, help="PGD steps")
+    parser.add_argument("--eot-samples", type=int, default=8, help="the attacker's EOT draws")
+    parser.add_argument("--eval-repeats", type=int, default=4, help="deployed scorings per setting")
+    parser.add_argument("--max-samples", type=int, help="evaluate only this many evenly spaced test images")
+    parser.add_argument("--output", type=Path, default=Path("results/benchmarks/adv_rad_frontier"))
+    args = parser.parse_args(argv)
+    args.output.mkdir(parents=True, exist_ok=True)
+    console = Console(width=150)
+
+    model = trained_model(args)
+    choice = model.diffusion_step_choice
+    if choice is not None:
+        console.print(candidate_table(choice))
+    evaluator = RobustEvaluator(
+        attacks=["pgd"], eps=args.eps, norm=args.norm, steps=args.steps, eot_samples=args.eot_samples,
+        eval_repeats=args.eval_repeats, sanity_checks=False, num_grid_images=0, max_samples=args.max_samples,
+    )  # fmt: skip
+    cache_path = args.output / "frontier.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    model_key = str(args.ckpt or f"cpu_preset_{args.category}_{args.epochs}epochs")
+    settings = list(itertools.product(args.diffusion_steps, args.mean_filter_sizes, args.noise_draws))
+    for protocol in args.protocol:
+        test_data = datamodule(args, protocol)
+        normal_images = training_images(model, test_data)
+        rows = []
+        for k, s, draws in settings:
+            key = f"{model_key}|{protocol}|{attack_label(evaluator)}|r{args.eval_repeats}|k{k}|s{s}|n{draws}"
+            if key not in cache:
+                cell = measure_setting(model, evaluator, [test_data.test_dataloader()], normal_images, k, s, draws)
+                cache[key] = asdict(cell)
+                write_atomic(cache_path, json.dumps(cache, indent=1))
+                console.log(f"{protocol} k={k} s={s} draws={draws}: {cell.seconds:.0f} s")
+            rows.append((f"k={k} s={s} n={draws}", DiffusionStepCandidate(**cache[key])))
+        marked = {f"k={PAPER_DIFFUSION_STEP} s={s} n=1": " (paper k)" for s in args.mean_filter_sizes}
+        if choice is not None:
+            marked[f"k={choice.diffusion_step} s={choice.mean_filter_size} n=1"] = " (auto)"
+        table = Table(
+            title=f"AdvRAD frontier, Fashion-MNIST {args.category}, {protocol} protocol, {model_key}; "
+            f"{attack_label(evaluator)}, image AUROC % (mean ± std over {args.eval_repeats} deployed scorings)"
+        )
+        for column in ("k", "mean filter", "noise draws", "standard", "robust", "seconds", ""):
+            table.add_column(column, justify="right")
+        for label, cell in rows:
+            table.add_row(
+                str(cell.diffusion_step), str(cell.mean_filter_size), str(cell.num_noise_draws),
+                format_auroc(cell.standard, cell.standard_std), format_auroc(cell.robust, cell.robust_std),
+                f"{cell.seconds:.0f}", marked.get(label, "").strip(" ()"),
+            )  # fmt: skip
+        console.print(table)
+        plot_frontier(rows, marked, args.output / f"frontier_{protocol}.png")
+    console.log(f"plots and numbers in {args.output}")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()
