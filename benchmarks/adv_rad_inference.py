@@ -2,7 +2,9 @@
 
 One-shot denoising (Alg. 1) costs one U-Net evaluation; arbitrary-shot (Alg. 3) with m steps costs m; full-shot
 (Alg. 2) costs k. The table reports images/s and the slowdown relative to one-shot, for the CPU preset and (with
-``--paper``) the paper's 256 x 256 configuration. Weights are random: speed does not depend on them.
+``--paper``) the paper's 256 x 256 configuration, with the roofline columns of :mod:`roofline` (FLOPs per image of the
+whole call, achieved GFLOP/s and the share of the fp32 matmul peak timed in the same run). Weights are random: speed
+does not depend on them.
 
     python benchmarks/adv_rad_inference.py [--paper] [--batch 8] [--repeats 2]
 """
@@ -13,6 +15,7 @@ import time
 import torch
 from rich.console import Console
 from rich.table import Table
+from roofline import COLUMNS, Roofline, count_flops
 
 from anomalib_robust.models.adv_rad.reconstruction import uniform_step_schedule
 from anomalib_robust.models.adv_rad.torch_model import AdvRADModel
@@ -37,9 +40,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     arguments = parser.parse_args()
     torch.manual_seed(0)
+    roofline = Roofline.measure()
 
     table = Table(title="AdvRAD inference: reconstruction modes (k = 100, same inputs)")
-    for column in ("config", "mode", "U-Net calls", "images/s", "s/image", "x one-shot"):
+    for column in ("config", "mode", "U-Net calls", "images/s", "s/image", "x one-shot", *COLUMNS):
         table.add_column(column, justify="right")
     configs = {"cpu preset 32x32": CPU_PRESET} | ({"paper 256x256": PAPER} if arguments.paper else {})
     for name, config in configs.items():
@@ -60,8 +64,13 @@ def main() -> None:
             repeats = arguments.repeats if calls == 1 else 1
             speed = images_per_second(model, images, repeats)
             baseline = baseline or speed
-            table.add_row(name, label, str(calls), f"{speed:.2f}", f"{1 / speed:.3f}", f"{baseline / speed:.1f}")
-    Console(width=120).print(table)
+            with torch.no_grad():
+                flops = count_flops(lambda: model(images[:1]))
+            cells = (f"{speed:.2f}", f"{1 / speed:.3f}", f"{baseline / speed:.1f}", *roofline.cells(flops, speed))
+            table.add_row(name, label, str(calls), *cells)
+    console = Console(width=160)
+    console.print(table)
+    console.print(roofline.caption())
 
 
 if __name__ == "__main__":
