@@ -40,6 +40,7 @@ from rich.console import Console
 from torch.utils.data import DataLoader
 
 from anomalib_robust.defenses import DiffusionPurifier
+from anomalib_robust.evaluation.budget import DEFAULT_SANITY_BUDGET
 from anomalib_robust.evaluation.evaluator import DEFAULT_EVAL_REPEATS, PURIFIER_GRADIENTS, RobustEvaluator
 from anomalib_robust.evaluation.plots import plot_adversarial_grid, plot_auroc_vs_eps
 from anomalib_robust.evaluation.report import RobustReport
@@ -65,6 +66,9 @@ class RobustEval(Callback):
         resolution: ``"model"``: eps is measured at the model's input size (the papers' convention); ``"native"``:
             on the test image before the pre-processor resizes it.
         sanity_checks: also run the sanity checks and report their verdicts.
+        sanity_budget: the sanity runs may cost this multiple of the configured runs (default 1.5: an evenly spaced
+            subset of the test images with both classes, Square with one draw per query, the very large eps with
+            at most 5 steps); ``None`` for full sanity runs on every image. The report states each check's budget.
         large_eps: radius of the "very large eps" check; ``None`` for 0.5 (L_inf) or ``0.5 * sqrt(C * H * W)`` (L_2).
         near_zero: AUROC the very large eps must reach for the check to pass.
         tolerance: AUROC slack of the comparisons, on top of the noise of the repeats.
@@ -93,6 +97,7 @@ class RobustEval(Callback):
         targets: str | Sequence[str] = ("score",),
         resolution: str = "model",
         sanity_checks: bool = True,
+        sanity_budget: float | None = DEFAULT_SANITY_BUDGET,
         large_eps: float | None = None,
         near_zero: float = 0.1,
         tolerance: float = 0.02,
@@ -120,6 +125,7 @@ class RobustEval(Callback):
             targets=targets,
             resolution=resolution,
             sanity_checks=sanity_checks,
+            sanity_budget=sanity_budget,
             large_eps=large_eps,
             near_zero=near_zero,
             tolerance=tolerance,

@@ -20,7 +20,11 @@ The evaluation follows the rules that make a robust AUROC trustworthy:
 Attacks push the image score (``target="score"``, the AdvRAD paper's sec. 3) or the anomaly map (``target="map"``:
 normal pixels up, anomalous pixels down); the pixel AUROC of a score-target run is the pixel AUROC under the image
 attack, that of a map-target run the robust localisation. The sanity checks of
-:mod:`anomalib_robust.evaluation.sanity` run extra attacks and a finite-difference gradient check.
+:mod:`anomalib_robust.evaluation.sanity` run extra attacks and a finite-difference gradient check, within a budget
+(``sanity_budget``, a multiple of the configured runs' cost, :mod:`anomalib_robust.evaluation.budget`): the sanity
+runs attack an evenly spaced subset of the test images that keeps both classes, after the configured runs, and each
+comparison uses the configured run's AUROC on the same subset. Before attacking, the evaluator logs its plan (forward
+and backward passes per image of every run) and, after the first batch, an estimate of the wall time.
 
 Example:
     >>> from anomalib_robust.evaluation import RobustEvaluator
@@ -29,10 +33,12 @@ Example:
 """
 
 import contextlib
+import dataclasses
 import hashlib
 import itertools
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -45,9 +51,22 @@ from anomalib_robust.attacks.base import check_count, check_norm, check_positive
 from anomalib_robust.attacks.eot import check_max_batch
 from anomalib_robust.attacks.pgd import check_select
 from anomalib_robust.defenses import DiffusionPurifier, Purified
+from anomalib_robust.evaluation.budget import (
+    DEFAULT_SANITY_BUDGET,
+    EvaluationPlan,
+    attack_passes,
+    attack_queries,
+    check_sanity_budget,
+    fit_sanity,
+    gradient_check_cost,
+    gradient_check_passes,
+    run_cost,
+    square_passes,
+    stratified_subset,
+)
 from anomalib_robust.evaluation.gradient_check import check_gradient
 from anomalib_robust.evaluation.metrics import mean_and_std, pixel_auroc, rank_auroc
-from anomalib_robust.evaluation.report import AttackResult, RobustReport, SanityCheck, format_eps
+from anomalib_robust.evaluation.report import AttackResult, RobustReport, SanityCheck, format_budget, format_eps
 from anomalib_robust.evaluation.sanity import sanity_checks
 from anomalib_robust.evaluation.sharding import (
     check_both_classes,
@@ -75,6 +94,15 @@ LARGE_EPS = 0.5
 """Default very large radius of the sanity check: half the pixel range, per pixel (L_inf) or in RMS terms (L_2,
 multiplied by the square root of the number of pixel values)."""
 
+LARGE_EPS_STEPS = 5
+"""Most steps of the very-large-eps sanity run within a sanity budget: at that radius the attack saturates fast."""
+
+GRADIENT_CHECK_IMAGES = 4
+"""Test images of the finite-difference gradient check (the first ones, the same on every rank)."""
+
+GRADIENT_CHECK_DIRECTIONS = 2
+"""Random directions per image of the gradient check."""
+
 
 def derive_seed(seed: int, *parts: object) -> int:
     """A seed for one phase of the evaluation, independent of every other ``(phase, batch, run, repeat)``."""
@@ -97,6 +125,8 @@ class _Run:
     result: AttackResult
     scores: list[torch.Tensor] = field(default_factory=list)
     maps: list[torch.Tensor] = field(default_factory=list)
+    check: str = ""
+    """For a sanity run, the comparison it serves: ``"more_steps"``, ``"large_eps"`` or ``"square"``."""
 
 
 @dataclass
@@ -131,6 +161,11 @@ class RobustEvaluator:
         resolution: ``"model"`` (eps at the model's input size) or ``"native"`` (the test image's size).
         sanity_checks: also run the sanity checks (twice the steps and a very large eps with the first gradient
             attack, Square at the largest eps unless configured, the finite-difference gradient check).
+        sanity_budget: the sanity checks may cost this multiple of the configured runs (attacks and scoring, in
+            forward-pass equivalents; default 1.5); they then run on an evenly spaced subset of the test images with
+            both classes, Square with one draw per query (the evaluator re-scores its result as deployed), the very
+            large eps with at most 5 steps, and Square's queries shrink only to keep 16 images. ``None``: full sanity
+            runs (every image, the attacker's EOT draws, the configured steps and queries).
         large_eps: radius of the "very large eps" check; ``None`` for 0.5 (L_inf) or ``0.5 * sqrt(C * H * W)`` (L_2).
         near_zero: AUROC the very large eps must reach for the check to pass.
         tolerance: AUROC slack of the comparisons, on top of the noise of the repeats.
@@ -157,6 +192,7 @@ class RobustEvaluator:
         targets: str | Sequence[str] = ("score",),
         resolution: str = "model",
         sanity_checks: bool = True,
+        sanity_budget: float | None = DEFAULT_SANITY_BUDGET,
         large_eps: float | None = None,
         near_zero: float = 0.1,
         tolerance: float = 0.02,
@@ -198,6 +234,7 @@ class RobustEvaluator:
             _check_choice("targets", target, TARGETS)
         self.resolution = _check_choice("resolution", resolution, RESOLUTIONS)
         self.sanity_checks = sanity_checks
+        self.sanity_budget = check_sanity_budget(sanity_budget)
         self.large_eps = None if large_eps is None else check_positive("large_eps", large_eps)
         self.near_zero = near_zero
         self.tolerance = tolerance
@@ -223,7 +260,8 @@ class RobustEvaluator:
     ) -> tuple[RobustReport, dict | None]:
         """Attack and score this rank's share of ``loaders``, gather across ranks, and build the report.
 
-        Returns the report (identical on every rank) and the arguments of
+        The configured runs attack every selected test image, then the sanity runs attack their subset. Returns the
+        report (identical on every rank) and the arguments of
         :func:`~anomalib_robust.evaluation.plots.plot_adversarial_grid` for the first batch (``None`` on ranks
         without batches, or when there is no grid).
         """
@@ -238,11 +276,25 @@ class RobustEvaluator:
             raise ValueError(msg)
         loaders = list(loaders)
         shards = rank_shards(loaders, rank, world_size, self.max_samples)
-        check_both_classes(_test_labels(shards))  # before any attack: a single-class test set is an error at once
+        indices, labels = _test_set(shards)
+        check_both_classes(labels)  # before any attack: a single-class test set is an error at once
         device = next(model.parameters(), torch.empty(0)).device
         repeats = self.eval_repeats if detector.stochastic else 1
         with torch.inference_mode(False), detector.prepared(), torch.random.fork_rng(devices=cuda_devices(device)):
-            runs = self._runs(self._attacked_detectors(detector), loaders)
+            detectors = self._attacked_detectors(detector)
+            configured = self._runs(detectors, indices.numel())
+            sanity, subset = [], indices
+            if self.sanity_checks:
+                sanity, subset = self._sanity_runs(detectors[0], loaders, configured, repeats, indices, labels)
+            gradient = gradient_check_passes(_gradient_check_count(loaders), GRADIENT_CHECK_DIRECTIONS)
+            plan = EvaluationPlan(
+                detector.name, [run.result for run in configured + sanity], repeats, indices.numel(),
+                gradient if self.sanity_checks else None, self.sanity_budget if self.sanity_checks else None,
+            )  # fmt: skip
+            plan.log(show_progress)
+            sanity_shards = []
+            if sanity:
+                sanity_shards = rank_shards(loaders, rank, world_size, selections=_selections(loaders, subset))
             with Progress(
                 TextColumn("[bold]RobustEval[/] {task.description}"),
                 BarColumn(),
@@ -250,17 +302,48 @@ class RobustEvaluator:
                 TimeElapsedColumn(),
                 disable=not show_progress,
             ) as progress:
-                task = progress.add_task(detector.name, total=len(runs) * sum(len(shard) for shard in shards))
-                clean, grid = self._attack_pass(detector, shards, runs, repeats, device, progress, task)
+                batches = len(configured) * sum(map(len, shards)) + len(sanity) * sum(map(len, sanity_shards))
+                bar = (progress, progress.add_task(detector.name, total=batches))
+                estimate = plan.estimator(world_size, progress if show_progress else None)
+                clean, grid = self._attack_pass(detector, shards, configured, repeats, device, bar, 0, estimate)
+                attacked, _ = self._attack_pass(detector, sanity_shards, sanity, repeats, device, bar, len(configured))
             gradient = self._gradient_check(detector, loaders, device) if self.sanity_checks else None
-        synchronise_status(runs)
-        labels, scores, maps, masks, *per_run = gather_by_index(
+        synchronise_status(configured + sanity)
+        report, on_subset = self._report(detector, repeats, clean, configured, attacked, sanity, subset)
+        report.configured_cost, report.sanity_cost = plan.configured, plan.sanity
+        if self.sanity_checks:
+            report.sanity_budget, report.sanity_images = self.sanity_budget, int(subset.numel())
+            report.baselines = on_subset
+            comparisons = _comparisons([run.result for run in configured], on_subset, sanity, self.eps[-1])
+            report.checks = sanity_checks(report, self.near_zero, self.tolerance, gradient=gradient, **comparisons)
+        return report, grid
+
+    def _report(
+        self,
+        detector: DetectorScore,
+        repeats: int,
+        clean: "_Scored",
+        configured: list[_Run],
+        attacked: "_Scored",
+        sanity: list[_Run],
+        subset: torch.Tensor,
+    ) -> tuple[RobustReport, list[AttackResult]]:
+        """Gather every rank's scores and compute each AUROC: configured runs on every image, sanity runs on theirs.
+
+        Also returns the configured image-score runs measured on the sanity runs' images (``subset``), which the
+        sanity checks compare them with.
+        """
+        indices, labels, scores, maps, masks, *per_run = gather_by_index(
+            clean.indices,
             clean.indices,
             clean.labels,
             clean.scores,
             clean.maps,
             clean.masks,
-            *(values for run in runs for values in (run.scores, run.maps)),
+            *(values for run in configured for values in (run.scores, run.maps)),
+        )
+        subset_labels, *sanity_scores = (
+            gather_by_index(attacked.indices, attacked.labels, *(run.scores for run in sanity)) if sanity else [None]
         )
         report = RobustReport(
             model=detector.name,
@@ -273,16 +356,24 @@ class RobustEvaluator:
         )
         report.clean_image_auroc, report.clean_image_auroc_std = _image_auroc(scores, labels)
         report.clean_pixel_auroc, report.clean_pixel_auroc_std = _pixel_auroc(maps, masks)
-        for run, run_scores, run_maps in zip(runs, per_run[::2], per_run[1::2], strict=True):
+        in_subset, on_subset = torch.isin(indices, subset), []
+        for run, run_scores, run_maps in zip(configured, per_run[::2], per_run[1::2], strict=True):
             if run.result.status == "ok":
                 run.result.image_auroc, run.result.image_auroc_std = _image_auroc(run_scores, labels)
                 run.result.pixel_auroc, run.result.pixel_auroc_std = _pixel_auroc(run_maps, masks)
+                if sanity and run.result.target == "score":
+                    subset_result = dataclasses.replace(run.result, num_images=int(subset.numel()), pixel_auroc=None)
+                    subset_result.image_auroc, subset_result.image_auroc_std = _image_auroc(
+                        run_scores[in_subset], labels[in_subset]
+                    )
+                    subset_result.budget = format_budget(subset_result, int(labels.numel()))
+                    on_subset.append(subset_result)
             report.results.append(run.result)
-        if self.sanity_checks:
-            report.checks = sanity_checks(
-                report, self.near_zero, self.tolerance, gradient=gradient, **_sanity_runs(runs)
-            )
-        return report, grid
+        for run, run_scores in zip(sanity, sanity_scores, strict=True):
+            if run.result.status == "ok":
+                run.result.image_auroc, run.result.image_auroc_std = _image_auroc(run_scores, subset_labels)
+            report.results.append(run.result)
+        return report, on_subset
 
     def _attacked_detectors(self, detector: DetectorScore) -> list[DetectorScore]:
         """The scores the attacks differentiate: the detector, or one per purifier-gradient mode with a defense."""
@@ -293,32 +384,89 @@ class RobustEvaluator:
         )
         return [detector if mode == "full" else bpda for mode in self.purifier_gradients]
 
-    def _runs(self, detectors: list[DetectorScore], loaders: list[DataLoader]) -> list[_Run]:
-        """The configured runs (every attack, target and eps, per attacked detector) and the sanity-check runs."""
-        runs = [
-            self._make_run(name, eps, detector, target)
+    def _runs(self, detectors: list[DetectorScore], images: int) -> list[_Run]:
+        """The configured runs: every attack, target and eps, per attacked detector, on all ``images``."""
+        return [
+            self._make_run(name, eps, detector, images, images, target)
             for detector in detectors
             for target in self.targets
             for name in self.attacks
             for eps in self.eps
         ]
-        configured, detector = len(runs), detectors[0]
-        if self.sanity_checks:
-            gradient = next((name for name in self.attacks if name.lower() != "square"), "pgd")
-            largest = self.eps[-1]
-            runs.append(self._make_run(gradient, largest, detector, steps=2 * self.settings["steps"]))
-            runs.append(self._make_run(gradient, self._large_eps(detector, loaders), detector))
-            if all(name.lower() != "square" for name in self.attacks):
-                runs.append(self._make_run("square", largest, detector))
-            for run in runs[configured:]:
-                run.result.role = "sanity"
-        return runs
 
-    def _make_run(self, name: str, eps: float, detector: DetectorScore, target: str = "score", **override: int) -> _Run:
+    def _sanity_runs(
+        self,
+        detector: DetectorScore,
+        loaders: list[DataLoader],
+        configured: list[_Run],
+        repeats: int,
+        indices: torch.Tensor,
+        labels: torch.Tensor,
+    ) -> tuple[list[_Run], torch.Tensor]:
+        """The sanity runs and the test images they attack, fitted into ``sanity_budget`` (module
+        :mod:`~anomalib_robust.evaluation.budget`): twice the steps and a very large eps with the first gradient
+        attack, Square at the largest eps unless it is configured."""
+        name = next((name for name in self.attacks if name.lower() != "square"), "pgd")
+        largest, steps, total = self.eps[-1], self.settings["steps"], indices.numel()
+        budgeted = self.sanity_budget is not None
+        large_steps = min(steps, LARGE_EPS_STEPS) if budgeted else steps
+        runs = [
+            self._make_run(name, largest, detector, total, total, steps=2 * steps),
+            self._make_run(name, self._large_eps(detector, loaders), detector, total, total, steps=large_steps),
+        ]
+        for run, check in zip(runs, ("more_steps", "large_eps"), strict=True):
+            run.check = check
+        images, queries = total, self.settings["n_queries"]
+        with_square = all(attack.lower() != "square" for attack in self.attacks)
+        square_detector = detector
+        if budgeted and detector.eot_samples > 1:  # EOT is the attacker's tool; the result is scored as deployed
+            square_detector = DetectorScore(detector.detector, 1, bpda=detector.bpda, max_batch=detector.max_batch)
+        if budgeted:
+            square = None
+            if with_square:
+                fixed = square_passes(square_detector, 0, self.settings["restarts"])
+                per_query = square_passes(square_detector, 1, self.settings["restarts"]).cost - fixed.cost
+                square = (per_query, fixed.cost + repeats)
+            gradient = gradient_check_passes(_gradient_check_count(loaders), GRADIENT_CHECK_DIRECTIONS)
+            configured_cost = sum(run_cost(run.result, repeats) for run in configured)
+            allowance = self.sanity_budget * configured_cost - gradient_check_cost(gradient)
+            per_image = sum(run_cost(run.result, repeats, images=1) for run in runs)
+            images, queries = fit_sanity(allowance, total, per_image, square, queries)
+        if with_square:
+            runs.append(self._make_run("square", largest, square_detector, total, total, n_queries=queries))
+            runs[-1].check = "square"
+        for run in runs:
+            run.result.role, run.result.num_images = "sanity", images
+            run.result.budget = format_budget(run.result, total)
+        return runs, stratified_subset(indices, labels, images)
+
+    def _make_run(
+        self,
+        name: str,
+        eps: float,
+        detector: DetectorScore,
+        images: int,
+        total: int,
+        target: str = "score",
+        **override: int,
+    ) -> _Run:
+        """One run on ``images`` of the ``total`` test images, with its planned passes per image."""
         attack = build_attack(name, detector, eps=eps, norm=self.norm, **{**self.settings, **override})
+        passes = attack_passes(attack)
         result = AttackResult(
-            attack.label, self.norm, eps, steps=getattr(attack, "steps", None), target=target, budget=_budget(attack)
+            attack.label,
+            self.norm,
+            eps,
+            steps=getattr(attack, "steps", None),
+            target=target,
+            queries=attack_queries(attack),
+            restarts=getattr(attack, "restarts", 1),
+            draws=attack.detector.eot_samples,
+            num_images=images,
+            forward_passes=passes.forward,
+            backward_passes=passes.backward,
         )
+        result.budget = format_budget(result, total)
         return _Run(attack, result)
 
     def _large_eps(self, detector: DetectorScore, loaders: list[DataLoader]) -> float:
@@ -342,29 +490,38 @@ class RobustEvaluator:
         runs: list[_Run],
         repeats: int,
         device: torch.device,
-        progress: Progress,
-        task: int,
+        progress: tuple[Progress, int],
+        first_run: int = 0,
+        on_first_batch: Callable[[float, int], None] | None = None,
     ) -> tuple[_Scored, dict | None]:
-        """Score every batch clean, then attack it with every run and score the adversarial images."""
-        clean, grid = _Scored(), None
+        """Attack every batch of ``shards`` with every run and score the adversarial images.
+
+        The configured pass (``first_run == 0``) also scores the clean images and keeps the grid; the sanity pass
+        numbers its runs from ``first_run``, so that every run has its own seeds. ``on_first_batch(seconds, images)``
+        is called once, after the first batch.
+        """
+        seen, grid, configured = _Scored(), None, first_run == 0
+        started = time.perf_counter()
         for shard in shards:
             for index, batch in shard:
                 first = int(index[0])
                 images, labels = images_and_labels(batch, device)
                 if self.resolution == "model":
                     images = detector.to_input_resolution(images)
-                scores, maps = self._score(detector, images, repeats, first, "clean")
-                gt_masks = getattr(batch, "gt_mask", None)
-                masks = None if maps is None or gt_masks is None else resize_masks(gt_masks, maps.shape[-2:])
-                clean.indices.append(index)
-                clean.labels.append(labels.cpu())
-                clean.scores.append(scores)
-                if masks is not None:
-                    clean.maps.append(maps)
-                    clean.masks.append(masks)
-                for number, run in enumerate(runs):
-                    progress.update(
-                        task,
+                seen.indices.append(index)
+                seen.labels.append(labels.cpu())
+                maps = masks = None
+                if configured:
+                    scores, maps = self._score(detector, images, repeats, first, "clean")
+                    gt_masks = getattr(batch, "gt_mask", None)
+                    masks = None if maps is None or gt_masks is None else resize_masks(gt_masks, maps.shape[-2:])
+                    seen.scores.append(scores)
+                    if masks is not None:
+                        seen.maps.append(maps)
+                        seen.masks.append(masks)
+                for number, run in enumerate(runs, start=first_run):
+                    progress[0].update(
+                        progress[1],
                         advance=1,
                         description=f"{detector.name}: {run.result.attack} eps={format_eps(run.result.eps, self.norm)}",
                     )
@@ -377,10 +534,13 @@ class RobustEvaluator:
                     run.scores.append(run_scores)
                     if masks is not None and run.result.role == "attack":
                         run.maps.append(run_maps)
-                    if grid is None and self.num_grid_images and number == len(self.eps) - 1:
+                    if configured and grid is None and self.num_grid_images and number == len(self.eps) - 1:
                         grid = _grid(images, adversarial, maps, run_maps if masks is not None else None, labels, run,
                                      self.num_grid_images)  # fmt: skip
-        return clean, grid
+                if on_first_batch is not None:
+                    on_first_batch(time.perf_counter() - started, len(index))
+                    on_first_batch = None
+        return seen, grid
 
     def _score(
         self, detector: DetectorScore, images: torch.Tensor, repeats: int, first: int, phase: object
@@ -420,27 +580,42 @@ class RobustEvaluator:
     def _gradient_check(self, detector: DetectorScore, loaders: list[DataLoader], device: torch.device) -> SanityCheck:
         """Autograd vs finite differences on the first test images (the same images on every rank)."""
         loader = next(loader for loader in loaders if len(loader.dataset))
-        count = min(4, len(loader.dataset))
+        count = _gradient_check_count(loaders)
         batch = (loader.collate_fn or torch.utils.data.default_collate)([loader.dataset[i] for i in range(count)])
         images, labels = images_and_labels(batch, device)
         if self.resolution == "model":
             images = detector.to_input_resolution(images)
-        name = "autograd matches finite differences"
+        name, budget = "autograd matches finite differences", f"{count} images x {GRADIENT_CHECK_DIRECTIONS} directions"
         try:
-            check = check_gradient(detector, images, labels, seed=self.seed)
+            check = check_gradient(detector, images, labels, count, GRADIENT_CHECK_DIRECTIONS, seed=self.seed)
         except NotDifferentiableError:
-            return SanityCheck(name, None, "the score is not differentiable (see the attack rows)")
-        return SanityCheck(name, check.passed, check.detail)
+            return SanityCheck(name, None, "the score is not differentiable (see the attack rows)", budget)
+        return SanityCheck(name, check.passed, check.detail, budget)
 
 
-def _test_labels(shards: list[DataLoader]) -> torch.Tensor:
-    """The labels of the whole (selected) test set, gathered from every rank's shard."""
+def _gradient_check_count(loaders: list[DataLoader]) -> int:
+    """Images of the gradient check: the first :data:`GRADIENT_CHECK_IMAGES` of the first non-empty test loader."""
+    return min(GRADIENT_CHECK_IMAGES, next(len(loader.dataset) for loader in loaders if len(loader.dataset)))
+
+
+def _test_set(shards: list[DataLoader]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices and labels of the whole (selected) test set, gathered from every rank's shard, in test-set order."""
     indices, labels = [], []
     for shard in shards:
         for index, batch in shard:
             indices.append(index)
             labels.append(images_and_labels(batch, torch.device("cpu"))[1])
-    return gather_by_index(indices, labels)[0]
+    return gather_by_index(indices, indices, labels)
+
+
+def _selections(loaders: list[DataLoader], subset: torch.Tensor) -> list[list[int]]:
+    """Per loader, the dataset indices of the test-set indices ``subset`` (loaders are numbered one after another)."""
+    selections, offset = [], 0
+    for loader in loaders:
+        size = len(loader.dataset)
+        selections.append([index - offset for index in subset.tolist() if offset <= index < offset + size])
+        offset += size
+    return selections
 
 
 def synchronise_status(runs: list[_Run]) -> None:
@@ -474,42 +649,24 @@ def _pixel_auroc(maps: torch.Tensor | None, masks: torch.Tensor | None) -> tuple
     return mean_and_std(values)
 
 
-def _budget(attack: Attack) -> str:
-    """``10 steps, EOT 8``-style summary of an attack's budget."""
-    parts = []
-    if getattr(attack, "steps", None):
-        parts.append(f"{attack.steps} steps")
-    if getattr(attack, "n_queries", None) and not getattr(attack, "steps", None):
-        parts.append(f"{attack.n_queries} queries")
-    if getattr(attack, "restarts", 1) > 1:
-        parts.append(f"{attack.restarts} restarts")
-    if attack.detector.eot_samples > 1:
-        parts.append(f"EOT {attack.detector.eot_samples}")
-    return ", ".join(parts)
-
-
-def _sanity_runs(runs: list[_Run]) -> dict[str, object]:
-    """The runs each sanity check compares, by the keyword names of :func:`sanity_checks`."""
-    configured = [run.result for run in runs if run.result.role == "attack" and run.result.target == "score"]
-    sanity = [run.result for run in runs if run.result.role == "sanity"]
-    if not sanity:
-        return {}
-    largest = max(result.eps for result in configured)
-    more_steps = next((r for r in sanity if r.eps == largest and r.steps and not r.attack.endswith("Square")), None)
+def _comparisons(
+    configured: list[AttackResult], on_subset: list[AttackResult], sanity: list[_Run], largest: float
+) -> dict[str, object]:
+    """The runs each sanity check compares, by the keyword names of :func:`sanity_checks`: a sanity run against the
+    configured runs measured on its images (``on_subset``), a configured Square against the configured runs."""
+    by_check = {run.check: run.result for run in sanity}
+    more_steps = by_check.get("more_steps")
     fewer_steps = next(
-        (r for r in configured if more_steps and r.attack == more_steps.attack and r.eps == largest), None
+        (r for r in on_subset if more_steps and r.attack == more_steps.attack and r.eps == largest), None
+    )
+    configured_square = next(
+        (r for r in configured if r.attack.endswith("Square") and r.eps == largest and r.target == "score"), None
     )
     return {
-        "large_eps": next((r for r in sanity if r.eps > largest), None),
+        "large_eps": by_check.get("large_eps"),
         "more_steps": (fewer_steps, more_steps) if fewer_steps and more_steps else None,
-        "square": next(
-            (
-                r.result
-                for r in runs
-                if r.attack.name == "Square" and r.result.eps == largest and r.result.target == "score"
-            ),
-            None,
-        ),
+        "square": by_check.get("square", configured_square),
+        "white_box": on_subset if "square" in by_check else None,
     }
 
 

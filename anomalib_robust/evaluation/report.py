@@ -21,6 +21,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
 
 TARGETS = {"score": "image score", "map": "anomaly map"}
@@ -46,7 +47,18 @@ class AttackResult:
     role: str = "attack"
     """``"attack"`` for configured runs, ``"sanity"`` for the extra runs of the sanity checks."""
     budget: str = ""
-    """The attack's budget (steps, queries, EOT draws), as the report prints it."""
+    """The attack's budget (steps, queries, EOT draws, images), as the report prints it (:func:`format_budget`)."""
+    queries: int | None = None
+    """Score queries per restart (Square, AutoAttack's Square)."""
+    restarts: int = 1
+    draws: int = 1
+    """The attacker's draws of a randomised detector per gradient or query (EOT); 1 for deterministic detectors."""
+    num_images: int | None = None
+    """Test images attacked: all of them for configured runs, the sanity subset for sanity runs."""
+    forward_passes: int = 0
+    """Planned forward passes per attacked image (:mod:`anomalib_robust.evaluation.budget`), scoring excluded."""
+    backward_passes: int = 0
+    """Planned backward passes per attacked image."""
 
     @property
     def key(self) -> str:
@@ -66,6 +78,8 @@ class SanityCheck:
     name: str
     passed: bool | None
     detail: str
+    budget: str = ""
+    """What the check had: the runs it compares and the images they were measured on."""
 
 
 @dataclass
@@ -74,6 +88,10 @@ class RobustReport:
 
     ``eval_repeats`` is the number of independent scorings behind every AUROC (1 for a deterministic detector);
     ``resolution`` says where eps is measured: ``"model"`` (the model's input size) or ``"native"`` (the test image).
+    ``sanity_budget`` is the limit of the sanity runs' cost as a multiple of the configured runs' (``None``: full
+    sanity runs), ``sanity_images`` the images they ran on, and ``configured_cost`` / ``sanity_cost`` the planned
+    cost of each part in forward-pass equivalents (:mod:`anomalib_robust.evaluation.budget`). ``baselines`` are the
+    configured image-score runs measured on the sanity runs' images, what the sanity checks compare them with.
     """
 
     model: str
@@ -86,8 +104,13 @@ class RobustReport:
     clean_pixel_auroc_std: float = 0.0
     eval_repeats: int = 1
     resolution: str = "model"
+    sanity_budget: float | None = None
+    sanity_images: int | None = None
+    configured_cost: float = 0.0
+    sanity_cost: float = 0.0
     results: list[AttackResult] = field(default_factory=list)
     checks: list[SanityCheck] = field(default_factory=list)
+    baselines: list[AttackResult] = field(default_factory=list)
 
     @property
     def gradient_masking_suspected(self) -> bool:
@@ -140,7 +163,12 @@ class RobustReport:
                 note,
             )
         marks = {True: "[green]pass[/]", False: "[bold red]FAIL[/]", None: "[yellow]n/a[/]"}
-        lines = [f"{marks[check.passed]} {check.name}: {check.detail}" for check in self.checks]
+        lines = [
+            f"{marks[check.passed]} {check.name}{escape(f' [{check.budget}]') if check.budget else ''}: {check.detail}"
+            for check in self.checks
+        ]
+        if self.sanity_images is not None:
+            lines.append(self.sanity_summary())
         if show_pixel:
             lines.append(
                 "Pixel AUROC of an 'image score' row is the pixel AUROC under the image attack, not a worst case for "
@@ -151,6 +179,15 @@ class RobustReport:
         table.caption = "\n".join(lines)
         return table
 
+    def sanity_summary(self) -> str:
+        """One line on the sanity runs' budget: their images and their planned cost against the configured runs'."""
+        ratio = self.sanity_cost / self.configured_cost if self.configured_cost else math.nan
+        limit = "full sanity runs" if self.sanity_budget is None else f"budget {self.sanity_budget:g}x"
+        return (
+            f"Sanity runs on {self.sanity_images} of {self.num_samples} test images (both classes): planned cost "
+            f"{ratio:.2f}x the configured runs ({limit}; forward-pass equivalents, a backward pass counting 2)"
+        )
+
     def write(self, directory: Path) -> tuple[Path, Path]:
         """Write ``report.json`` and ``report.csv`` into ``directory`` atomically; returns their paths."""
         directory.mkdir(parents=True, exist_ok=True)
@@ -160,17 +197,21 @@ class RobustReport:
         writer = csv.writer(rows)
         writer.writerow(
             ["model", "attack", "target", "norm", "eps", "steps", "image_auroc", "image_auroc_std", "pixel_auroc",
-             "pixel_auroc_std", "eval_repeats", "status", "role"]
+             "pixel_auroc_std", "eval_repeats", "status", "role", "budget", "queries", "restarts", "draws", "images",
+             "forward_passes", "backward_passes"]
         )  # fmt: skip
         writer.writerow(
             _csv_row(self.model, "none", "-", self.norm, 0.0, None, self.clean_image_auroc, self.clean_image_auroc_std,
-                     self.clean_pixel_auroc, self.clean_pixel_auroc_std, self.eval_repeats, "ok", "clean")
+                     self.clean_pixel_auroc, self.clean_pixel_auroc_std, self.eval_repeats, "ok", "clean", "", None,
+                     None, None, self.num_samples, None, None)
         )  # fmt: skip
         for result in self.results:
             writer.writerow(
                 _csv_row(self.model, result.attack, result.target, result.norm, result.eps, result.steps,
                          result.image_auroc, result.image_auroc_std, result.pixel_auroc, result.pixel_auroc_std,
-                         self.eval_repeats, result.status, result.role)
+                         self.eval_repeats, result.status, result.role, result.budget, result.queries,
+                         result.restarts, result.draws, result.num_images, result.forward_passes,
+                         result.backward_passes)
             )  # fmt: skip
         write_atomic(csv_path, rows.getvalue())
         return json_path, csv_path
@@ -188,6 +229,19 @@ def write_atomic(path: Path, content: str | bytes) -> None:
         file.write(content)
         temporary = Path(file.name)
     os.replace(temporary, path)
+
+
+def format_budget(result: AttackResult, total_images: int) -> str:
+    """``20 steps x 8 draws, 26 of 60 images``-style summary of a run's budget (images only for a subset)."""
+    parts = [f"{result.steps} steps" if result.steps else f"{result.queries} queries"]
+    if result.steps and result.queries:
+        parts[0] += f" + {result.queries} queries"
+    parts[0] += f" x {result.draws} draw{'s' if result.draws > 1 else ''}"
+    if result.restarts > 1:
+        parts.append(f"{result.restarts} restarts")
+    if result.num_images is not None and result.num_images < total_images:
+        parts.append(f"{result.num_images} of {total_images} images")
+    return ", ".join(parts)
 
 
 def format_eps(eps: float, norm: str) -> str:

@@ -9,7 +9,10 @@ Run on a :class:`~anomalib_robust.evaluation.report.RobustReport`:
   (:mod:`anomalib_robust.evaluation.gradient_check`), which catches a masked branch that ``requires_grad`` cannot see.
 
 AUROC values are means over repeated scorings with independent noise, so two of them are compared with a slack of
-``tolerance`` plus two standard errors of their difference: a gap inside the noise is not a violation.
+``tolerance`` plus two standard errors of their difference: a gap inside the noise is not a violation. Two runs are
+only compared on the same test images: a sanity run made on a subset of them (the sanity budget,
+:mod:`anomalib_robust.evaluation.budget`) is compared with the configured run's AUROC on that subset, and each check
+states its budget (runs, steps or queries, draws, images).
 
 Example:
     >>> from anomalib_robust.evaluation.report import AttackResult, RobustReport
@@ -38,6 +41,7 @@ def sanity_checks(
     large_eps: AttackResult | None = None,
     more_steps: tuple[AttackResult, AttackResult] | None = None,
     square: AttackResult | None = None,
+    white_box: list[AttackResult] | None = None,
     gradient: SanityCheck | None = None,
 ) -> list[SanityCheck]:
     """Carlini et al. (2019) checks on a report's results.
@@ -47,8 +51,11 @@ def sanity_checks(
         near_zero: AUROC that a very large eps must reach (or go below).
         tolerance: AUROC slack on top of the noise of the repeats when comparing two AUROC values.
         large_eps: the run at a very large eps, if it was made.
-        more_steps: (run with the configured steps, run with more steps) at the same eps, if made.
+        more_steps: (run with the configured steps, run with more steps) at the same eps and on the same images, if
+            made.
         square: a Square run at the largest configured eps, if made.
+        white_box: the gradient runs Square is compared with, on Square's images; ``None`` for the report's
+            configured gradient runs at Square's eps (right when Square ran on every test image).
         gradient: the verdict of the finite-difference gradient check, if it was made.
     """
     repeats = report.eval_repeats
@@ -68,6 +75,7 @@ def sanity_checks(
                 f"{fewer.attack} at eps {format_eps(fewer.eps, fewer.norm)}: "
                 f"{format_auroc(fewer.image_auroc, fewer.image_auroc_std)} with {fewer.steps} steps, "
                 f"{format_auroc(more.image_auroc, more.image_auroc_std)} with {more.steps}",
+                f"{fewer.budget} vs {more.budget}",
             )
         )
     if large_eps is not None and large_eps.image_auroc is not None:
@@ -78,9 +86,14 @@ def sanity_checks(
                 f"{large_eps.attack} at eps {format_eps(large_eps.eps, large_eps.norm)}: "
                 f"{format_auroc(large_eps.image_auroc, large_eps.image_auroc_std)} "
                 f"(expected <= {format_auroc(near_zero)})",
+                large_eps.budget,
             )
         )
-    white_box = [r for r in attacks if not r.attack.endswith("Square") and r.eps == square.eps] if square else []
+    white_box = [
+        r
+        for r in (attacks if white_box is None else white_box)
+        if square and not r.attack.endswith("Square") and r.eps == square.eps and r.image_auroc is not None
+    ]
     if square is not None and square.image_auroc is not None and white_box:
         best = min(white_box, key=lambda result: result.image_auroc)
         slack = noise_slack(tolerance, square.image_auroc_std, best.image_auroc_std, repeats)
@@ -88,9 +101,10 @@ def sanity_checks(
             SanityCheck(
                 "black-box Square does not beat white-box attacks",
                 square.image_auroc >= best.image_auroc - slack,
-                f"{square.attack} ({square.budget}) {format_auroc(square.image_auroc, square.image_auroc_std)} vs "
+                f"{square.attack} {format_auroc(square.image_auroc, square.image_auroc_std)} vs "
                 f"{best.attack} {format_auroc(best.image_auroc, best.image_auroc_std)} "
                 f"at eps {format_eps(square.eps, square.norm)}",
+                f"{square.budget} vs {best.budget}",
             )
         )
     if gradient is not None:
@@ -112,4 +126,5 @@ def _monotone_in_eps(report: RobustReport, attacks: list[AttackResult], toleranc
         "AUROC does not increase with eps",
         not violations if attacks else None,
         "; ".join(violations) or ("holds for every attack" if attacks else "no successful attack run"),
+        f"configured runs on all {report.num_samples} images",
     )

@@ -53,16 +53,19 @@ def rank_shards(
     world_size: int = 1,
     max_samples: int | None = None,
     caller: str = "RobustEval",
+    selections: list[list[int]] | None = None,
 ) -> list[DataLoader]:
     """This rank's share of every test loader: every ``world_size``-th batch, batches as in one process.
+
+    ``selections`` gives the dataset indices to take from each loader instead of ``max_samples`` evenly spaced ones.
 
     Raises:
         ValueError: when the loaders hold no data at all.
     """
     shards, offset = [], 0
-    for loader in loaders:
+    for number, loader in enumerate(loaders):
         size = len(loader.dataset)
-        selected = evenly_spaced(size, max_samples)
+        selected = evenly_spaced(size, max_samples) if selections is None else list(selections[number])
         batch_size = loader.batch_size or 1
         batches = [
             list(range(start, min(start + batch_size, len(selected)))) for start in range(0, len(selected), batch_size)

@@ -30,6 +30,25 @@ class BrightnessModel(nn.Module):
         return InferenceBatch(pred_score=anomaly_map.mean(dim=(1, 2)), anomaly_map=anomaly_map)
 
 
+class CountingModel(BrightnessModel):
+    """:class:`BrightnessModel` that counts the images of every forward pass, and of every backward pass through its
+    input (a hook on the input tensor, so only gradients actually computed are counted)."""
+
+    def __init__(self, noise: float = 0.0) -> None:
+        super().__init__(noise)
+        self.forward_images = 0
+        self.backward_images = 0
+
+    def forward(self, images: torch.Tensor) -> InferenceBatch:
+        self.forward_images += images.shape[0]
+        if images.requires_grad:
+            images.register_hook(self._count_backward)
+        return super().forward(images)
+
+    def _count_backward(self, gradient: torch.Tensor) -> None:
+        self.backward_images += gradient.shape[0]
+
+
 class ToyDetector(nn.Module):
     """Stands in for an ``AnomalibModule``: ``.pre_processor`` and ``.model``."""
 
