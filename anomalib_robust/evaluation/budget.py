@@ -26,7 +26,7 @@ may cost ``sanity_budget`` times the configured runs (attacks and scoring) on th
 evenly spaced subset of the test images that keeps both classes in their proportion (:func:`stratified_subset`), as
 large as the budget allows with Square at its configured queries; if that leaves fewer than
 :data:`MIN_SANITY_IMAGES` images, Square's queries shrink (to no fewer than :data:`MIN_SQUARE_QUERIES`) to fit that
-many, and only then the subset shrinks further. Within a budget, Square queries one draw per candidate: EOT is the
+many, and the subset never goes below that many (the runs then exceed the budget, with a warning). Within a budget, Square queries one draw per candidate: EOT is the
 attacker's tool, and the evaluator scores Square's result as deployed anyway; the very-large-eps run saturates in a few
 steps (:class:`~anomalib_robust.evaluation.evaluator.RobustEvaluator`).
 
@@ -68,7 +68,7 @@ the configured runs alone, which leaves room for what the count misses under the
 (``benchmarks/sanity_budget.py``)."""
 
 MIN_SANITY_IMAGES = 16
-"""Sanity-run images below which Square's queries shrink before the subset does (or the whole test set, if smaller)."""
+"""Fewest sanity-run images (or the whole test set, if smaller): Square's queries shrink first to keep them."""
 
 MIN_SQUARE_QUERIES = 10
 """Fewest queries the budget leaves to the Square sanity run (or its configured queries, if fewer)."""
@@ -200,8 +200,9 @@ def fit_sanity(
         square: Square's cost per image as ``(per query, fixed)``, or ``None`` without a Square sanity run.
         queries: Square's configured queries.
 
-    Raises:
-        ValueError: when not even two images (one per class) fit, naming ``sanity_budget``.
+    Never fewer than ``min(total_images, MIN_SANITY_IMAGES)`` images: when even that does not fit (a small
+    evaluation, where the gradient check alone can exceed the allowance), the sanity runs take that many images with
+    the fewest Square queries, over budget, with a warning; the report's planned ratio shows it.
     """
 
     def cost(count: int) -> float:
@@ -222,13 +223,14 @@ def fit_sanity(
             return floor, min(fitted, queries)
         queries = min(queries, MIN_SQUARE_QUERIES)
         images = images_within(queries)
-    if images < 2:
-        msg = (
-            f"sanity_budget leaves {max(allowance, 0):.0f} forward-pass equivalents for the sanity runs, which need "
-            f"about {cost(queries):.0f} per image on at least 2 images (one per class): "
-            "raise sanity_budget, set it to None (full sanity runs), or set sanity_checks=False."
-        )
-        raise ValueError(msg)
+    if images < floor:
+        logger.warning(
+            "sanity_budget leaves %.0f forward-pass equivalents for the sanity runs, less than their smallest form "
+            "(%d images, %d Square queries: about %.0f per image); they run in that form and exceed the budget (raise "
+            "sanity_budget, or set sanity_checks=False to skip them)",
+            max(allowance, 0.0), floor, queries, cost(queries),
+        )  # fmt: skip
+        images = floor
     return images, queries
 
 

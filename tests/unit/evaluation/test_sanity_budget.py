@@ -3,6 +3,7 @@ both classes, comparisons use the same images, the report states every budget.""
 
 import csv
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -13,7 +14,13 @@ from rich.console import Console
 from torch.utils.data import Dataset
 
 from anomalib_robust.evaluation import RobustEvaluator, rank_auroc
-from anomalib_robust.evaluation.budget import Passes, fit_sanity, gradient_check_cost, stratified_subset
+from anomalib_robust.evaluation.budget import (
+    MIN_SANITY_IMAGES,
+    Passes,
+    fit_sanity,
+    gradient_check_cost,
+    stratified_subset,
+)
 from anomalib_robust.evaluation.evaluator import GRADIENT_CHECK_DIRECTIONS, GRADIENT_CHECK_IMAGES, LARGE_EPS_STEPS
 
 QUICK = {"eps": [0.02, 0.04], "steps": 3, "num_grid_images": 0}
@@ -146,6 +153,15 @@ def test_bad_sanity_budgets_are_named() -> None:
     for value in (0, -1.0, math.nan, math.inf, "2", True):
         with pytest.raises(ValueError, match="sanity_budget must be a finite number > 0"):
             RobustEvaluator(sanity_budget=value)
-    with pytest.raises(ValueError, match="raise sanity_budget"):
-        RobustEvaluator(sanity_budget=1e-3, **QUICK).evaluate(ToyDetector(), [loader(ToyTestSet())])
     assert fit_sanity(allowance=1e6, total_images=60, per_image=80.0, square=(1.0, 3.0), queries=500) == (60, 500)
+
+
+def test_a_budget_too_small_runs_the_smallest_sanity_runs_and_warns(caplog: pytest.LogCaptureFixture) -> None:
+    """The gradient check alone can exceed a small evaluation's allowance: the checks still run, over budget."""
+    with caplog.at_level(logging.WARNING, logger="anomalib_robust.evaluation.budget"):
+        report, _ = RobustEvaluator(sanity_budget=1e-3, **QUICK).evaluate(ToyDetector(), [loader(ToyTestSet())])
+    assert "exceed the budget" in caplog.text
+    assert report.sanity_images == min(MIN_SANITY_IMAGES, report.num_samples)
+    assert report.sanity_cost / report.configured_cost > 1e-3
+    assert all(check.passed is not None for check in report.checks)
+    assert fit_sanity(allowance=-100.0, total_images=8, per_image=24.0, square=(1.0, 3.0), queries=500) == (8, 10)
