@@ -1,9 +1,12 @@
-"""What the plugin's Lightning modules share: a CPU preset, and checkpoints that carry their own architecture."""
+"""What the plugin's Lightning modules share: a CPU preset, checkpoints that carry their own architecture, and
+validation, test and predict steps that score a batch with the torch model."""
 
 import inspect
 import logging
 from typing import Any, ClassVar, Self
 
+from anomalib.data import Batch
+from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -65,6 +68,28 @@ class CheckpointArchitectureMixin:
         """Rebuild the torch model from the updated hparams; a subclass also rebuilds what depends on ``changed``."""
         del changed  # the torch model depends on all of them
         self.model = self._build_model(self.hparams).to(self.device)
+
+
+class ScoringStepsMixin:
+    """Validation, test and predict steps that all score the batch with :meth:`_predict`: the batch updated with the
+    torch model's ``InferenceBatch`` (scores and maps), which anomalib's post-processor and evaluator then read. The
+    model class defines ``_predict(batch) -> Batch``; mixed in before ``AnomalibModule``, as
+    :class:`CheckpointArchitectureMixin` is."""
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Score the validation images (for the post-processor's threshold and normalisation)."""
+        del args, kwargs  # These variables are not used.
+        return self._predict(batch)
+
+    def test_step(self, batch: Batch, batch_idx: int, *args, **kwargs) -> STEP_OUTPUT:
+        """Score the test images."""
+        del args, kwargs, batch_idx  # These variables are not used.
+        return self._predict(batch)
+
+    def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> STEP_OUTPUT:
+        """Score images to predict."""
+        del batch_idx, dataloader_idx  # These variables are not used.
+        return self._predict(batch)
 
 
 def _as_list(value: Any) -> Any:

@@ -43,7 +43,7 @@ from anomalib_robust.models.adv_rad.export import check_calibration, check_expor
 from anomalib_robust.models.adv_rad.scoring import DEFAULT_SCALES
 from anomalib_robust.models.adv_rad.selection import CHECKPOINT_KEY, DiffusionStepChoice
 from anomalib_robust.models.adv_rad.torch_model import AdvRADModel
-from anomalib_robust.models.components import CheckpointArchitectureMixin
+from anomalib_robust.models.components import CheckpointArchitectureMixin, ScoringStepsMixin
 
 if TYPE_CHECKING:
     import openvino as ov
@@ -69,7 +69,7 @@ Fashion-MNIST at 32 x 32.
 """
 
 
-class AdvRAD(CheckpointArchitectureMixin, AnomalibModule):
+class AdvRAD(CheckpointArchitectureMixin, ScoringStepsMixin, AnomalibModule):
     """AdvRAD anomaly detector (AdvRAD paper) as an anomalib model.
 
     Defaults are the paper's (256 x 256, 128-channel U-Net with attention at 16 x 16 and one head, T = 1000, linear
@@ -306,21 +306,6 @@ class AdvRAD(CheckpointArchitectureMixin, AnomalibModule):
     def _predict(self, batch: Batch) -> Batch:
         predictions = self.model(batch.image, generator=self._noise_generator)
         return batch.update(**predictions._asdict())
-
-    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Score the validation images (for the post-processor's threshold and normalisation)."""
-        del args, kwargs  # These variables are not used.
-        return self._predict(batch)
-
-    def test_step(self, batch: Batch, batch_idx: int, *args, **kwargs) -> STEP_OUTPUT:
-        """Score the test images."""
-        del args, kwargs, batch_idx  # These variables are not used.
-        return self._predict(batch)
-
-    def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> STEP_OUTPUT:
-        """Score images to predict."""
-        del batch_idx, dataloader_idx  # These variables are not used.
-        return self._predict(batch)
 
     @torch.no_grad()
     def fit_normal_statistics(self, normal_images: AnomalibDataModule | Iterable[Batch] | None = None) -> None:

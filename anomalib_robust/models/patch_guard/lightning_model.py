@@ -37,7 +37,7 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT, OptimizerLRScheduler
 from torchvision.transforms.v2 import Resize
 
-from anomalib_robust.models.components import CheckpointArchitectureMixin
+from anomalib_robust.models.components import CheckpointArchitectureMixin, ScoringStepsMixin
 from anomalib_robust.models.patch_guard.adversarial import check_attack_settings, patch_label_flip_pgd
 from anomalib_robust.models.patch_guard.foreground import ForegroundEstimator
 from anomalib_robust.models.patch_guard.loss import OFFICIAL_ATTENTION_WEIGHTS, PatchGuardLoss
@@ -65,7 +65,7 @@ at the paper's eps 8/255 instead of 10 steps; every other setting is the officia
 """
 
 
-class PatchGuard(CheckpointArchitectureMixin, AnomalibModule):
+class PatchGuard(CheckpointArchitectureMixin, ScoringStepsMixin, AnomalibModule):
     """PatchGuard anomaly detector (PatchGuard paper) as an anomalib model.
 
     Defaults follow the official code where it differs from the paper:
@@ -275,21 +275,6 @@ class PatchGuard(CheckpointArchitectureMixin, AnomalibModule):
     def _predict(self, batch: Batch) -> Batch:
         predictions = self.model(batch.image)
         return batch.update(**predictions._asdict())
-
-    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Score the validation images (for the post-processor's threshold and normalisation)."""
-        del args, kwargs  # These variables are not used.
-        return self._predict(batch)
-
-    def test_step(self, batch: Batch, batch_idx: int, *args, **kwargs) -> STEP_OUTPUT:
-        """Score the test images."""
-        del args, kwargs, batch_idx  # These variables are not used.
-        return self._predict(batch)
-
-    def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> STEP_OUTPUT:
-        """Score images to predict."""
-        del batch_idx, dataloader_idx  # These variables are not used.
-        return self._predict(batch)
 
     def _rebuild(self, changed: dict[str, Any]) -> None:
         """Rebuild the torch model (without pretrained weights), the training components and the pre-processor."""
