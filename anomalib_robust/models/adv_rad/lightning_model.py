@@ -103,6 +103,8 @@ class AdvRAD(CheckpointArchitectureMixin, ScoringStepsMixin, AnomalibModule):
         scales (Sequence[float]): Scale schedule of Alg. 4. Defaults to ``(1, 0.5, 0.25, 0.125)``.
         mean_filter_size (int): Mean filter size s of Alg. 4. Defaults to ``3``.
         num_noise_draws (int): Noise draws averaged per image at inference. Defaults to ``1``.
+        clip_denoised (bool): Clamp the predicted x_0 of arbitrary- and full-shot reconstructions to [-1, 1] (an
+            inference-time choice, as ``improved-diffusion``). Defaults to ``False``.
         noise_seed (int | None): Seed for the inference noise of validation, test and predict runs (reproducible
             evaluation); ``None`` draws fresh noise every time, which is part of the defence. Defaults to ``None``.
         pre_processor, post_processor, evaluator, visualizer: anomalib components (``True`` for the defaults).
@@ -142,6 +144,7 @@ class AdvRAD(CheckpointArchitectureMixin, ScoringStepsMixin, AnomalibModule):
         scales: Sequence[float] = DEFAULT_SCALES,
         mean_filter_size: int = 3,
         num_noise_draws: int = 1,
+        clip_denoised: bool = False,
         noise_seed: int | None = None,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,

@@ -120,3 +120,20 @@ def test_purifiers_pass_the_option_to_their_chains(clip: bool) -> None:
             torch.manual_seed(1)
             torch.testing.assert_close(purified, chain())
             assert ("clip_denoised=True" in repr(purifier)) == clip  # report names show the option only when on
+
+
+@pytest.mark.parametrize("reconstruction", ["arbitrary_shot", "full_shot"])
+def test_advrad_clamps_its_multi_step_reconstruction_when_asked(
+    reconstruction: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``AdvRAD(clip_denoised=...)`` reaches the chain of Alg. 2 and 3 (an init arg, so also ``--model.clip_denoised``)."""
+    schedule = [10, 5] if reconstruction == "arbitrary_shot" else None
+    settings = {**TINY_ADVRAD, "image_size": (8, 8), "reconstruction": reconstruction, "step_schedule": schedule}
+    images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    reconstructions = {}
+    for clip in (False, True):
+        model = AdvRADModel(**settings, clip_denoised=clip).eval()
+        monkeypatch.setattr(model, "denoise", _huge_noise)
+        reconstructions[clip] = model.reconstruct(images, generator=torch.Generator().manual_seed(1))
+    assert reconstructions[False].min() < 0 or reconstructions[False].max() > 1
+    assert reconstructions[True].min() >= 0 and reconstructions[True].max() <= 1
