@@ -20,9 +20,8 @@ import os
 import time
 
 import torch
-from anomalib.engine import Engine
-from anomalib.models import Padim
 from rich.console import Console
+from purifier_table import fitted_padim
 from rich.table import Table
 from roofline import Roofline, achieved_gflops, attack_flops_per_image
 
@@ -40,16 +39,7 @@ def detectors(datamodule: FashionMNIST) -> dict[str, torch.nn.Module]:
     torch.manual_seed(0)
     adv_rad = AdvRAD.cpu_preset(evaluator=False, visualizer=False)
     adv_rad.model.set_normal_error_map(torch.zeros_like(adv_rad.model.normal_error_map))
-    padim = Padim(
-        backbone="resnet18",
-        pre_trained=False,
-        layers=["layer1", "layer2"],
-        pre_processor=Padim.configure_pre_processor((SIZE, SIZE)),
-        evaluator=False,
-        visualizer=False,
-    )
-    engine = Engine(logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir="/tmp")
-    engine.fit(padim, datamodule=datamodule)
+    padim = fitted_padim(datamodule, "results/benchmarks/eot_throughput")
     return {
         "AdvRAD (CPU preset)": adv_rad,
         "Purified(Padim, DiffPure p=5)": Purified(padim, DiffPure(adv_rad, level=5)),

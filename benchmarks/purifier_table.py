@@ -40,6 +40,23 @@ SIZE = 32
 """The AdvRAD CPU preset's image size; purifier, AdvRAD and Padim all see 32 x 32 images."""
 
 
+
+def fitted_padim(datamodule: FashionMNIST, root: Path | str) -> Padim:
+    """The detector behind the purifiers: Padim on a random-init ResNet-18 (layers 1-2) at ``SIZE`` x ``SIZE``,
+    fitted on ``datamodule``'s training images (anomalib's evaluator and visualizer off)."""
+    padim = Padim(
+        backbone="resnet18",
+        pre_trained=False,
+        layers=["layer1", "layer2"],
+        pre_processor=Padim.configure_pre_processor((SIZE, SIZE)),
+        evaluator=False,
+        visualizer=False,
+    )
+    Engine(default_root_dir=root, logger=False, enable_progress_bar=False, enable_model_summary=False).fit(
+        padim, datamodule=datamodule
+    )
+    return padim
+
 def denoiser(category: str, root: Path | None, epochs: int, runs: Path) -> AdvRAD:
     """The class's AdvRAD: the newest checkpoint under ``root`` if there is one, else the CPU preset trained here."""
     checkpoints = sorted((root or runs).glob(f"AdvRAD/FashionMNIST/{category}/*/weights/lightning/*.ckpt"))
@@ -121,15 +138,7 @@ def main() -> None:
             )
             if adv_rad is None:
                 adv_rad = denoiser(category, arguments.denoiser_root, arguments.epochs, runs)
-                padim = Padim(
-                    backbone="resnet18",
-                    pre_trained=False,
-                    layers=["layer1", "layer2"],
-                    pre_processor=Padim.configure_pre_processor((SIZE, SIZE)),
-                    evaluator=False,
-                    visualizer=False,
-                )
-                Engine(default_root_dir=runs, logger=False).fit(padim, datamodule=datamodule)
+                padim = fitted_padim(datamodule, runs)
             defenses = {f"DiffPure p={level}": DiffPure(adv_rad, level=level) for level in arguments.levels}
             defenses["TMA"] = TMA(adv_rad, depth=arguments.tma_depth, stride=arguments.tma_stride)
             datamodule.setup()
