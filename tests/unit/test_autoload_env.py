@@ -1,4 +1,5 @@
-"""``ANOMALIB_ROBUST_AUTOLOAD=0`` switches off the start-up hook that loads the plugin when anomalib is imported."""
+"""The start-up hook loads the plugin when anomalib is imported (anomalib's Python API then sees AdvRAD without an
+import of the plugin), and ``ANOMALIB_ROBUST_AUTOLOAD=0`` switches it off."""
 
 import os
 import shutil
@@ -9,7 +10,15 @@ from pathlib import Path
 import pytest
 
 REPOSITORY = Path(__file__).resolve().parents[2]
-CODE = "import sys; import anomalib.models; print('anomalib_robust' in sys.modules)"
+CODE = (
+    "import sys\n"
+    "from anomalib.models import get_model, list_models\n"
+    "loaded = 'anomalib_robust' in sys.modules\n"
+    "if loaded:\n"
+    "    model = get_model('AdvRAD', image_size=(32, 32), base_channels=32, channel_mult=(1, 2))\n"
+    "    print(type(model).__module__, 'AdvRAD' in list_models(case='pascal'))\n"
+    "print(loaded)\n"
+)
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +34,8 @@ def hook_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-def _plugin_loaded(hook_dir: Path, **variables: str) -> bool:
+def _printed(hook_dir: Path, **variables: str) -> list[str]:
+    """The lines ``CODE`` prints in a fresh interpreter: the plugin's model seen by anomalib's API, when loaded."""
     environment = {key: value for key, value in os.environ.items() if key != "ANOMALIB_ROBUST_AUTOLOAD"}
     environment.update(OMP_NUM_THREADS="1", PYTHONPATH=str(hook_dir), **variables)
     result = subprocess.run(
@@ -38,12 +48,12 @@ def _plugin_loaded(hook_dir: Path, **variables: str) -> bool:
         check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout.strip().splitlines()[-1] == "True"
+    return result.stdout.strip().splitlines()
 
 
-def test_importing_anomalib_models_loads_the_plugin(hook_dir: Path) -> None:
-    assert _plugin_loaded(hook_dir)
+def test_importing_anomalib_models_loads_the_plugin_for_the_python_api(hook_dir: Path) -> None:
+    assert _printed(hook_dir)[-2:] == ["anomalib_robust.models.adv_rad.lightning_model True", "True"]
 
 
 def test_the_variable_switches_the_hook_off(hook_dir: Path) -> None:
-    assert not _plugin_loaded(hook_dir, ANOMALIB_ROBUST_AUTOLOAD="0")
+    assert _printed(hook_dir, ANOMALIB_ROBUST_AUTOLOAD="0")[-1:] == ["False"]
