@@ -1,4 +1,5 @@
-"""The ``anomalib`` command with ``RobustEval``: shorthand, YAML, long form, DDP on 2 CPU processes, and examples."""
+"""The ``anomalib`` command with ``RobustEval``: shorthand, YAML, long form, DDP on 2 CPU processes (with
+``CertifyEval``), and examples."""
 
 import json
 import os
@@ -14,7 +15,7 @@ from anomalib.models import Fastflow
 from anomalib.pre_processing import PreProcessor
 from torchvision.transforms.v2 import Resize
 
-from anomalib_robust.callbacks import RobustEval
+from anomalib_robust.callbacks import CertifyEval, RobustEval
 from anomalib_robust.data import FashionMNIST
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,6 +36,7 @@ RESIZE = json.dumps(
 FASTFLOW = ["--model", "Fastflow", "--model.backbone", "resnet18", "--model.pre_trained", "false",
             "--model.flow_steps", "2", "--model.pre_processor", RESIZE]  # fmt: skip
 SETTINGS = {"eps": 4 / 255, "steps": 2, "sanity_checks": False, "plots": False}
+CERTIFY = {"sigmas": [0.25], "radii": [0.0, 0.05], "n0": 3, "n": 12, "alpha": 0.1, "batch_size": 48}
 
 
 def _run(command: list[str], cwd: Path, **env: str) -> str:
@@ -63,35 +65,31 @@ def fastflow(tmp_path_factory: pytest.TempPathFactory) -> tuple[Fastflow, Fashio
 
 
 def test_long_form_under_ddp_equals_single_process(fastflow: tuple, tmp_path: Path) -> None:
-    """10 test images in batches of 2: 3 batches on rank 0, 2 on rank 1 (an empty rank: tests/unit/evaluation)."""
+    """``RobustEval`` and ``CertifyEval`` in one ``anomalib test`` on 2 DDP processes: 10 test images in batches of 2,
+    3 batches on rank 0 and 2 on rank 1 (an empty rank: tests/unit/evaluation), with the numbers of one process.
+    ``RobustEval`` gathers the ranks' shares; ``CertifyEval`` certifies the whole test set on rank 0."""
     model, _, checkpoint = fastflow
     datamodule = FashionMNIST(category="trouser", root="embedded", image_size=SIZE, num_train=16, num_test=20,
                               eval_batch_size=2)  # fmt: skip
     datamodule.setup()
     single = RobustEval(**SETTINGS).evaluate(model, datamodule.test_dataloader())
-    callback = ["--trainer.callbacks", "anomalib_robust.callbacks.RobustEval"] + [
-        argument for key, value in SETTINGS.items() for argument in (f"--trainer.callbacks.init_args.{key}", str(value))
-    ]
+    reference = CertifyEval(**CERTIFY)
+    Engine(default_root_dir=tmp_path / "single", logger=False, callbacks=[reference]).test(model, datamodule=datamodule)
+    callbacks = [
+        argument
+        for class_path, settings in (("RobustEval", SETTINGS), ("CertifyEval", CERTIFY))
+        for argument in [
+            f"--trainer.callbacks+=anomalib_robust.callbacks.{class_path}",  # += appends (jsonargparse)
+            *(f"--trainer.callbacks.init_args.{key}={json.dumps(value)}" for key, value in settings.items()),
+        ]
+    ]  # fmt: skip
     ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
     output = _run(
-        [
-            "anomalib",
-            "test",
-            *FASTFLOW,
-            *DATA,
-            *callback,
-            *ddp,
-            "--data.num_test",
-            "20",
-            "--data.eval_batch_size",
-            "2",
-            "--ckpt_path",
-            str(checkpoint),
-            "--default_root_dir",
-            "runs",
-        ],
+        ["anomalib", "test", *FASTFLOW, *DATA, *callbacks, *ddp, "--trainer.callbacks.init_args.output_dir", "ddp",
+         "--data.num_test", "20", "--data.eval_batch_size", "2", "--ckpt_path", str(checkpoint),
+         "--default_root_dir", "runs"],
         cwd=tmp_path,
-    )
+    )  # fmt: skip
     assert "MEMBER: 2/2" in output
     assert output.count("Robust evaluation of Fastflow") == 1  # only rank 0 prints
     report = _report(tmp_path / "runs")
@@ -100,6 +98,14 @@ def test_long_form_under_ddp_equals_single_process(fastflow: tuple, tmp_path: Pa
     (result,) = report["results"]
     assert result["image_auroc"] == pytest.approx(single.results[0].image_auroc, abs=1e-6)
     assert result["pixel_auroc"] == pytest.approx(single.results[0].pixel_auroc, abs=1e-4)
+    certified = json.loads((tmp_path / "ddp" / "certify" / "report.json").read_text())
+    assert certified["num_samples"] == reference.report.num_samples == 10
+    (smoothed,) = certified["results"]
+    expected = reference.report.results[0]
+    assert smoothed["smoothed_auroc"] == pytest.approx(expected.smoothed_auroc, abs=1e-9)
+    assert any(value > 0 for value in expected.certified_auc.values())  # something is certified: a comparison
+    for radius, value in expected.certified_auc.items():
+        assert smoothed["certified_auc"][str(radius)] == pytest.approx(value, abs=1e-9)
 
 
 def test_cli_example_shorthand_and_yaml(run_shell_example: Callable[..., str], tmp_path: Path) -> None:
