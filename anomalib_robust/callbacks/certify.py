@@ -14,6 +14,15 @@ confidence ``1 - alpha`` per image and threshold; abstentions count as failures.
 [0, 1] pixel scale, L_2 over all ``C * H * W`` pixel values of the image the detector receives; noisy images are not
 clipped. Runs in one process (rank 0 under DDP, on the whole test set).
 
+Backends (``backend``, ``precision``): ``"torch"`` scores with the detector's own PyTorch forward pass (any anomalib
+detector, f32). ``"openvino"`` exports AdvRAD's one-shot pipeline once per run and scores the noisy images with
+OpenVINO on the CPU in f32, bf16 (CPUs with bf16 arithmetic only) or INT8 (the U-Net quantised, calibrated on the
+training images of the datamodule), see :class:`~anomalib_robust.deploy.OpenVINOScore`. The estimator is the same:
+the smoothing noise comes from the callback's generator, the diffusion noise from torch's global generator, drawn
+as the PyTorch model draws it, so with the same seed both backends score the same noisy images with the same
+diffusion noise (and test images of another size than the model's are resized by the same antialiased test
+transform in both).
+
 Example:
     >>> from anomalib.engine import Engine
     >>> from anomalib_robust import AdvRAD
@@ -25,17 +34,18 @@ Example:
     From the command line:
 
     $ anomalib test --model AdvRAD --data anomalib_robust.data.FashionMNIST --ckpt_path advrad.ckpt \\
-        --callbacks certify --callbacks.init_args.n 1000
+        --callbacks certify --callbacks.init_args.n 1000 --callbacks.init_args.backend openvino
 """
 
 import csv
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from anomalib.data import AnomalibDataModule
 from lightning.pytorch import Callback, LightningModule, Trainer
 from matplotlib.figure import Figure
 from rich.console import Console
@@ -56,6 +66,8 @@ from anomalib_robust.evaluation.smoothing import (
     check_sigma,
     noisy_scores,
 )
+
+BACKENDS = ("torch", "openvino")
 
 
 @dataclass
@@ -79,13 +91,15 @@ class CertifyReport:
     n: int
     alpha: float
     radii: list[float]
+    backend: str = "torch"
+    """``"torch"`` or ``"openvino <precision>"``."""
     results: list[SigmaResult] = field(default_factory=list)
 
     def table(self) -> Table:
         """Rich table in the shape of Table 11, with the smoothed AUROC and abstention rate per sigma."""
         table = Table(
             title=f"Certified AUC (%) of smoothed {self.model} at L_2 radius eps ({self.num_samples} test images, "
-            f"n0={self.n0}, n={self.n}, confidence {1 - self.alpha:g})",
+            f"n0={self.n0}, n={self.n}, confidence {1 - self.alpha:g}, {self.backend})",
             caption="sigma and eps in the [0, 1] pixel scale; abstentions count as failures.",
             caption_justify="left",
         )
@@ -153,6 +167,10 @@ class CertifyEval(Callback):
         plots: write the certified-AUC-vs-radius plot.
         output_dir: where to write; ``None`` for the trainer's ``default_root_dir``.
         seed: seeds the noise and the detector's randomness; the global RNG is restored afterwards.
+        backend: ``"torch"`` (the detector's PyTorch forward) or ``"openvino"`` (AdvRAD's exported one-shot
+            pipeline, see the module docstring).
+        precision: ``"f32"``, or for ``backend="openvino"`` also ``"bf16"`` (CPUs with bf16 arithmetic) and
+            ``"int8"`` (calibrated on the training images of the test run's datamodule).
     """
 
     def __init__(
@@ -167,6 +185,8 @@ class CertifyEval(Callback):
         plots: bool = True,
         output_dir: str | Path | None = None,
         seed: int = 0,
+        backend: str = "torch",
+        precision: str = "f32",
     ) -> None:
         super().__init__()
         self.sigmas = [check_sigma(sigma) for sigma in sigmas]
@@ -181,6 +201,7 @@ class CertifyEval(Callback):
         self.plots = plots
         self.output_dir = output_dir
         self.seed = seed
+        self.backend, self.precision = check_backend(backend, precision)
         self.report: CertifyReport | None = None
         """The last report."""
 
@@ -190,7 +211,8 @@ class CertifyEval(Callback):
             return
         loaders = trainer.test_dataloaders
         loaders = [loaders] if isinstance(loaders, DataLoader) else list(loaders or [])
-        report = self.evaluate(pl_module, loaders, Path(self.output_dir or trainer.default_root_dir))
+        output_dir = Path(self.output_dir or trainer.default_root_dir)
+        report = self.evaluate(pl_module, loaders, output_dir, datamodule=getattr(trainer, "datamodule", None))
         for result in report.results:
             for radius, value in result.certified_auc.items():
                 pl_module.log(f"certify/sigma{result.sigma:g}/radius{radius:g}/AUC", value, rank_zero_only=True)
@@ -200,20 +222,25 @@ class CertifyEval(Callback):
         model: LightningModule,
         dataloaders: DataLoader | Sequence[DataLoader],
         output_dir: str | Path | None = None,
+        datamodule: AnomalibDataModule | None = None,
     ) -> CertifyReport:
-        """Certify without a Trainer; prints and writes to ``<output_dir>/certify`` when ``output_dir`` is given."""
+        """Certify without a Trainer; prints and writes to ``<output_dir>/certify`` when ``output_dir`` is given.
+
+        ``datamodule`` gives the calibration images of ``precision="int8"`` (the datamodule the model was trained on).
+        """
         loaders = [dataloaders] if isinstance(dataloaders, DataLoader) else list(dataloaders)
         detector = DetectorScore(model, eot_samples=1)
         device = model.device
         with torch.inference_mode(False), detector.prepared(), torch.random.fork_rng(devices=cuda_devices(device)):
             images, labels = self._test_set(loaders, device)
-            report = CertifyReport(detector.name, len(labels), self.n0, self.n, self.alpha, self.radii)
+            score = self._score_function(detector, datamodule)
+            backend = self.backend if self.backend == "torch" else f"{self.backend} {self.precision}"
+            report = CertifyReport(detector.name, len(labels), self.n0, self.n, self.alpha, self.radii, backend)
             for number, sigma in enumerate(self.sigmas):
                 torch.manual_seed(self.seed + number)
                 generator = torch.Generator(device=device).manual_seed(self.seed + number)
                 draws = [
-                    noisy_scores(lambda x: detector.single_draw(x)[0], images, sigma, count, self.batch_size, generator)
-                    for count in (self.n0, self.n)
+                    noisy_scores(score, images, sigma, count, self.batch_size, generator) for count in (self.n0, self.n)
                 ]
                 certification = certify(*draws, sigma=sigma, alpha=self.alpha)
                 result = SigmaResult(
@@ -232,6 +259,16 @@ class CertifyEval(Callback):
                 plot_certified_auc(report, directory / "certified_auc_vs_radius.png")
         return report
 
+    def _score_function(
+        self, detector: DetectorScore, datamodule: AnomalibDataModule | None
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Raw scores of noisy images from the chosen backend (one draw of the detector's own randomness each)."""
+        if self.backend == "torch":
+            return lambda images: detector.single_draw(images)[0]
+        from anomalib_robust.deploy.openvino_score import OpenVINOScore  # lazily, see check_backend
+
+        return OpenVINOScore(detector.detector, self.precision, datamodule, batch_size=self.batch_size)
+
     def _test_set(self, loaders: list[DataLoader], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw [0, 1] images and labels of (``max_samples`` evenly spaced images of) every test loader."""
         images, labels = [], []
@@ -243,3 +280,26 @@ class CertifyEval(Callback):
         labels = torch.cat(labels)
         check_both_classes(labels, caller="CertifyEval")
         return torch.cat(images), labels
+
+
+def check_backend(backend: str, precision: str) -> tuple[str, str]:
+    """``(backend, precision)`` when the pair is known and runs here; a clear error naming the argument otherwise."""
+    if backend not in BACKENDS:
+        msg = f"backend must be one of {BACKENDS}, got {backend!r}"
+        raise ValueError(msg)
+    if backend == "openvino":
+        # deploy is imported lazily: at module level it would enter every model import through the package
+        # import chain (anomalib_robust -> callbacks), and the layering is deploy -> models, never back
+        from anomalib_robust.deploy.openvino_score import check_openvino_installed, check_precision
+
+        check_openvino_installed()
+        return backend, check_precision(precision)
+    if precision != "f32":
+        from anomalib_robust.deploy.openvino_score import PRECISIONS  # lazily, as above
+
+        msg = (
+            f"backend='torch' runs the detector in f32, got precision={precision!r} (the precisions {PRECISIONS} "
+            f"are those of backend='openvino')"
+        )
+        raise ValueError(msg)
+    return backend, precision

@@ -13,9 +13,11 @@ quantisable op), the scores of the CPU preset trained on Fashion-MNIST correlate
 moved by up to 0.49); with the U-Net alone, 0.9998 (up to 0.014).
 
 Calibration runs the whole graph on the training images of the datamodule, the normal images the model was fit on
-(Alg. 4 line 9 averages their error maps into the stored normal map). The in-graph noise op (``RandomUniform``)
-needs nothing special: NNCF leaves it alone and calibrates on fresh noise. A graph with a
-``noise`` input (``export_adv_rad(..., noise="input")``) gets seeded Gaussian noise.
+(Alg. 4 line 9 averages their error maps into the stored normal map), in their stored order (not the shuffled
+training order: NNCF averages per-batch ranges, so the batches' composition would change the quantiser). It is
+deterministic: the in-graph noise ops (``RandomUniform``) draw from :data:`CALIBRATION_NOISE_SEED` while NNCF
+calibrates and draw fresh noise again in the returned graph; a graph with a ``noise`` input
+(``export_adv_rad(..., noise="input")``) gets Gaussian noise from the same seed.
 
 Example:
     >>> from anomalib.deploy import CompressionType
@@ -91,8 +93,11 @@ def unet_scope(model: "ov.Model") -> "nncf.IgnoredScope":
 def calibration_dataset(model: "ov.Model", datamodule: AnomalibDataModule) -> "nncf.Dataset":
     """The datamodule's training batches as inputs of ``model`` (plus seeded noise when it has a ``noise`` input)."""
     import nncf
+    from torch.utils.data import DataLoader
 
     datamodule.setup("fit")
+    data = datamodule.train_data
+    loader = DataLoader(data, batch_size=datamodule.train_batch_size, shuffle=False, collate_fn=data.collate_fn)
     noise_inputs = [port for port in model.inputs if port.get_any_name() == "noise"]
     generator = np.random.default_rng(CALIBRATION_NOISE_SEED)
 
@@ -105,7 +110,7 @@ def calibration_dataset(model: "ov.Model", datamodule: AnomalibDataModule) -> "n
         noise = generator.standard_normal((draws, images.shape[0], channels, height, width), dtype=np.float32)
         return {"input": images, "noise": noise}
 
-    return nncf.Dataset(datamodule.train_dataloader(), transform)
+    return nncf.Dataset(loader, transform)
 
 
 def quantize_unet(model: "ov.Model", datamodule: AnomalibDataModule | None) -> "ov.Model":
@@ -113,4 +118,25 @@ def quantize_unet(model: "ov.Model", datamodule: AnomalibDataModule | None) -> "
     import nncf
 
     check_calibration(CompressionType.INT8_PTQ, datamodule)
-    return nncf.quantize(model, calibration_dataset(model, datamodule), ignored_scope=unet_scope(model))
+    seeds = _random_op_seeds(model)
+    _seed_random_ops(model, [(CALIBRATION_NOISE_SEED, rank) for rank in range(1, len(seeds) + 1)])
+    try:
+        quantized = nncf.quantize(model, calibration_dataset(model, datamodule), ignored_scope=unet_scope(model))
+    finally:
+        _seed_random_ops(model, seeds)
+    _seed_random_ops(quantized, seeds)  # the quantised copy draws as the original did (fresh noise when unseeded)
+    return quantized
+
+
+def _random_op_seeds(model: "ov.Model") -> list[tuple[int, int]]:
+    """``(global_seed, op_seed)`` of every ``RandomUniform`` op of ``model``, in graph order."""
+    attributes = [op.get_attributes() for op in model.get_ordered_ops() if op.get_type_name() == "RandomUniform"]
+    return [(int(attribute["global_seed"]), int(attribute["op_seed"])) for attribute in attributes]
+
+
+def _seed_random_ops(model: "ov.Model", seeds: list[tuple[int, int]]) -> None:
+    """Set the ``(global_seed, op_seed)`` of the ``RandomUniform`` ops of ``model``, in graph order."""
+    random_ops = [op for op in model.get_ordered_ops() if op.get_type_name() == "RandomUniform"]
+    for op, (global_seed, op_seed) in zip(random_ops, seeds, strict=True):
+        op.set_attribute("global_seed", global_seed)
+        op.set_attribute("op_seed", op_seed)

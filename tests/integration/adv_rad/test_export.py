@@ -15,8 +15,9 @@ from anomalib.engine import Engine
 
 from anomalib_robust import AdvRAD
 from anomalib_robust.cli import run_exported_predict
-from anomalib_robust.deploy import export_adv_rad, load_inferencer, predict_exported
-from anomalib_robust.models.adv_rad.export import QUANTIZED_OP_TYPES
+from anomalib_robust.deploy import export_adv_rad, predict_exported
+from anomalib_robust.deploy.predict import seed_random_ops
+from anomalib_robust.models.adv_rad.export import QUANTIZED_OP_TYPES, quantize_unet
 
 REPO = Path(__file__).resolve().parents[3]
 F32 = {"INFERENCE_PRECISION_HINT": "f32"}  # OpenVINO picks bf16 on CPUs that have it
@@ -219,6 +220,16 @@ def test_int8_export_quantizes_the_unet_only_and_its_scores_track_f32(
     monkeypatch: pytest.MonkeyPatch,
     ov: object,
 ) -> None:
+    """INT8 (U-Net only) scores and maps track f32 through anomalib's inferencer, calibration is deterministic.
+
+    Both graphs run in f32 outside the quantised ops (``INFERENCE_PRECISION_HINT=f32``): OpenVINO's CPU default is
+    bf16 on CPUs with AVX512-BF16 or AMX and f32 elsewhere, which made the same test compare different things on
+    different machines. Pooled over 3 noise sequences (24 scores), since 8 scores alone give a noisy correlation.
+    Measured (OpenVINO 2026.4, AVX512-BF16/VNNI CPU, per noise sequence of 8 images, 5 tiny checkpoints trained from
+    different seeds x 3 noise sequences, in f32 and in bf16, 1-4 calibrations): U-Net only >= 0.988 (scores) and
+    >= 0.9976 (maps); every op quantised (NNCF defaults, the broken quantisation the U-Net scope avoids) <= 0.949
+    and <= 0.986. The thresholds sit between the two.
+    """
     _, checkpoint = trained
     # raw scores: the tiny model's normalised scores saturate at 1 on these images, which would hide any difference
     model = AdvRAD.load_from_checkpoint(checkpoint, post_processor=False, strict=False).eval()
@@ -232,18 +243,36 @@ def test_int8_export_quantizes_the_unet_only_and_its_scores_track_f32(
     consumers = {target.get_node().get_type_name() for op in quantizers for target in op.output(0).get_target_inputs()}
     assert quantizers, "no op was quantised"
     assert consumers <= set(QUANTIZED_OP_TYPES), f"quantised ops outside the U-Net: {consumers}"
+    again = quantize_unet(ov.Core().read_model(f32_path), datamodule)
+    assert _quantizer_ranges(again) == _quantizer_ranges(graph), "calibration must be deterministic"
+    assert {op.get_attributes()["op_seed"] for op in again.get_ordered_ops() if op.get_type_name() == "RandomUniform"}
+    assert all(op.get_attributes()["op_seed"] == 0 for op in graph.get_ordered_ops()
+               if op.get_type_name() == "RandomUniform"), "the exported graph draws fresh noise"  # fmt: skip
 
     monkeypatch.chdir(tmp_path)  # the inferencer writes its compilation cache to ./openvino_cache
     images = sorted((mvtec_root / "disc" / "test").glob("**/*.png"))
-    outputs = {}
+    scores, maps = {}, {}
     for name, path in (("int8", int8_path), ("f32", f32_path)):
-        inferencer = load_inferencer(path, device="cpu", seed=0)  # the same noise sequence in both graphs
-        outputs[name] = [inferencer.predict(image) for image in images]
-    scores = {name: np.array([float(batch.pred_score[0]) for batch in batches]) for name, batches in outputs.items()}
-    maps = {name: np.concatenate([batch.anomaly_map.ravel() for batch in batches]) for name, batches in outputs.items()}
-    # measured: U-Net only 0.996-0.999 (scores) and 0.999 (maps); every op quantised 0.87 and 0.988; another seed -0.5
-    assert np.corrcoef(scores["int8"], scores["f32"])[0, 1] > 0.95, scores
-    assert np.corrcoef(maps["int8"], maps["f32"])[0, 1] > 0.995
+        batches = []
+        for seed in range(3):  # the same noise sequences in both graphs
+            seeded = ov.Core().read_model(path)
+            seed_random_ops(seeded, seed)
+            ov.save_model(seeded, tmp_path / f"{name}_seeded.xml", compress_to_fp16=False)
+            inferencer = OpenVINOInferencer(tmp_path / f"{name}_seeded.xml", device="CPU", config=F32)
+            batches += [inferencer.predict(image) for image in images]
+        scores[name] = np.array([float(batch.pred_score[0]) for batch in batches])
+        maps[name] = np.concatenate([batch.anomaly_map.ravel() for batch in batches])
+    assert np.corrcoef(scores["int8"], scores["f32"])[0, 1] > 0.97, scores
+    assert np.corrcoef(maps["int8"], maps["f32"])[0, 1] > 0.992
+
+
+def _quantizer_ranges(graph: object) -> list[list[float]]:
+    """The input and output ranges of every FakeQuantize op of an OpenVINO graph, in graph order."""
+    return [
+        [value for port in range(1, 5) for value in op.input_value(port).get_node().get_data().ravel().tolist()]
+        for op in graph.get_ordered_ops()
+        if op.get_type_name() == "FakeQuantize"
+    ]
 
 
 def test_torch_export_runs_in_torch_inferencer(
