@@ -1,4 +1,4 @@
-"""Model-agnostic defenses around any anomalib detector: diffusion purifiers (DiffPure, TMA) and robust training.
+"""Model-agnostic defenses around any anomalib detector: diffusion purifiers (DiffPure, TMA), RAP and robust training.
 
 Example:
     >>> from anomalib_robust.defenses import DiffPure, Purified
@@ -9,6 +9,7 @@ Example:
 
 from anomalib_robust.defenses.purified import Purified, PurifiedModel
 from anomalib_robust.defenses.purifiers import TMA, DiffPure, DiffusionPurifier
+from anomalib_robust.defenses.rap import RAP, DetectorMismatchWarning
 from anomalib_robust.defenses.training import AdversarialTraining, GaussianNoiseTraining, NotGradientTrainedError
 from anomalib_robust.registry import register_callback
 
@@ -16,8 +17,10 @@ register_callback("adversarial_training", "anomalib_robust.defenses.AdversarialT
 register_callback("gaussian_noise_training", "anomalib_robust.defenses.GaussianNoiseTraining")
 
 __all__ = [
+    "RAP",
     "TMA",
     "AdversarialTraining",
+    "DetectorMismatchWarning",
     "DiffPure",
     "DiffusionPurifier",
     "GaussianNoiseTraining",

@@ -60,6 +60,7 @@ class PurifiedModel(nn.Module):
         detector_model: nn.Module,
     ) -> None:
         super().__init__()
+        self.stochastic = bool(getattr(purifier, "stochastic", True))
         self.purifier = purifier
         self.detector_pre_processor = detector_pre_processor
         self.detector_model = detector_model
@@ -94,6 +95,7 @@ class Purified(AnomalibModule):
             visualizer=visualizer,
         )
         self.detector_name = detector.name
+        purifier.attach(detector)
         self.model = PurifiedModel(purifier, detector.pre_processor, detector.model)
         self._detector_trainer_arguments = detector.trainer_arguments
         self._detector_learning_type = detector.learning_type

@@ -95,6 +95,10 @@ class DiffusionPurifier(nn.Module, ABC):
         del mode
         return super().train(False)
 
+    def attach(self, detector: nn.Module) -> None:
+        """Called by ``Purified`` with the detector it defends; a purifier that depends on it (RAP) checks it here."""
+        del detector
+
     @property
     @abstractmethod
     def unet_evaluations(self) -> int:

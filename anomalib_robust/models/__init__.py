@@ -2,5 +2,6 @@
 
 from anomalib_robust.models.adv_rad import AdvRAD
 from anomalib_robust.models.patch_guard import PatchGuard
+from anomalib_robust.models.rap_adapter import RAPAdapter
 
-__all__ = ["AdvRAD", "PatchGuard"]
+__all__ = ["AdvRAD", "PatchGuard", "RAPAdapter"]

@@ -1,0 +1,335 @@
+"""RAPAdapter: train the RAP adapter in front of a fitted, frozen anomalib detector (the RAP paper, Alg. 3).
+
+Paper (the RAP paper): "From Malicious to Marvelous: the Art of Adversarial Attack as Diffusion", sec. 3.4, Alg. 3.
+Every training step draws ``t ~ U{1..T}`` per image, attacks the normal training image with Alg. 1 for ``t`` steps
+against the *defended* detector (the adapter in front of the detector, sec. 3.3) and takes a gradient step on
+
+    ||x_0 - f~(x_t, t)||_1 + task_weight * task + identity_weight * ||x_a - f~(x^a_t, t)||_1.
+
+Adaptations to one-class anomaly detection (the paper trains a classifier's adapter with a class label):
+
+- **Task term.** The paper's ``CE(f~(x_t, t), y)`` becomes the detector's raw anomaly score on ``f~(x_t, t)`` for the
+  normal training images, as a hinge above the score of the clean image: ``relu(A(f~(x_t, t)) - A(x_0)) / s``. The
+  attack raised the score (a false alarm); the term asks the adapter to bring it back to the clean image's level and
+  no lower, because rewarding scores below that would teach the adapter to make everything look normal, defects
+  included. ``s`` (:attr:`score_scale`) is the mean absolute raw score of the clean images of the first training
+  batch, so the term is a relative score increase and ``task_weight`` means the same for detectors whose scores live
+  on different scales. The default weight 0.1 keeps the L_1 terms dominant; it is not tuned.
+- **Identity term.** An adapter trained on normal images only learns to "repair" real defects as well, and the
+  detector then misses them (the AdvRAD paper, sec. 4.2). So every step also makes pseudo anomalies ``x_a`` of the
+  batch with PatchGuard's foreground self-CutPaste generator (PatchGuard, Nafez et al., CVPR 2025, supplementary
+  sec. B; :class:`~anomalib_robust.models.patch_guard.pseudo_anomaly.PseudoAnomalyGenerator`), attacks them with
+  Alg. 1 in the other score direction (``y = -1``: hide the defect), and asks the adapter to return ``x_a`` itself,
+  defect included. ``identity_weight = 0`` switches it off (to measure with and without it).
+- **Loss norm.** Alg. 3 writes ``||x_0 - f~||`` without a subscript and eq. (8) uses L_2; L_1 (the mean absolute
+  error) is used here.
+
+Cost per training step: ``t`` forward and backward passes of (U-Net + detector) per image for the attack (twice with
+the identity term), then one U-Net forward/backward and one detector forward/backward for the loss. The detector's
+weights never change; they are saved in the checkpoint with the adapter's (so that training resumes), and the
+checkpoint records the detector's name and a fingerprint of its weights, which :class:`~anomalib_robust.defenses.RAP`
+checks against the detector it defends.
+
+Validation and test score the defended detector, ``A(f~(x, T))`` (one-step RAP), so ``anomalib train`` reports the
+standard AUROC of the defended pipeline. Robust AUROC: ``RobustEval(defense=RAP("rap.ckpt"))`` on the detector.
+
+Example:
+    >>> from anomalib.engine import Engine
+    >>> from anomalib_robust.models import RAPAdapter
+    >>> adapter = RAPAdapter(detector=fitted_padim, image_size=(32, 32), base_channels=32)  # doctest: +SKIP
+    >>> Engine(max_epochs=5).fit(adapter, datamodule=datamodule)  # doctest: +SKIP
+
+From the CLI, with the detector's checkpoint:
+
+    anomalib train --model RAPAdapter --model.detector padim.ckpt --model.detector_model Padim --data ...
+    anomalib train --config configs/model/rap_adapter_cpu.yaml --model.detector padim.ckpt --model.detector_model Padim
+"""
+
+import hashlib
+import importlib
+import inspect
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch
+from anomalib.metrics import Evaluator
+from anomalib.models.components import AnomalibModule
+from anomalib.post_processing import PostProcessor
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import nn
+from torchvision.transforms.v2 import Resize
+
+from anomalib_robust.attacks.detector import test_transform
+from anomalib_robust.attacks.unmasking import unmasked_gradients
+from anomalib_robust.models.patch_guard.pseudo_anomaly import PseudoAnomalyGenerator
+from anomalib_robust.models.rap_adapter.process import defended_objective, detector_score, forward_process
+from anomalib_robust.models.rap_adapter.torch_model import RAPAdapterModel
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_KEY = "rap_detector"
+"""Checkpoint entry with the name and weight fingerprint of the detector the adapter was trained against."""
+
+ARCHITECTURE_ARGS = ("image_size", "in_channels", "base_channels", "channel_mult", "layers_per_block")
+PROCESS_ARGS = ("steps", "eps", "step_size", "start_noise")
+
+FOREGROUND_LEVEL = 0.1
+"""Pixels whose channel mean is above this are foreground for the pseudo anomalies (dark backgrounds stay clean)."""
+
+
+def detector_fingerprint(model: nn.Module) -> str:
+    """A short SHA-256 of a detector's weights and buffers (names, shapes and values), to recognise it later."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def load_detector(detector: AnomalibModule | str | Path, detector_model: str | None) -> AnomalibModule:
+    """The fitted detector: an ``AnomalibModule``, or a checkpoint path loaded with the class ``detector_model``.
+
+    ``detector_model`` is an anomalib model name (``"Padim"``), a plugin model (``"AdvRAD"``) or a class path.
+
+    Raises:
+        FileNotFoundError: for a checkpoint path that does not exist.
+        ValueError: for a path without ``detector_model``, or a name that is not an anomalib model.
+    """
+    if isinstance(detector, AnomalibModule):
+        return detector
+    if not isinstance(detector, str | Path):
+        msg = f"detector must be a fitted AnomalibModule or the path of its checkpoint, got {type(detector).__name__}."
+        raise TypeError(msg)
+    path = Path(detector)
+    if not path.is_file():
+        msg = f"detector checkpoint {str(path)!r} does not exist (expected the fitted detector's .ckpt)."
+        raise FileNotFoundError(msg)
+    if not detector_model:
+        msg = (
+            f"detector is a checkpoint path ({str(path)!r}): also pass detector_model, the detector's class "
+            "(an anomalib model name such as 'Padim', or a class path)."
+        )
+        raise ValueError(msg)
+    return _model_class(detector_model).load_from_checkpoint(path, map_location="cpu")
+
+
+def _model_class(name: str) -> type[AnomalibModule]:
+    candidates = []
+    if "." in name:
+        module, _, attribute = name.rpartition(".")
+        candidates.append((module, attribute))
+    candidates += [("anomalib.models", name), ("anomalib_robust.models", name)]
+    for module, attribute in candidates:
+        try:
+            cls = getattr(importlib.import_module(module), attribute, None)
+        except ImportError:
+            cls = None
+        if isinstance(cls, type) and issubclass(cls, AnomalibModule):
+            return cls
+    msg = f"detector_model must name an anomalib model class (e.g. 'Padim', or a class path), got {name!r}."
+    raise ValueError(msg)
+
+
+class RAPAdapter(AnomalibModule):
+    """Trains the RAP adapter f~ (the RAP paper, Alg. 3) for a fitted, frozen anomalib detector.
+
+    Defaults: T = 20 attack steps (the RAP paper, sec. 4.5), an L_inf ball of 8/255 (its CIFAR-10 radius), lambda =
+    2/255, c = 8/255 (uniform start noise over the whole ball, as Madry et al.; the paper does not give c), Adam with lr
+    1e-4, a 3-level 64-channel U-Net at 256 x 256. ``configs/model/rap_adapter_cpu.yaml`` is a 32 x 32 preset.
+
+    Args:
+        detector: the fitted detector: an ``AnomalibModule`` or the path of its checkpoint (with ``detector_model``).
+        detector_model: the detector's class when ``detector`` is a path (``"Padim"``, a class path).
+        image_size: the adapter's input size (the pre-processor resizes to it; the detector's own pre-processor runs
+            on the adapter's output).
+        in_channels: image channels.
+        base_channels, channel_mult, layers_per_block: the U-Net (:class:`RAPAdapterModel`).
+        steps: T of Alg. 1 and Alg. 3.
+        eps: L_inf radius of Alg. 1's ``Clamp``.
+        step_size: lambda of Alg. 1.
+        start_noise: c of Alg. 1, in ``[0, eps]``.
+        task_weight: weight of the task term (the detector's score on ``f~(x_t, t)``, see the module docstring).
+        identity_weight: weight of the identity term on pseudo anomalies (0: off).
+        pseudo_anomaly_size: smallest side of a pseudo-anomalous patch in pixels; ``None``: an eighth of the image.
+        learning_rate: Adam learning rate.
+        seed: seed of the pseudo anomalies.
+        pre_processor, post_processor, evaluator, visualizer: anomalib components (``True`` for the defaults).
+    """
+
+    def __init__(
+        self,
+        detector: AnomalibModule | str | Path | None = None,
+        detector_model: str | None = None,
+        image_size: Sequence[int] = (256, 256),
+        in_channels: int = 3,
+        base_channels: int = 64,
+        channel_mult: Sequence[int] = (1, 2, 2),
+        layers_per_block: int = 1,
+        steps: int = 20,
+        eps: float = 8 / 255,
+        step_size: float = 2 / 255,
+        start_noise: float = 8 / 255,
+        task_weight: float = 0.1,
+        identity_weight: float = 1.0,
+        pseudo_anomaly_size: int | None = None,
+        learning_rate: float = 1e-4,
+        seed: int = 0,
+        pre_processor: PreProcessor | bool = True,
+        post_processor: PostProcessor | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        if detector is None:
+            msg = (
+                "RAPAdapter needs the fitted detector it defends: detector=<AnomalibModule> or detector=<checkpoint "
+                "path> with detector_model=<class name>, e.g. --model.detector padim.ckpt --model.detector_model Padim."
+            )
+            raise ValueError(msg)
+        for name, value in (("task_weight", task_weight), ("identity_weight", identity_weight)):
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                msg = f"{name} must be a number >= 0, got {value!r}."
+                raise ValueError(msg)
+        if pre_processor is True:
+            pre_processor = self.configure_pre_processor(tuple(image_size))
+        super().__init__(
+            pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator, visualizer=visualizer
+        )
+        if not isinstance(detector, AnomalibModule):  # a module's weights are in the state dict; pass it to load
+            self.hparams["detector"] = str(detector)
+        fitted = load_detector(detector, detector_model)
+        self.detector_name = fitted.name
+        self.detector_pre_processor = fitted.pre_processor
+        self.detector_model = fitted.model
+        self.detector_model.requires_grad_(False).eval()
+        self.detector_fingerprint = detector_fingerprint(self.detector_model)
+        self.model = RAPAdapterModel(image_size, in_channels, base_channels, channel_mult, layers_per_block, steps,
+                                     eps, step_size, start_noise)  # fmt: skip
+        self.task_weight, self.identity_weight = float(task_weight), float(identity_weight)
+        self.learning_rate = learning_rate
+        size = pseudo_anomaly_size or max(2, min(self.model.image_size) // 8)
+        self.pseudo_anomalies = PseudoAnomalyGenerator(patch_size=size, seed=seed)
+        self.register_buffer("score_scale", torch.zeros(()))
+        """Mean absolute raw score of the detector on clean training images (the task term's unit; 0 until set)."""
+
+    def save_hyperparameters(self, *args: Any, ignore: Sequence[str] | str | None = None, **kwargs: Any) -> None:
+        """As Lightning's, without the detector (a checkpoint path is added back by ``__init__``)."""
+        ignore = [ignore] if isinstance(ignore, str) else list(ignore or [])
+        kwargs.setdefault("frame", inspect.currentframe().f_back)
+        super().save_hyperparameters(*args, ignore=[*ignore, "detector"], **kwargs)
+
+    @classmethod
+    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
+        """Resize to the adapter's input size; no normalisation (the detector's own pre-processor comes after)."""
+        return PreProcessor(transform=Resize(image_size or (256, 256), antialias=True))
+
+    def train(self, mode: bool = True) -> "RAPAdapter":
+        """The detector stays in eval mode: it is fitted and frozen; only the adapter trains."""
+        super().train(mode)
+        self.detector_model.eval()
+        return self
+
+    def _score(self, images: torch.Tensor) -> torch.Tensor:
+        return detector_score(self.detector_pre_processor, self.detector_model, images)
+
+    def _attack(self, images: torch.Tensor, t: torch.Tensor, direction: float) -> torch.Tensor:
+        """Alg. 1 against the defended detector with the current adapter (eval mode, no parameter gradients)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            directions = torch.full_like(t, direction, dtype=images.dtype)
+            objective = defended_objective(
+                self.model, self.model.steps, self.detector_pre_processor, self.detector_model, directions
+            )
+            return forward_process(objective, images, t, self.model.eps, self.model.step_size, self.model.start_noise)
+        finally:
+            self.model.train(was_training)
+
+    def losses(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The terms of Alg. 3's loss on a batch of normal images ``x_0`` in [0, 1] (see the module docstring)."""
+        steps = self.model.steps
+        t = torch.randint(1, steps + 1, (images.shape[0],), device=images.device)
+        with torch.no_grad():
+            clean_scores = self._score(images)
+        if not self.score_scale > 0:
+            scale = float(clean_scores.abs().mean())
+            self.score_scale.fill_(scale if scale > 0 else 1.0)
+        attacked = self._attack(images, t, 1.0)
+        estimate = self.model(attacked, t)
+        losses = {"reconstruction": (estimate - images).abs().mean()}
+        with unmasked_gradients():
+            scores = self._score(estimate.clamp(0.0, 1.0))
+        losses["task"] = ((scores - clean_scores).relu() / self.score_scale).mean()
+        losses["loss"] = losses["reconstruction"] + self.task_weight * losses["task"]
+        if self.identity_weight > 0:
+            anomalous = self._pseudo_anomalies(images)
+            recovered = self.model(self._attack(anomalous, t, -1.0), t)
+            losses["identity"] = (recovered - anomalous).abs().mean()
+            losses["loss"] = losses["loss"] + self.identity_weight * losses["identity"]
+        return losses
+
+    def _pseudo_anomalies(self, images: torch.Tensor) -> torch.Tensor:
+        """PatchGuard's self-CutPaste pseudo anomalies of ``images``, pasted on their foreground."""
+        cpu = images.detach().cpu()
+        foreground = cpu.mean(dim=1) > FOREGROUND_LEVEL
+        too_small = foreground.flatten(1).sum(dim=1) < self.pseudo_anomalies.min_size**2
+        foreground[too_small] = True
+        return self.pseudo_anomalies(cpu, foreground).images.to(images)
+
+    def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
+        """One step of Alg. 3."""
+        del args, kwargs
+        losses = self.losses(batch.image)
+        self.model.trained_steps += 1
+        size = batch.image.shape[0]
+        self.log("train_loss", losses["loss"], on_epoch=True, prog_bar=True, logger=True, batch_size=size)
+        self.log_dict({f"train_loss_{name}": value for name, value in losses.items() if name != "loss"},
+                      on_epoch=True, batch_size=size)  # fmt: skip
+        return {"loss": losses["loss"]}
+
+    def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
+        """Scores of the defended detector (one-step RAP) on the validation images."""
+        del args, kwargs
+        purified = self.model(batch.image, self.model.steps).clamp(0.0, 1.0)
+        output = self.detector_model(test_transform(self.detector_pre_processor, purified))
+        return batch.update(**output._asdict())
+
+    def test_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
+        """Scores of the defended detector (one-step RAP) on the test images."""
+        return self.validation_step(batch, *args, **kwargs)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the detector the adapter was trained against (its name and weight fingerprint)."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[CHECKPOINT_KEY] = {"name": self.detector_name, "fingerprint": self.detector_fingerprint}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Warn when training resumes against another detector than the checkpoint's."""
+        super().on_load_checkpoint(checkpoint)
+        saved = checkpoint.get(CHECKPOINT_KEY)
+        if saved and saved["fingerprint"] != self.detector_fingerprint:
+            logger.warning(
+                "RAPAdapter: the checkpoint was trained against %s (weights %s); this run's detector is %s (weights "
+                "%s). Its detector weights in the checkpoint replace this run's.",
+                saved["name"], saved["fingerprint"], self.detector_name, self.detector_fingerprint,
+            )  # fmt: skip
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """Adam on the adapter only (the detector is frozen)."""
+        return torch.optim.Adam(self.model.parameters(), lr=self.learning_rate)
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """No sanity validation (scores of an untrained adapter mean nothing)."""
+        return {"num_sanity_val_steps": 0}
+
+    @property
+    def learning_type(self) -> LearningType:
+        """The adapter learns from normal images (and their pseudo anomalies) only."""
+        return LearningType.ONE_CLASS
