@@ -10,6 +10,9 @@ and ``--compression_type`` takes anomalib's lower-case values (``int8_ptq``) as 
 from ``anomalib export``) runs that file with anomalib's inferencer (:mod:`anomalib_robust.deploy.predict`) instead of
 loading a Lightning checkpoint.
 
+``anomalib robust_benchmark --config <yaml>`` runs the robustness leaderboard (:mod:`anomalib_robust.leaderboard`)
+through anomalib's pipeline runners, as ``anomalib benchmark --config`` runs anomalib's benchmark.
+
 Example:
     $ anomalib train --model adv_rad --data anomalib_robust.data.FashionMNIST --trainer.max_steps 200
     $ anomalib predict --model AdvRAD --ckpt_path results/AdvRAD/latest/weights/openvino/model.xml --data images/
@@ -39,6 +42,7 @@ from anomalib_robust.deploy.predict import (
     predict_exported,
     predictions_table,
 )
+from anomalib_robust.leaderboard import RobustBenchmark
 from anomalib_robust.registry import CALLBACKS
 
 
@@ -221,3 +225,14 @@ def extend_anomalib_cli(cli_module: ModuleType) -> None:
 
     __init__.__anomalib_robust__ = True
     cli_class.__init__ = __init__
+    register_pipelines()
+
+
+def register_pipelines() -> None:
+    """Add ``anomalib robust_benchmark`` (:class:`~anomalib_robust.leaderboard.RobustBenchmark`) to anomalib's pipeline
+    subcommands, next to ``anomalib benchmark``: anomalib's CLI builds its parser from ``get_parser`` and runs it with
+    ``run_pipeline``, as it does its own benchmark."""
+    from anomalib.cli import pipelines
+
+    if pipelines.PIPELINE_REGISTRY is not None:  # None when anomalib's pipelines are not installed
+        pipelines.PIPELINE_REGISTRY.setdefault("robust_benchmark", RobustBenchmark)

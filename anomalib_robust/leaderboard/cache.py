@@ -1,0 +1,49 @@
+"""On-disk cache of finished leaderboard cells, so that an interrupted run resumes where it stopped.
+
+A cell (one model, one datamodule, one seed, one threat model, one evaluator configuration) is keyed by the SHA-256
+of its canonical JSON: changing any setting of a cell makes it a new cell. Only finished cells are cached; a failed
+cell is run again on resume.
+
+Example:
+    >>> from pathlib import Path
+    >>> cache = CellCache(Path("runs/robust_benchmark/cells"))  # doctest: +SKIP
+    >>> cache.get(cell_key({"model": "Padim"})) is None  # doctest: +SKIP
+    True
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+from anomalib_robust.evaluation.report import write_atomic
+from anomalib_robust.leaderboard.config import jsonable
+
+
+def cell_key(description: dict) -> str:
+    """Stable identifier of a cell: the first 16 hex digits of the SHA-256 of its sorted JSON."""
+    canonical = json.dumps(jsonable(description), sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+class CellCache:
+    """Finished cells as ``<directory>/<key>.json``, each written atomically."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+
+    def path(self, key: str) -> Path:
+        return self.directory / f"{key}.json"
+
+    def get(self, key: str) -> dict | None:
+        """The finished cell ``key``, or ``None`` when it has not finished (or its file is unreadable)."""
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            return None
+
+    def put(self, key: str, record: dict) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.path(key), json.dumps(jsonable(record), indent=2, allow_nan=True))

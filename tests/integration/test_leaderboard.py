@@ -1,0 +1,92 @@
+"""The robustness leaderboard end to end: ``anomalib robust_benchmark`` on a two-model, two-category grid (tiny
+settings), resume without refitting, ``python -m anomalib_robust.leaderboard --merge`` of two runs, the JSON schema,
+and a typo in the YAML failing before anything runs."""
+
+import copy
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from anomalib_robust.leaderboard import LeaderboardConfigError, RobustBenchmarkJob, validate_entry
+from anomalib_robust.leaderboard.__main__ import main
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = yaml.safe_load((REPO / "configs/benchmark/robust_tiny.yaml").read_text())
+
+
+def _config(categories: list[str], models: list[str]) -> dict:
+    """The shipped tiny YAML, cut down: one threat model, 8 test images, a short Square cross-check."""
+    config = copy.deepcopy(TINY)
+    section = config["robust_benchmark"]
+    entries = {entry["class_path"]: entry for entry in section["model"]["grid"]}
+    section["model"]["grid"] = [entries[name] for name in models]
+    section["data"]["init_args"].update(num_train=8, num_test=16, category={"grid": categories})
+    section["robust_eval"].update(threat_models=[{"norm": "Linf", "eps": [2 / 255]}], n_queries=10)
+    return config
+
+
+def _write(config: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_grid_writes_every_output_resumes_and_merges(
+    anomalib_cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    typo = _config(["trouser"], ["Padim"])
+    typo["robust_benchmark"]["model"]["grid"][0]["class_path"] = "Padimm"
+    with pytest.raises(LeaderboardConfigError, match=r"robust_benchmark\.model\.grid\[0\]\.class_path: unknown"):
+        anomalib_cli("robust_benchmark", "--config", _write(typo, tmp_path / "typo.yaml"), cwd=tmp_path)
+    assert not (tmp_path / "runs").exists()  # nothing ran
+
+    config = _write(_config(["trouser", "bag"], ["Padim", "AdvRAD"]), tmp_path / "grid.yaml")
+    output = anomalib_cli("robust_benchmark", "--config", config, "--output_dir", tmp_path / "a", cwd=tmp_path)
+    run = tmp_path / "a"
+    assert "Robustness leaderboard: 4 of 4 cells finished" in output
+    with (run / "leaderboard.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    assert [(row["model"], row["category"]) for row in rows] == [
+        ("Padim", "trouser"), ("Padim", "bag"), ("AdvRAD", "trouser"), ("AdvRAD", "bag"),
+    ]  # fmt: skip
+    assert all(row["status"] == "ok" and row["attack"] != "-" for row in rows)
+    assert all(0.0 <= float(row["robust_image_auroc"]) <= float(row["standard_image_auroc"]) + 1e-9 for row in rows)
+    assert all(row["sanity"] and row["num_test_images"] == "8" for row in rows)
+    advrad = [row for row in rows if row["model"] == "AdvRAD"]
+    assert all(int(row["eot_draws"]) == 2 and int(row["eval_repeats"]) == 2 for row in advrad)
+    assert (run / "leaderboard.md").read_text().count("| Padim |") == 2
+    for plot in ("robust_vs_standard.png", "auroc_vs_eps.png"):
+        assert (run / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    entries = {path.name: json.loads(path.read_text()) for path in (run / "entries").glob("*.json")}
+    assert sorted(entries) == ["AdvRAD.json", "Padim.json"]
+    for name, entry in entries.items():
+        validate_entry(entry, name)
+        assert entry["threat_models"] == [{"norm": "Linf", "eps": [2 / 255]}]
+        assert {cell["category"] for cell in entry["cells"]} == {"trouser", "bag"}
+    broken = copy.deepcopy(entries["Padim.json"])
+    del broken["cells"][0]["results"][0]["image_auroc"]
+    with pytest.raises(ValueError, match=r"cells\[0\]\.results\[0\]\.image_auroc: missing"):
+        validate_entry(broken)
+
+    # resume: every cell is cached, so no model is built or fitted again, and the leaderboard is the same
+    def no_refit(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a finished cell was fitted again")
+
+    monkeypatch.setattr(RobustBenchmarkJob, "_fit", no_refit)
+    before = (run / "leaderboard.csv").read_text()
+    assert main(["--config", str(config), "--output_dir", str(run)]) == 0
+    assert (run / "leaderboard.csv").read_text() == before
+    monkeypatch.undo()
+
+    # a second run (another machine) on another category, then the merge of both: the union of their cells
+    other = _write(_config(["sneaker"], ["Padim"]), tmp_path / "other.yaml")
+    assert main(["--config", str(other), "--output_dir", str(tmp_path / "b")]) == 0
+    assert main(["--merge", str(run), str(tmp_path / "b"), "--output_dir", str(tmp_path / "merged")]) == 0
+    with (tmp_path / "merged" / "leaderboard.csv").open() as file:
+        merged = {(row["model"], row["category"]) for row in csv.DictReader(file)}
+    assert merged == {("Padim", "trouser"), ("Padim", "bag"), ("Padim", "sneaker"), ("AdvRAD", "trouser"),
+                      ("AdvRAD", "bag")}  # fmt: skip
+    padim = validate_entry(json.loads((tmp_path / "merged" / "entries" / "Padim.json").read_text()))
+    assert sorted(cell["category"] for cell in padim["cells"]) == ["bag", "sneaker", "trouser"]

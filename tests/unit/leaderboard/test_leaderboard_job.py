@@ -1,0 +1,65 @@
+"""The leaderboard's job and pipeline: anomalib's runners, one job per (model, category), a failing cell recorded with
+its error while the run goes on (and not cached, so a resume retries it)."""
+
+import copy
+import csv
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from anomalib.pipelines.components.runners import ParallelRunner, SerialRunner
+
+from anomalib_robust.evaluation.report import RobustReport, SanityCheck
+from anomalib_robust.leaderboard import RobustBenchmark, RobustBenchmarkJob, RobustBenchmarkJobGenerator
+from anomalib_robust.leaderboard.job import sanity_verdict
+
+REPO = Path(__file__).resolve().parents[3]
+TINY = yaml.safe_load((REPO / "configs/benchmark/robust_tiny.yaml").read_text())
+
+
+def test_runners_are_anomalibs(monkeypatch: pytest.MonkeyPatch) -> None:
+    runners = RobustBenchmark._setup_runners({"accelerator": ["cpu", "cuda"]})
+    assert [type(runner) for runner in runners] == [SerialRunner, SerialRunner]  # one or no GPU: serial
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    runners = RobustBenchmark._setup_runners({"accelerator": ["cpu", "cuda"]})
+    assert [type(runner) for runner in runners] == [SerialRunner, ParallelRunner]
+    assert runners[1].n_jobs == 2 and runners[1].generator.job_class is RobustBenchmarkJob
+
+
+def test_generator_yields_one_picklable_job_per_model_and_category() -> None:
+    jobs = list(RobustBenchmarkJobGenerator("cpu")(TINY["robust_benchmark"]))
+    assert len(jobs) == 4
+    assert all(len(job.threat_models) == 2 for job in jobs)
+    clone = pickle.loads(pickle.dumps(jobs[3]))  # the ParallelRunner sends jobs to spawned processes
+    assert clone.group.data["init_args"]["category"] == "bag" and clone.group.model == jobs[3].group.model
+
+
+def test_sanity_verdict() -> None:
+    report = RobustReport(model="m", norm="Linf", eot_samples=1, num_samples=4, clean_image_auroc=0.9)
+    assert sanity_verdict(report, enabled=False) == "off"
+    assert sanity_verdict(report, enabled=True) == "n/a"
+    report.checks = [SanityCheck("more steps", True, ""), SanityCheck("large eps", None, "")]
+    assert sanity_verdict(report, enabled=True) == "pass"
+    report.checks.append(SanityCheck("square", False, ""))
+    assert sanity_verdict(report, enabled=True) == "FAIL: square"
+
+
+def test_a_failing_cell_is_recorded_and_the_run_goes_on(tmp_path: Path) -> None:
+    config = copy.deepcopy(TINY)
+    section = config["robust_benchmark"]
+    broken = {**section["model"]["grid"][0], "init_args": {"backbone": "no_such_backbone", "pre_trained": False}}
+    section["model"]["grid"] = [broken, section["model"]["grid"][0]]
+    section["data"]["init_args"].update(category="trouser", num_train=8, num_test=8)
+    section["robust_eval"] = {
+        "threat_models": [{"norm": "Linf", "eps": 2 / 255}], "steps": 1, "sanity_checks": False, "num_grid_images": 0,
+    }  # fmt: skip
+    results = RobustBenchmark().run(config=config, output_dir=tmp_path)
+    assert [cell["status"] for cell in results["cells"]] == ["error", "ok"]
+    assert "no_such_backbone" in results["cells"][0]["error"] and results["cells"][0]["traceback"]
+    with (tmp_path / "leaderboard.csv").open() as file:
+        table = list(csv.DictReader(file))
+    assert [row["status"] for row in table] == ["error", "ok"] and "no_such_backbone" in table[0]["reason"]
+    assert float(table[1]["robust_image_auroc"]) <= float(table[1]["standard_image_auroc"])
+    assert len(list((tmp_path / "cells").glob("*.json"))) == 1  # only the finished cell is cached
