@@ -14,7 +14,8 @@ from anomalib.models import Padim
 from anomalib_robust import RobustEval
 from anomalib_robust.data import FashionMNIST
 from anomalib_robust.defenses import RAP, Purified
-from anomalib_robust.evaluation import RobustEvaluator
+from anomalib_robust.attacks.detector import test_transform as transform_as_tested
+from anomalib_robust.evaluation import RobustEvaluator, rank_auroc
 from anomalib_robust.models import RAPAdapter
 
 REPO = Path(__file__).resolve().parents[2]
@@ -64,9 +65,25 @@ def test_robust_evaluator_attacks_through_rap_with_full_gradients_and_bpda(fitte
 
 
 def test_engine_tests_the_defended_pipeline(fitted: dict, tmp_path: Path) -> None:
+    """anomalib's test of ``Purified(Padim, RAP)`` scores the adapter's output: its raw scores are Padim's scores of
+    the one-step reconstruction, and its AUROC is the rank AUROC of its own predictions."""
     purified = Purified(fitted["padim"], RAP(fitted["adapter"]))
-    (metrics,) = Engine(default_root_dir=tmp_path, **ENGINE).test(purified, datamodule=fitted["datamodule"])
-    assert 0 <= metrics["image_AUROC"] <= 1
+    engine = Engine(default_root_dir=tmp_path, **ENGINE)
+    (metrics,) = engine.test(purified, datamodule=fitted["datamodule"])
+    predictions = engine.predict(purified, dataloaders=fitted["datamodule"].test_dataloader())
+    scores = torch.cat([batch.pred_score.flatten() for batch in predictions])
+    labels = torch.cat([batch.gt_label.flatten() for batch in predictions])
+    assert metrics["image_AUROC"] == pytest.approx(rank_auroc(scores, labels), abs=1e-6)
+    images = next(iter(fitted["datamodule"].test_dataloader())).image
+    purified.eval()
+    with torch.no_grad():
+        defended = purified.model(images).pred_score
+        reconstruction = purified.model.purifier(images)
+        expected = fitted["padim"].model(transform_as_tested(fitted["padim"].pre_processor, reconstruction)).pred_score
+    torch.testing.assert_close(defended, expected)
+    with torch.no_grad():
+        undefended = fitted["padim"].model(transform_as_tested(fitted["padim"].pre_processor, images)).pred_score
+    assert not torch.allclose(defended, undefended), "the adapter must be in the tested pipeline"
 
 
 def test_cli_trains_and_resumes(fitted: dict, tmp_path: Path, anomalib_cli: Callable[..., str]) -> None:
