@@ -1,4 +1,4 @@
-"""Model-agnostic defenses around any anomalib detector: diffusion purifiers (DiffPure, TMA), RAP and robust training.
+"""Model-agnostic defenses around any anomalib detector: purifiers (DiffPure, TMA, AGDM, RAP) and robust training.
 
 Example:
     >>> from anomalib_robust.defenses import DiffPure, Purified
@@ -7,6 +7,7 @@ Example:
     $ anomalib train --model Fastflow --data anomalib_robust.data.FashionMNIST --callbacks adversarial_training
 """
 
+from anomalib_robust.defenses.agdm import AGDM
 from anomalib_robust.defenses.purified import Purified, PurifiedModel
 from anomalib_robust.defenses.purifiers import TMA, DiffPure, DiffusionPurifier
 from anomalib_robust.defenses.rap import RAP, DetectorMismatchWarning
@@ -17,6 +18,7 @@ register_callback("adversarial_training", "anomalib_robust.defenses.AdversarialT
 register_callback("gaussian_noise_training", "anomalib_robust.defenses.GaussianNoiseTraining")
 
 __all__ = [
+    "AGDM",
     "RAP",
     "TMA",
     "AdversarialTraining",

@@ -1,6 +1,6 @@
 """Purification chains: diffuse an image part of the way, then run a reverse diffusion chain back to step 0.
 
-Two samplers in front of a detector, as pure functions of a denoiser ``(x_t, t) -> [eps, v]`` (the AdvRAD U-Net
+Three samplers in front of a detector, as pure functions of a denoiser ``(x_t, t) -> [eps, v]`` (the AdvRAD U-Net
 call, :data:`~anomalib_robust.models.adv_rad.reconstruction.Denoiser`) and a
 :class:`~anomalib_robust.models.adv_rad.diffusion.DiffusionSchedule`, on images in [-1, 1]:
 
@@ -15,6 +15,10 @@ call, :data:`~anomalib_robust.models.adv_rad.reconstruction.Denoiser`) and a
       sigma_t = eta * sqrt((1 - abar_s) / (1 - abar_t)) * sqrt(1 - abar_t / abar_s)   (Song et al. 2021, eq. 16)
 
   with ``abar_0 = 1``, so the last step returns ``x0_hat``; ``T* / stride`` U-Net evaluations.
+- :func:`guided_ddpm_purification` (AGDM paper, Lin et al., Alg. 1): DiffPure's chain with every reverse mean shifted
+  by a guidance gradient, ``x_{t-1} ~ N(mu + s Sigma g(x_t), Sigma)``, with ``Sigma`` the learned variance; the last
+  step returns the shifted mean (no noise), as guided samplers do (Dhariwal & Nichol, 2021). With ``g = 0`` it is
+  :func:`ddpm_purification` draw for draw.
 
 Steps are counted as in the papers, 1..T (the U-Net is conditioned on ``step - 1``); level 0 returns the input. With
 ``clip_denoised`` both chains clamp every predicted ``x0_hat`` to [-1, 1] (as ``improved-diffusion``'s samplers; see
@@ -32,10 +36,11 @@ Example:
 """
 
 import itertools
+from collections.abc import Callable
 
 import torch
 
-from anomalib_robust.models.adv_rad.diffusion import DiffusionSchedule, predict_x0, q_sample
+from anomalib_robust.models.adv_rad.diffusion import DiffusionSchedule, p_mean_variance, predict_x0, q_sample
 from anomalib_robust.models.adv_rad.reconstruction import Denoiser, arbitrary_shot
 
 
@@ -132,3 +137,46 @@ def ddim_purification(
         if following > 0 and eta > 0:
             xt = xt + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     return xt
+
+
+Guidance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``(x_t, t) -> g``: the gradient with respect to ``x_t`` of the log-guidance (AGDM paper, eq. 2-5)."""
+
+
+def guided_ddpm_purification(
+    denoiser: Denoiser,
+    schedule: DiffusionSchedule,
+    x: torch.Tensor,
+    level: int,
+    guidance: Guidance,
+    scale: float,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    clip_denoised: bool = False,
+) -> torch.Tensor:
+    """AGDM (AGDM paper, Alg. 1): diffuse ``x`` to step ``level`` (eq. 7), then reverse with guided means.
+
+    Each step ``t = level, ..., 1`` samples ``x_{t-1} ~ N(mu + scale * Sigma * guidance(x_t, t), Sigma)``, where
+    ``mu, Sigma`` are the U-Net's reverse-step mean and learned variance; the step to 0 returns the guided mean. The
+    guidance sees ``t`` as the U-Net does (``step - 1``).
+    """
+    check_level("level", level, schedule.num_timesteps)
+    if level == 0:
+        return x
+    if noise is None:
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+    def timesteps(step: int) -> torch.Tensor:
+        return torch.full((x.shape[0],), step - 1, device=x.device, dtype=torch.long)
+
+    def guided_step(xt: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        t = timesteps(step)
+        prediction = p_mean_variance(schedule, denoiser(xt, t), xt, t, clip_denoised)
+        return prediction.mean + scale * prediction.log_variance.exp() * guidance(xt, t), prediction.log_variance
+
+    xt = q_sample(schedule, x, timesteps(level), noise)
+    for step in range(level, 1, -1):
+        mean, log_variance = guided_step(xt, step)
+        z = torch.randn(xt.shape, generator=generator, device=xt.device, dtype=xt.dtype)
+        xt = mean + torch.exp(0.5 * log_variance) * z
+    return guided_step(xt, 1)[0]

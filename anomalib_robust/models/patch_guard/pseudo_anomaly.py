@@ -48,6 +48,8 @@ from anomalib_robust.models.patch_guard.torch_model import patch_labels_from_mas
 LEVELS = ("light", "medium", "heavy")
 OFFICIAL_LEVEL_PROBABILITIES = (0.2, 0.2, 0.6)
 MAX_OPERATIONS = {"light": 1, "medium": 2, "heavy": 4}
+BRIGHT_FOREGROUND_LEVEL = 0.1
+"""Channel mean above which a pixel is foreground for :meth:`PseudoAnomalyGenerator.on_bright_foreground`."""
 
 
 class PseudoAnomalies(NamedTuple):
@@ -138,6 +140,19 @@ class PseudoAnomalyGenerator:
         return PseudoAnomalies(
             torch.stack(outputs), masks_tensor, patch_labels_from_mask(masks_tensor, self.patch_size)
         )
+
+    def on_bright_foreground(self, images: torch.Tensor, level: float = BRIGHT_FOREGROUND_LEVEL) -> torch.Tensor:
+        """Pseudo-anomalous copies of ``images`` (any device), pasted where the channel mean exceeds ``level``.
+
+        For objects on a dark background (the embedded Fashion-MNIST): the background stays clean. An image with
+        too little foreground for a ``min_size`` box gets its pseudo anomaly anywhere. Runs on the CPU (the
+        generator's own random state) and returns the images on the input's device and dtype.
+        """
+        cpu = images.detach().cpu()
+        foreground = cpu.mean(dim=1) > level
+        too_small = foreground.flatten(1).sum(dim=1) < self.min_size**2
+        foreground[too_small] = True
+        return self(cpu, foreground).images.to(images)
 
     def _paste(self, image: torch.Tensor, foreground: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One self-CutPaste anomaly: (image, pixel mask)."""

@@ -79,10 +79,6 @@ CHECKPOINT_KEY = "rap_detector"
 ARCHITECTURE_ARGS = ("image_size", "in_channels", "base_channels", "channel_mult", "layers_per_block")
 PROCESS_ARGS = ("steps", "eps", "step_size", "start_noise")
 
-FOREGROUND_LEVEL = 0.1
-"""Pixels whose channel mean is above this are foreground for the pseudo anomalies (dark backgrounds stay clean)."""
-
-
 def detector_fingerprint(model: nn.Module) -> str:
     """A short SHA-256 of a detector's weights and buffers (names, shapes and values), to recognise it later."""
     digest = hashlib.sha256()
@@ -268,19 +264,11 @@ class RAPAdapter(AnomalibModule):
         losses["task"] = ((scores - clean_scores).relu() / self.score_scale).mean()
         losses["loss"] = losses["reconstruction"] + self.task_weight * losses["task"]
         if self.identity_weight > 0:
-            anomalous = self._pseudo_anomalies(images)
+            anomalous = self.pseudo_anomalies.on_bright_foreground(images)
             recovered = self.model(self._attack(anomalous, t, -1.0), t)
             losses["identity"] = (recovered - anomalous).abs().mean()
             losses["loss"] = losses["loss"] + self.identity_weight * losses["identity"]
         return losses
-
-    def _pseudo_anomalies(self, images: torch.Tensor) -> torch.Tensor:
-        """PatchGuard's self-CutPaste pseudo anomalies of ``images``, pasted on their foreground."""
-        cpu = images.detach().cpu()
-        foreground = cpu.mean(dim=1) > FOREGROUND_LEVEL
-        too_small = foreground.flatten(1).sum(dim=1) < self.pseudo_anomalies.min_size**2
-        foreground[too_small] = True
-        return self.pseudo_anomalies(cpu, foreground).images.to(images)
 
     def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         """One step of Alg. 3."""

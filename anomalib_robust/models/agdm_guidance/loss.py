@@ -1,0 +1,53 @@
+"""The robust guidance training of the AGDM paper (Lin et al., sec. 3.2, eq. 6), for a one-class guidance network.
+
+Eq. (6): ``min_phi E[ L(f_phi(x), y) + lambda * max_{||delta|| <= eps} D(f_phi(x), f_phi(x + delta)) ]``, the
+TRADES objective (Zhang et al., 2019) with D the KL divergence of the outputs (AGDM paper, appendix B, eq. 21). The
+inner maximum is TRADES' attack: a start 0.001-Gaussian close to ``x``, then sign-gradient steps on D, each
+projected onto the L_inf ball and the [0, 1] box.
+
+f_phi is evaluated in Alg. 1 on the diffused samples ``x_t`` (``t <= t*``), not on clean images, so the classifier
+sees its training images diffused to a random step ``t ~ U{0, ..., max_noise_step}`` with eq. (7) of the AGDM paper
+(``t = 0``: the clean image); the perturbation ``delta`` is added before the diffusion, where the attacker of the
+defended detector adds it, and the clean and perturbed images share the diffusion noise.
+"""
+
+from collections.abc import Callable
+
+import torch
+
+from anomalib_robust.attacks.pgd import ascent_step, project
+from anomalib_robust.models.adv_rad.diffusion import DiffusionSchedule, q_sample
+from anomalib_robust.models.agdm_guidance.torch_model import consistency_divergence
+
+TRADES_START_STD = 0.001
+"""Standard deviation of TRADES' random start around the clean image (Zhang et al., 2019, Alg. 1)."""
+
+
+def diffuse(schedule: DiffusionSchedule, images: torch.Tensor, steps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] diffused to ``steps`` (per image, 0 = clean) with eq. (7), mapped back to the [0, 1] scale.
+
+    The U-Net's ``x_t`` lives in [-1, 1]; f_phi sees ``(x_t + 1) / 2``, as in the guided chain.
+    """
+    diffused = q_sample(schedule, images * 2 - 1, (steps - 1).clamp_min(0), noise)
+    clean = (steps == 0).view(-1, *([1] * (images.ndim - 1)))
+    return (torch.where(clean, images * 2 - 1, diffused) + 1) / 2
+
+
+def trades_perturbation(
+    classify: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    clean_logits: torch.Tensor,
+    eps: float,
+    steps: int,
+    step_size: float,
+) -> torch.Tensor:
+    """TRADES' inner maximum of D(f(x), f(x + delta)) over the L_inf ball of radius ``eps`` (the images, detached)."""
+    images, reference = images.detach(), clean_logits.detach()
+    adversarial = project(images + TRADES_START_STD * torch.randn_like(images), images, eps, "Linf")
+    for _ in range(steps):
+        adversarial = adversarial.detach().requires_grad_(True)
+        with torch.enable_grad():
+            divergence = consistency_divergence(reference, classify(adversarial)).sum()
+            (gradient,) = torch.autograd.grad(divergence, adversarial)
+        adversarial = project(ascent_step(adversarial.detach(), gradient, step_size, "Linf"), images, eps, "Linf")
+    return adversarial.detach()
