@@ -41,6 +41,7 @@ import torch
 from anomalib_robust.defenses.chains import check_level, guided_ddpm_purification
 from anomalib_robust.defenses.purifiers import DiffusionPurifier
 from anomalib_robust.models.adv_rad import AdvRAD
+from anomalib_robust.models.adv_rad.diffusion import DiffusionSchedule
 from anomalib_robust.models.adv_rad.torch_model import AdvRADModel
 from anomalib_robust.models.agdm_guidance import AGDMGuidance, GuidanceNetworkModel
 from anomalib_robust.models.agdm_guidance.torch_model import NORMAL, consistency_divergence
@@ -68,6 +69,11 @@ def load_guidance(guidance: str | Path | AGDMGuidance) -> AGDMGuidance:
         f"(anomalib train --model AGDMGuidance), got {type(guidance).__name__}."
     )
     raise TypeError(msg)
+
+
+def noise_level(schedule: DiffusionSchedule, step: int) -> float:
+    """``sqrt(1 - alpha-bar_step)``, the noise standard deviation of eq. (7) at ``step`` (0 at step 0)."""
+    return float((1 - schedule.alphas_cumprod[step - 1]).sqrt()) if step else 0.0
 
 
 class AGDM(DiffusionPurifier):
@@ -109,11 +115,14 @@ class AGDM(DiffusionPurifier):
                 f"{self.in_channels}-channel ones: train AGDMGuidance with --model.in_channels {self.in_channels}."
             )
             raise ValueError(msg)
-        if trained.hparams["max_noise_step"] < self.depth:
+        trained_noise = noise_level(trained.schedule, trained.hparams["max_noise_step"])
+        noise = noise_level(self.schedule, self.depth)
+        if noise > trained_noise + 1e-6:
             logger.warning(
-                "AGDM: the guidance network was trained on images diffused to at most step %d; depth t* = %d goes "
-                "beyond (retrain it with --model.max_noise_step %d).",
-                trained.hparams["max_noise_step"], self.depth, self.depth,
+                "AGDM: depth t* = %d diffuses to noise level %.3f, beyond the %.3f (step %d of its schedule) that the "
+                "guidance network was trained on: retrain it with a larger --model.max_noise_step, or the denoiser's "
+                "--model.beta_schedule and --model.num_timesteps.",
+                self.depth, noise, trained_noise, trained.hparams["max_noise_step"],
             )  # fmt: skip
         self.requires_grad_(False)
         self.eval()

@@ -1,4 +1,5 @@
-"""Purifiers in front of anomalib detectors: Engine.test, RobustEval's defense option, the CLI config, the example."""
+"""Purifiers in front of anomalib detectors: Engine.test, RobustEval's defense option, the CLI configs (DiffPure, AGDM
+and the training of AGDM's guidance network), the example."""
 
 import json
 from collections.abc import Callable
@@ -10,9 +11,10 @@ from anomalib.engine import Engine
 from anomalib.models import Padim
 
 from anomalib_robust import AdvRAD, RobustEval
+from anomalib_robust.models import AGDMGuidance
 from anomalib_robust.attacks import PGD
 from anomalib_robust.data import FashionMNIST
-from anomalib_robust.defenses import TMA, DiffPure, Purified
+from anomalib_robust.defenses import AGDM, TMA, DiffPure, Purified
 
 REPO = Path(__file__).resolve().parents[3]
 SIZE = 32
@@ -126,6 +128,60 @@ def test_cli_with_the_diffpure_config(fitted: dict, tmp_path: Path, anomalib_cli
     assert "Robust evaluation of DiffPure(level=3)+Padim" in output
     report = json.loads(next(tmp_path.rglob("robust_eval/diffpure_level_3_padim/linf/report.json")).read_text())
     assert [result["attack"] for result in report["results"]] == ["EOT-PGD", "BPDA+EOT-PGD"]
+
+
+def test_cli_trains_agdm_guidance_and_evaluates_with_the_agdm_config(
+    fitted: dict, tmp_path: Path, anomalib_cli: Callable[..., str]
+) -> None:
+    """``anomalib train --config configs/model/agdm_guidance_cpu.yaml``, resumed with ``anomalib fit --ckpt_path``,
+    then ``anomalib test --model Padim ... --callbacks configs/callbacks/robust_eval_agdm.yaml`` with its checkpoint."""
+    data = ["--data", str(REPO / "configs/data/fashion_mnist.yaml"), "--data.image_size", str(SIZE),
+            "--data.num_train", "16", "--data.num_test", "12", "--data.root", "embedded",
+            "--default_root_dir", "runs"]  # fmt: skip
+    preset = ["--config", str(REPO / "configs/model/agdm_guidance_cpu.yaml"), "--model.base_channels", "8",
+              "--model.num_timesteps", "100", "--model.max_noise_step", "4", *data,
+              "--trainer.limit_val_batches", "0", "--trainer.logger", "false"]  # fmt: skip
+    anomalib_cli("train", *preset, "--trainer.max_steps", "1", cwd=tmp_path)
+    (first,) = list(tmp_path.rglob("AGDMGuidance/**/*.ckpt"))
+    assert torch.load(first, weights_only=False)["global_step"] == 1
+    anomalib_cli("fit", *preset, "--trainer.max_steps", "2", "--ckpt_path", str(first), cwd=tmp_path)
+    guidance = max(tmp_path.rglob("AGDMGuidance/**/*.ckpt"), key=lambda path: path.stat().st_mtime)
+    assert torch.load(guidance, weights_only=False)["global_step"] == 2
+    output = anomalib_cli(
+        *[
+            "test", "--model", "Padim", "--model.backbone", "resnet18", "--model.pre_trained", "false",
+            "--model.layers", "[layer1]", "--model.n_features", "32", "--model.pre_processor", RESIZE, *data,
+            "--ckpt_path", str(fitted["checkpoints"]["Padim"]),
+            "--callbacks", str(REPO / "configs/callbacks/robust_eval_agdm.yaml"),
+            "--callbacks.init_args.defense.init_args.denoiser", str(fitted["checkpoints"]["AdvRAD"]),
+            "--callbacks.init_args.defense.init_args.guidance", str(guidance),
+            "--callbacks.init_args.defense.init_args.depth", "4",
+            "--callbacks.init_args.steps", "1", "--callbacks.init_args.eot_samples", "2",
+        ],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert "Robust evaluation of AGDM(depth=4, scale=1.0)+Padim" in output
+    report = json.loads(next(tmp_path.rglob("robust_eval/agdm_depth_4_scale_1_0_padim/linf/report.json")).read_text())
+    assert [result["attack"] for result in report["results"]] == ["EOT-PGD", "BPDA+EOT-PGD"]
+    assert all(result["status"] == "ok" for result in report["results"])
+
+
+def test_engine_tests_the_agdm_pipeline(fitted: dict, tmp_path: Path) -> None:
+    """anomalib tests under inference mode; AGDM still computes its guidance gradients there and changes the scores."""
+    guidance = AGDMGuidance(image_size=(SIZE, SIZE), base_channels=8, num_levels=2, num_timesteps=100,
+                            max_noise_step=5)  # fmt: skip
+    purified = Purified(fitted["padim"], AGDM(fitted["adv_rad"], guidance, depth=5, scale=1e4))
+    (metrics,) = _engine(tmp_path).test(purified, datamodule=fitted["datamodule"])
+    assert {"image_AUROC", "pixel_AUROC"} <= set(metrics)
+    images = next(iter(fitted["datamodule"].test_dataloader())).image
+    purified.eval()
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        guided = purified.model(images).pred_score
+        purified.model.purifier.scale = 0.0
+        torch.manual_seed(0)
+        unguided = purified.model(images).pred_score
+    assert not torch.allclose(guided, unguided), "the guidance moves the purified images under inference mode"
 
 
 def test_diffpure_sweep_example(run_example: Callable[..., str], tmp_path: Path) -> None:

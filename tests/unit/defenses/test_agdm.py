@@ -177,7 +177,13 @@ def test_bad_input(denoiser: AdvRADModel, guidance: AGDMGuidance, arguments: dic
         AGDM(denoiser, **{"guidance": guidance, **arguments})
 
 
-def test_guidance_must_match_the_denoisers_channels_and_settings(denoiser: AdvRADModel) -> None:
+def test_guidance_must_match_the_denoisers_channels_and_settings(
+    denoiser: AdvRADModel, guidance: AGDMGuidance, caplog: pytest.LogCaptureFixture
+) -> None:
+    AGDM(denoiser, guidance, depth=20)
+    assert "noise level" not in caplog.text, "trained to step 20 of the same schedule"
+    AGDM(denoiser, guidance, depth=21)
+    assert "depth t* = 21 diffuses to noise level 0.602, beyond the 0.57" in caplog.text
     with pytest.raises(ValueError, match="guidance network takes 1-channel images, the denoiser 3-channel ones"):
         AGDM(denoiser, AGDMGuidance(**{**TINY_GUIDANCE, "in_channels": 1}))
     for arguments, message in [({"max_noise_step": 101}, "max_noise_step must be an integer diffusion step"),
