@@ -1,4 +1,4 @@
-"""RAP in front of Padim on Fashion-MNIST, with and without the identity term, next to the undefended Padim.
+"""RAP and AGDM in front of Padim on Fashion-MNIST, next to the undefended Padim and DiffPure.
 
 The protocol of ``benchmarks/purifier_table.py`` (32 x 32 images, 200 training images, Padim with a random-init
 ResNet-18 on layer1 + layer2, fitted after ``torch.manual_seed(0)``; L_inf PGD 2/255, evenly spaced test images, no
@@ -9,8 +9,15 @@ through the adapter and with BPDA. One-step RAP is deterministic, so each cell i
 is over adapter seeds (training randomness: attack start noise, t draws, pseudo anomalies, U-Net init). Each finished
 (variant, seed) is cached as JSON next to ``--output``. Prints tables, never asserts.
 
+``--diffpure-levels`` and ``--agdm-depths`` add DiffPure(p) and AGDM(t*) rows (the AGDM paper, Alg. 1), both with the
+AdvRAD CPU preset trained here as the diffusion model (attacked with EOT, full gradients and BPDA). AGDM's guidance
+network is ``AGDMGuidance.cpu_preset()`` trained ``--guidance-epochs`` epochs on the same normal images; DiffPure at
+p = t* is AGDM without guidance (s = 0), its ablation. For AGDM the table also gives the size of the guidance shift
+``s Sigma grad`` against the step's noise ``sqrt(Sigma) z`` (mean ratio of their norms over the chain).
+
 Example:
     $ nice -n 10 python benchmarks/rap_table.py --category trouser --epochs 3 --seeds 0 1 2 --max-samples 20
+    $ nice -n 10 python benchmarks/rap_table.py --seeds --diffpure-levels 70 --agdm-depths 70 --max-samples 20
 """
 
 import argparse
@@ -26,9 +33,10 @@ from anomalib.models import Padim
 
 from anomalib_robust import AdvRAD, RobustEval
 from anomalib_robust.data import CLASS_NAMES, FashionMNIST
-from anomalib_robust.defenses import RAP, DiffPure, Purified
+from anomalib_robust.defenses import AGDM, RAP, DiffPure, Purified
 from anomalib_robust.evaluation.report import write_atomic
-from anomalib_robust.models import RAPAdapter
+from anomalib_robust.models import AGDMGuidance, RAPAdapter
+from anomalib_robust.models.adv_rad.diffusion import p_mean_variance, q_sample
 
 SIZE = 32
 
@@ -51,19 +59,54 @@ def summary(rows: list[dict[str, float]], key: str) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
+def purifier_cost(purified: Purified, images: torch.Tensor) -> dict[str, float]:
+    """U-Net calls and milliseconds per image of one scoring pass (and AGDM's :func:`guidance_to_noise`)."""
+    purifier = purified.model.purifier
+    with torch.no_grad():
+        started = time.perf_counter()
+        purified.model(images)
+        milliseconds = 1000 * (time.perf_counter() - started) / images.shape[0]
+    cost = {"unet_calls": purifier.unet_evaluations, "ms": milliseconds}
+    if isinstance(purifier, AGDM):
+        cost["guidance_ratio"] = guidance_to_noise(purifier, images)
+    return cost
+
+
+def guidance_to_noise(purifier: AGDM, images: torch.Tensor) -> float:
+    """Mean over the steps t = t*, ..., 1 and the images of ``||s Sigma_t g_t|| / ||sqrt(Sigma_t) z||``: how far
+    AGDM's guidance moves a reverse step (Alg. 1) against the step's own noise, at ``x_t`` diffused from the image
+    (eq. 7), with the U-Net's learned Sigma_t and ``||z||`` the square root of the pixel count."""
+    x = images * 2 - 1
+    with torch.no_grad():
+        reference = purifier.network.logits(images)
+    ratios = []
+    for step in range(purifier.depth, 0, -1):
+        t = torch.full((x.shape[0],), step - 1, dtype=torch.long)
+        xt = q_sample(purifier.schedule, x, t, torch.randn_like(x)).requires_grad_(True)
+        (gradient,) = torch.autograd.grad(purifier.log_guidance(reference, xt).sum(), xt)
+        with torch.no_grad():
+            variance = p_mean_variance(purifier.schedule, purifier.unet(xt, t).sample, xt, t).log_variance.exp()
+        shift = (purifier.scale * variance * gradient).flatten(1).norm(dim=1)
+        ratios.append(shift / (variance.sqrt().flatten(1).norm(dim=1)))
+    return float(torch.stack(ratios).mean())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--category", default="trouser", choices=CLASS_NAMES)
     parser.add_argument("--protocol", default="defect", choices=["defect", "semantic"])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--rap-steps", type=int, default=5, help="T of the adapter's forward process")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2], help="RAP adapter seeds (none: no RAP)")
     parser.add_argument("--steps", type=int, default=5, help="PGD steps of the evaluation")
     parser.add_argument("--max-samples", type=int, default=20)
     parser.add_argument("--num-train", type=int, default=200)
     parser.add_argument("--num-test", type=int, default=200)
     parser.add_argument("--diffpure-levels", nargs="*", type=int, default=[],
                         help="also DiffPure(p) + Padim, with the AdvRAD CPU preset trained here as the denoiser")
+    parser.add_argument("--agdm-depths", nargs="*", type=int, default=[], help="also AGDM(t*) + Padim")
+    parser.add_argument("--agdm-scale", type=float, default=1.0, help="s of AGDM (the paper's 1.0)")
+    parser.add_argument("--guidance-epochs", type=int, default=10)
     parser.add_argument("--advrad-epochs", type=int, default=60)
     parser.add_argument("--eot-samples", type=int, default=2, help="the attacker's EOT draws against DiffPure")
     parser.add_argument("--output", type=Path, default=Path("results/benchmarks/rap_table.md"))
@@ -85,7 +128,7 @@ def main() -> None:
     loader = datamodule.test_dataloader()
     rows = {"Padim": [aurocs(RobustEval(**settings).evaluate(padim, loader))]}
     costs = {}
-    for variant, identity_weight in (("RAP", 1.0), ("RAP without identity term", 0.0)):
+    for variant, identity_weight in (("RAP", 1.0), ("RAP without identity term", 0.0)) if arguments.seeds else ():
         rows[variant] = []
         for seed in arguments.seeds:
             cache = runs / (f"rap_{arguments.category}_{arguments.protocol}_T{arguments.rap_steps}_"
@@ -118,24 +161,56 @@ def main() -> None:
             write_atomic(cache, json.dumps({"aurocs": row, "train_seconds": seconds}))
             print(variant, seed, row, f"trained in {seconds:.0f} s", flush=True)
 
-    for level in arguments.diffpure_levels:
-        name = f"DiffPure p={level}"
-        cache = runs / (f"diffpure_{arguments.category}_{arguments.protocol}_p{level}_e{arguments.advrad_epochs}_"
-                        f"pgd{arguments.steps}_eot{arguments.eot_samples}_n{arguments.max_samples}.json")  # fmt: skip
-        if not cache.exists():
+    diffusion = {}
+
+    def denoiser() -> AdvRAD:
+        """The AdvRAD CPU preset of this class, trained once (or its checkpoint from an earlier run)."""
+        if "adv_rad" not in diffusion:
             checkpoints = sorted(runs.glob(f"AdvRAD/FashionMNIST/{arguments.category}/*/weights/lightning/*.ckpt"))
             if checkpoints:
-                adv_rad = AdvRAD.load_from_checkpoint(checkpoints[-1], map_location="cpu")
+                diffusion["adv_rad"] = AdvRAD.load_from_checkpoint(checkpoints[-1], map_location="cpu")
             else:
                 torch.manual_seed(0)
-                adv_rad = AdvRAD.cpu_preset(noise_seed=0)
+                diffusion["adv_rad"] = AdvRAD.cpu_preset(noise_seed=0)
                 started = time.perf_counter()
                 Engine(default_root_dir=runs, logger=False, max_epochs=arguments.advrad_epochs,
                        check_val_every_n_epoch=arguments.advrad_epochs,
-                       enable_progress_bar=False).fit(adv_rad, datamodule=datamodule)  # fmt: skip
+                       enable_progress_bar=False).fit(diffusion["adv_rad"], datamodule=datamodule)  # fmt: skip
                 print(f"AdvRAD trained in {time.perf_counter() - started:.0f} s", flush=True)
+        return diffusion["adv_rad"]
+
+    def guidance() -> AGDMGuidance:
+        """AGDM's guidance network (CPU preset) trained on this class, once (or its checkpoint)."""
+        path = runs / f"agdm_guidance_{arguments.category}_{arguments.protocol}_e{arguments.guidance_epochs}.ckpt"
+        if path.exists():
+            return AGDMGuidance.load_from_checkpoint(path, map_location="cpu")
+        torch.manual_seed(0)
+        network = AGDMGuidance.cpu_preset(evaluator=False, visualizer=False)
+        started = time.perf_counter()
+        engine = Engine(default_root_dir=runs, logger=False, max_epochs=arguments.guidance_epochs,
+                        limit_val_batches=0, enable_progress_bar=False)  # fmt: skip
+        engine.fit(network, datamodule=datamodule)
+        engine.trainer.save_checkpoint(path)
+        print(f"AGDM guidance trained in {time.perf_counter() - started:.0f} s", flush=True)
+        return network
+
+    purifiers = {f"DiffPure p={level}": (f"diffpure_p{level}", lambda level=level: DiffPure(denoiser(), level=level))
+                 for level in arguments.diffpure_levels}  # fmt: skip
+    purifiers |= {
+        f"AGDM t*={depth}, s={arguments.agdm_scale:g}": (
+            f"agdm_t{depth}_s{arguments.agdm_scale:g}_g{arguments.guidance_epochs}",
+            lambda depth=depth: AGDM(denoiser(), guidance(), depth=depth, scale=arguments.agdm_scale),
+        )
+        for depth in arguments.agdm_depths
+    }
+    for name, (key, build) in purifiers.items():
+        cache = runs / (f"{key}_{arguments.category}_{arguments.protocol}_e{arguments.advrad_epochs}_"
+                        f"pgd{arguments.steps}_eot{arguments.eot_samples}_n{arguments.max_samples}.json")  # fmt: skip
+        if not cache.exists():
+            purifier = build()
             diffpure = {**settings, "eot_samples": arguments.eot_samples}
-            row = aurocs(RobustEval(defense=DiffPure(adv_rad, level=level), **diffpure).evaluate(padim, loader))
+            row = aurocs(RobustEval(defense=purifier, **diffpure).evaluate(padim, loader))
+            row |= purifier_cost(Purified(padim, purifier, visualizer=False).eval(), next(iter(loader)).image[:8])
             write_atomic(cache, json.dumps({"aurocs": row}))
             print(name, row, flush=True)
         rows[name] = [json.loads(cache.read_text())["aurocs"]]
@@ -143,7 +218,7 @@ def main() -> None:
     lines = [
         f"Fashion-MNIST {arguments.category} ({arguments.protocol}), L_inf PGD 2/255, {arguments.steps} steps, "
         f"{arguments.max_samples} test images; adapters: T = {arguments.rap_steps}, {arguments.epochs} epochs, "
-        f"seeds {arguments.seeds}",
+        f"seeds {arguments.seeds}; attacker EOT {arguments.eot_samples} draws against DiffPure and AGDM",
         "",
         "| system | robust, full gradients | robust, BPDA | standard | adapter training (s, mean over seeds) |",
         "|---|---|---|---|---|",
@@ -154,6 +229,10 @@ def main() -> None:
         lines.append(f"| {name} | {' | '.join(cells)} | {train} |")
     if "ms" in costs:
         lines.append(f"\nOne-step RAP + Padim: 1 U-Net call, {costs['ms']:.1f} ms per image (scoring pass of 8).")
+    for name in purifiers:
+        row = rows[name][0]
+        shift = f", guidance shift / step noise {row['guidance_ratio']:.2g}" if "guidance_ratio" in row else ""
+        lines.append(f"{name} + Padim: {row['unet_calls']} U-Net calls, {row['ms']:.0f} ms per image{shift}.")
     text = "\n".join(lines)
     print(text)
     arguments.output.parent.mkdir(parents=True, exist_ok=True)
