@@ -1,6 +1,6 @@
 """AGDM: adversarially guided diffusion purification in front of any anomalib detector (the AGDM paper, Alg. 1).
 
-The AGDM paper (Lin et al., "Adversarial guided diffusion models for adversarial purification") purifies as DiffPure
+The AGDM paper (Lin et al., "Robust Diffusion Models for Adversarial Purification") purifies as DiffPure
 does, diffusing the input ``x'`` to ``t*`` (eq. 7) and running the reverse chain back, but shifts every reverse mean by
 the gradient of a robust network's guidance (sec. 3.1):
 

@@ -1,6 +1,6 @@
 """AGDMGuidance: train the robust guidance network f_phi of AGDM on normal images (the AGDM paper, sec. 3.2, eq. 6).
 
-The AGDM paper (Lin et al., "Adversarial guided diffusion models for adversarial purification") trains f_phi, a
+The AGDM paper (Lin et al., "Robust Diffusion Models for Adversarial Purification") trains f_phi, a
 classifier, with eq. (6): a clean accuracy term plus ``lambda`` times the worst-case divergence of its outputs in an
 eps-ball (TRADES). Adapted to one-class anomaly detection, where the training images have no class label:
 
