@@ -1,4 +1,4 @@
-"""DiffPure in front of Padim: standard vs robust AUROC per purification level, next to TMA and AdvRAD.
+"""DiffPure in front of Padim: standard vs robust AUROC per purification level, next to TMA, AGDM and AdvRAD.
 
 The AdvRAD paper (sec. 4.2, Table 7) shows why purification is not enough for anomaly detection: a diffusion model
 trained on normal images also repairs the defects, so a level that removes the attack removes the anomaly too. This
@@ -7,9 +7,11 @@ script reproduces that sweep on the embedded Fashion-MNIST data:
 1. trains the AdvRAD CPU preset on the normal training images (or loads ``--denoiser``): its U-Net is the purifier's
    diffusion model, and AdvRAD itself is the comparison;
 2. fits Padim (random-init ResNet-18, nothing downloaded) on the same images at the same 32 x 32 size;
-3. evaluates ``RobustEval(defense=DiffPure(denoiser, level=p))`` for every ``--levels`` p, TMA, and AdvRAD, under
-   L_inf PGD with EOT, attacking through the purifier with full gradients and with BPDA (identity backward);
-4. prints one table; each run's report.json and plots are under ``<results>/robust_eval/<defense>/linf/`` (and
+3. trains AGDM's guidance network (``AGDMGuidance.cpu_preset()``, ``--guidance-epochs``) on the same images;
+4. evaluates ``RobustEval(defense=DiffPure(denoiser, level=p))`` for every ``--levels`` p, TMA, AGDM at every
+   ``--agdm-depths`` t* (the AGDM paper, Alg. 1), and AdvRAD, under L_inf PGD with EOT, attacking through the
+   purifier with full gradients and with BPDA (identity backward);
+5. prints one table; each run's report.json and plots are under ``<results>/robust_eval/<defense>/linf/`` (and
    ``<results>/{Padim,AdvRAD}/robust_eval/linf/`` for the undefended detectors).
 
 Example:
@@ -27,7 +29,8 @@ from rich.table import Table
 
 from anomalib_robust import AdvRAD, RobustEval
 from anomalib_robust.data import FashionMNIST
-from anomalib_robust.defenses import TMA, DiffPure
+from anomalib_robust.defenses import AGDM, TMA, DiffPure
+from anomalib_robust.models import AGDMGuidance
 
 SIZE = 32
 """The AdvRAD CPU preset's image size; the purifier, AdvRAD and Padim all see 32 x 32 images."""
@@ -40,6 +43,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--levels", type=int, nargs="+", default=[5, 25, 50], help="DiffPure purification levels p")
     parser.add_argument("--tma-depth", type=int, default=140)
     parser.add_argument("--tma-stride", type=int, default=10)
+    parser.add_argument("--agdm-depths", type=int, nargs="*", default=[70], help="AGDM t* (none: no AGDM)")
+    parser.add_argument("--guidance-epochs", type=int, default=10, help="AGDM guidance network training epochs")
     parser.add_argument("--steps", type=int, default=5, help="PGD steps")
     parser.add_argument("--eot-samples", type=int, default=4)
     parser.add_argument("--max-samples", type=int, default=20, help="test images attacked (evenly spaced)")
@@ -71,6 +76,12 @@ def main(argv: list[str] | None = None) -> None:
     }
     defenses = [DiffPure(adv_rad, level=level) for level in args.levels]
     defenses.append(TMA(adv_rad, depth=args.tma_depth, stride=args.tma_stride))
+    if args.agdm_depths:
+        guidance = AGDMGuidance.cpu_preset()
+        Engine(default_root_dir=args.results, logger=False, max_epochs=args.guidance_epochs).fit(
+            guidance, datamodule=datamodule
+        )
+        defenses += [AGDM(adv_rad, guidance, depth=depth) for depth in args.agdm_depths]
     reports = [RobustEval(**settings).evaluate(padim, datamodule.test_dataloader(), args.results / "Padim")]
     reports += [
         RobustEval(defense=defense, **settings).evaluate(padim, datamodule.test_dataloader(), args.results)

@@ -83,7 +83,7 @@ class AGDM(DiffusionPurifier):
         denoiser: the diffusion model trained on the normal images: an AdvRAD checkpoint path, ``AdvRAD`` or
             ``AdvRADModel`` (as DiffPure's).
         guidance: the trained robust guidance network: an AGDMGuidance checkpoint path or ``AGDMGuidance``.
-        depth: t* in ``[0, T]`` (0: identity).
+        depth: t* in ``[1, T]``.
         scale: s, the guidance scale (>= 0; 0 is DiffPure at level t*).
         label_guidance: add ``s Sigma grad log p(normal | x_t)`` (off: see the module docstring).
         gradient_checkpointing: see :class:`~anomalib_robust.defenses.DiffusionPurifier`.
@@ -101,7 +101,10 @@ class AGDM(DiffusionPurifier):
         clip_denoised: bool = False,
     ) -> None:
         super().__init__(denoiser, gradient_checkpointing, clip_denoised)
-        self.depth = check_level("depth", depth, self.schedule.num_timesteps)
+        if check_level("depth", depth, self.schedule.num_timesteps) == 0:
+            msg = f"depth (t* of Alg. 1) must be in [1, T = {self.schedule.num_timesteps}], got 0 (no purification)."
+            raise ValueError(msg)
+        self.depth = depth
         if isinstance(scale, bool) or not isinstance(scale, int | float) or not 0 <= scale < float("inf"):
             msg = f"scale (s, the guidance scale of Alg. 1) must be a finite number >= 0, got {scale!r}."
             raise ValueError(msg)
@@ -113,6 +116,12 @@ class AGDM(DiffusionPurifier):
             msg = (
                 f"guidance network takes {self.network.in_channels}-channel images, the denoiser "
                 f"{self.in_channels}-channel ones: train AGDMGuidance with --model.in_channels {self.in_channels}."
+            )
+            raise ValueError(msg)
+        if tuple(trained.hparams["image_size"]) != self.image_size:
+            msg = (
+                f"guidance network trained on {tuple(trained.hparams['image_size'])} images, the denoiser on "
+                f"{self.image_size}: train AGDMGuidance with --model.image_size {list(self.image_size)}."
             )
             raise ValueError(msg)
         trained_noise = noise_level(trained.schedule, trained.hparams["max_noise_step"])
@@ -142,8 +151,6 @@ class AGDM(DiffusionPurifier):
 
     def chain(self, x: torch.Tensor) -> torch.Tensor:
         """Eq. (7) to t*, then Alg. 1's guided reverse steps; ``x`` (the input ``x'``) in [-1, 1]."""
-        if self.depth == 0:
-            return x
         with torch.inference_mode(False):
             x = x.clone() if x.is_inference() else x
             attacked = torch.is_grad_enabled() and x.requires_grad  # the attack differentiates the guidance too

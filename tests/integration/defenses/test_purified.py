@@ -186,8 +186,10 @@ def test_engine_tests_the_agdm_pipeline(fitted: dict, tmp_path: Path) -> None:
 
 def test_diffpure_sweep_example(run_example: Callable[..., str], tmp_path: Path) -> None:
     output = run_example("diffpure_sweep_padim.py", "--epochs", "1", "--levels", "0", "2", "--tma-depth", "4",
-                         "--tma-stride", "2", "--steps", "1", "--eot-samples", "2", "--max-samples", "6",
-                         "--num-train", "16", "--num-test", "12", "--results", "results", cwd=tmp_path)  # fmt: skip
-    for system in ("DiffPure(level=0)+Padim", "DiffPure(level=2)+Padim", "TMA(depth=4, stride=2, eta=1.0)+Padim"):
+                         "--tma-stride", "2", "--agdm-depths", "3", "--guidance-epochs", "1", "--steps", "1",
+                         "--eot-samples", "2", "--max-samples", "6", "--num-train", "16", "--num-test", "12",
+                         "--results", "results", cwd=tmp_path)  # fmt: skip
+    for system in ("DiffPure(level=0)+Padim", "DiffPure(level=2)+Padim", "TMA(depth=4, stride=2, eta=1.0)+Padim",
+                   "AGDM(depth=3, scale=1.0)+Padim"):  # fmt: skip
         assert system in output
-    assert len(list((tmp_path / "results").rglob("report.json"))) == 5
+    assert len(list((tmp_path / "results").rglob("report.json"))) == 6
