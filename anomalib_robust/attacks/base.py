@@ -55,6 +55,18 @@ def check_positive(name: str, value: float) -> float:
     return float(value)
 
 
+def check_non_negative(name: str, value: float) -> float:
+    """``value`` as a float, if finite and >= 0 (a weight or a scale that 0 switches off).
+
+    Raises:
+        ValueError: naming the argument otherwise.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        msg = f"{name} must be a finite number >= 0, got {value!r}."
+        raise ValueError(msg)
+    return float(value)
+
+
 def check_count(name: str, value: int) -> int:
     """``value`` if it is an integer >= 1.
 

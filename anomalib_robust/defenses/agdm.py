@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from anomalib_robust.attacks.base import check_non_negative
 from anomalib_robust.defenses.chains import check_level, guided_ddpm_purification
 from anomalib_robust.defenses.purifiers import DiffusionPurifier
 from anomalib_robust.models.adv_rad import AdvRAD
@@ -105,10 +106,7 @@ class AGDM(DiffusionPurifier):
             msg = f"depth (t* of Alg. 1) must be in [1, T = {self.schedule.num_timesteps}], got 0 (no purification)."
             raise ValueError(msg)
         self.depth = depth
-        if isinstance(scale, bool) or not isinstance(scale, int | float) or not 0 <= scale < float("inf"):
-            msg = f"scale (s, the guidance scale of Alg. 1) must be a finite number >= 0, got {scale!r}."
-            raise ValueError(msg)
-        self.scale = float(scale)
+        self.scale = check_non_negative("scale", scale)
         self.label_guidance = bool(label_guidance)
         trained = load_guidance(guidance)
         self.network: GuidanceNetworkModel = trained.model

@@ -52,7 +52,7 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torchvision.transforms.v2 import Resize
 
-from anomalib_robust.attacks.base import check_count, check_positive
+from anomalib_robust.attacks.base import check_count, check_non_negative, check_positive
 from anomalib_robust.models.adv_rad.diffusion import DiffusionSchedule
 from anomalib_robust.models.agdm_guidance.loss import diffuse, trades_perturbation
 from anomalib_robust.models.agdm_guidance.torch_model import GuidanceNetworkModel, consistency_divergence
@@ -123,9 +123,7 @@ class AGDMGuidance(CheckpointArchitectureMixin, ScoringStepsMixin, AnomalibModul
         check_positive("eps", eps)
         check_positive("step_size", step_size)
         check_count("attack_steps", attack_steps)
-        if isinstance(robust_weight, bool) or not isinstance(robust_weight, int | float) or robust_weight < 0:
-            msg = f"robust_weight (lambda of eq. 6) must be a number >= 0, got {robust_weight!r}."
-            raise ValueError(msg)
+        check_non_negative("robust_weight", robust_weight)
         self.model = self._build_model(self.hparams)
         size = pseudo_anomaly_size or max(2, min(image_size) // 8)
         self.pseudo_anomalies = PseudoAnomalyGenerator(patch_size=size, seed=seed)

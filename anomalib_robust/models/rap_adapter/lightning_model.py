@@ -65,6 +65,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 from torchvision.transforms.v2 import Resize
 
+from anomalib_robust.attacks.base import check_non_negative
 from anomalib_robust.attacks.detector import test_transform
 from anomalib_robust.attacks.unmasking import unmasked_gradients
 from anomalib_robust.models.patch_guard.pseudo_anomaly import PseudoAnomalyGenerator
@@ -188,10 +189,8 @@ class RAPAdapter(AnomalibModule):
                 "path> with detector_model=<class name>, e.g. --model.detector padim.ckpt --model.detector_model Padim."
             )
             raise ValueError(msg)
-        for name, value in (("task_weight", task_weight), ("identity_weight", identity_weight)):
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                msg = f"{name} must be a number >= 0, got {value!r}."
-                raise ValueError(msg)
+        check_non_negative("task_weight", task_weight)
+        check_non_negative("identity_weight", identity_weight)
         if pre_processor is True:
             pre_processor = self.configure_pre_processor(tuple(image_size))
         super().__init__(

@@ -168,7 +168,7 @@ def test_guidance_network_trains_and_round_trips(tmp_path: Path, denoiser: AdvRA
     [
         ({"depth": 101}, ValueError, "depth must be an integer diffusion step with 0 <= depth <= T = 100"),
         ({"depth": 0}, ValueError, r"depth \(t\* of Alg. 1\) must be in \[1, T = 100\], got 0"),
-        ({"scale": -1.0}, ValueError, r"scale \(s, the guidance scale of Alg. 1\) must be a finite number >= 0"),
+        ({"scale": -1.0}, ValueError, "scale must be a finite number >= 0, got -1.0"),
         ({"guidance": "missing.ckpt"}, FileNotFoundError, "guidance checkpoint 'missing.ckpt' does not exist"),
         ({"guidance": torch.nn.Linear(2, 2)}, TypeError, "guidance must be an AGDMGuidance checkpoint path"),
     ],

@@ -241,7 +241,7 @@ def test_bad_input(fitted: dict, tmp_path: Path) -> None:
         RAPAdapter(detector=str(fitted["checkpoint"]))
     with pytest.raises(ValueError, match=r"steps \(T, the attack process length of Alg. 1\) must be an integer"):
         RAPAdapter(detector=fitted["padim"], **{**TINY, "steps": 0})
-    with pytest.raises(ValueError, match="identity_weight must be a number >= 0"):
+    with pytest.raises(ValueError, match="identity_weight must be a finite number >= 0"):
         RAPAdapter(detector=fitted["padim"], identity_weight=-1, **TINY)
     with pytest.raises(RuntimeError, match="re-runs Alg. 1 against the defended detector: put it in front of one"):
         RAP(adapter, inference_steps=2)(torch.rand(1, 3, SIZE, SIZE))
