@@ -114,14 +114,28 @@ def calibration_dataset(model: "ov.Model", datamodule: AnomalibDataModule) -> "n
 
 
 def quantize_unet(model: "ov.Model", datamodule: AnomalibDataModule | None) -> "ov.Model":
-    """INT8 post-training quantisation of the U-Net of an exported AdvRAD graph, calibrated on ``datamodule``."""
+    """INT8 post-training quantisation of the U-Net of an exported AdvRAD graph, calibrated on ``datamodule``.
+
+    Weights are quantised to 7 bits in every layer (NNCF's ``OverflowFix.ENABLE``; its default fixes the first layer
+    only): CPUs without VNNI (AVX2 and AVX-512 without VNNI) multiply u8 activations by s8 weights with ``vpmaddubsw``,
+    which sums pairs of products into int16 and saturates with 8-bit weights. Measured on the test suite's tiny
+    checkpoint on an AVX2 CPU, correlation of INT8 with f32 over 24 scores / their anomaly maps: 0.928 / 0.928 with no
+    fix, 0.972 / 0.958 with the first layer fixed, 0.9987 / 0.9979 with every layer fixed. The exported graph may run
+    on a different CPU from the one that exported it, so the fix is not chosen by the exporting CPU.
+    """
     import nncf
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
     check_calibration(CompressionType.INT8_PTQ, datamodule)
     seeds = _random_op_seeds(model)
     _seed_random_ops(model, [(CALIBRATION_NOISE_SEED, rank) for rank in range(1, len(seeds) + 1)])
     try:
-        quantized = nncf.quantize(model, calibration_dataset(model, datamodule), ignored_scope=unet_scope(model))
+        quantized = nncf.quantize(
+            model,
+            calibration_dataset(model, datamodule),
+            ignored_scope=unet_scope(model),
+            advanced_parameters=AdvancedQuantizationParameters(overflow_fix=OverflowFix.ENABLE),
+        )
     finally:
         _seed_random_ops(model, seeds)
     _seed_random_ops(quantized, seeds)  # the quantised copy draws as the original did (fresh noise when unseeded)
