@@ -13,11 +13,20 @@ relative score difference to PyTorch, and the image AUROC.
 - ``--paper`` (256 x 256, the paper's U-Net): random weights (training it takes days on a CPU), so speed only; the
   first ``--images`` test images, INT8 calibrated on 8 training images.
 
+``--batches`` (e.g. ``--batches 1 8 32``): eager PyTorch against OpenVINO f32 per batch size on the CPU preset with
+random weights (speed does not depend on them), the graph compiled for the fixed batch (as the certification
+backend runs it), with the GroupNorm export of :func:`~anomalib_robust.deploy.adv_rad.onnx_translations` ("layout
+GN", the default export) and with the exporter's own Reshape -> InstanceNormalization -> Reshape ("default GN"), timed
+in interleaved rounds of ``--seconds`` (median of ``--rounds``), with the share of OpenVINO's time in ``Reorder``
+nodes (layout conversions; ``PERF_COUNT``) and the largest relative score difference to eager.
+
     OMP_NUM_THREADS=1 python benchmarks/export_speed.py [--paper] [--steps 200] [--images 4]
+    OMP_NUM_THREADS=1 python benchmarks/export_speed.py --no-backends --batches 1 8 32 --seconds 2 --rounds 3
 """
 
 import argparse
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from tempfile import TemporaryDirectory
@@ -33,7 +42,9 @@ from rich.table import Table
 
 from anomalib_robust import AdvRAD
 from anomalib_robust.data import FashionMNIST
-from anomalib_robust.deploy import export_adv_rad
+from anomalib_robust.deploy import cpu_config, export_adv_rad
+from anomalib_robust.deploy.adv_rad import _onnx_with_noise_input
+from anomalib_robust.deploy.openvino_score import static_batch
 from anomalib_robust.evaluation.metrics import rank_auroc
 from anomalib_robust.models.adv_rad.export import quantize_unet
 
@@ -111,12 +122,87 @@ def benchmark(name: str, model: AdvRAD, datamodule: FashionMNIST, num_images: in
             table.add_row(name, backend, *row)
 
 
+def reorder_share(compiled: ov.CompiledModel, feed: dict[str, np.ndarray], repeats: int = 3) -> float:
+    """Share of the compiled graph's node time spent in ``Reorder`` nodes (compiled with ``PERF_COUNT``)."""
+    request = compiled.create_infer_request()
+    request.infer(feed)
+    seconds: dict[str, float] = defaultdict(float)
+    for _ in range(repeats):
+        request.infer(feed)
+        for info in request.profiling_info:
+            seconds[info.node_type] += info.real_time.total_seconds()
+    return seconds["Reorder"] / sum(seconds.values())
+
+
+def batch_table(batches: list[int], seconds: float, rounds: int) -> Table:
+    """Eager against OpenVINO f32 (static batch) with both GroupNorm exports, per batch size; see the docstring."""
+    torch.manual_seed(0)
+    model = AdvRAD.cpu_preset(post_processor=False).eval()
+    size = tuple(model.model.image_size)
+    model.model.set_normal_error_map(torch.zeros(1, 1, *size))
+    core = ov.Core()
+    with TemporaryDirectory() as directory:
+        graphs = {
+            name: core.read_model(_onnx_with_noise_input(model, Path(directory), name, size, layout))
+            for name, layout in (("default GN", False), ("layout GN", True))
+        }
+    threads = torch.get_num_threads()
+    table = Table(title=f"Eager PyTorch and OpenVINO f32 (static batch) per batch size, CPU preset 32x32, random "
+                        f"weights, {threads} thread(s), images/s, median of {rounds} x {seconds:g} s")  # fmt: skip
+    columns = ("batch", "eager", *(f"OV {name}" for name in graphs), *(f"{name} vs eager" for name in graphs),
+               *(f"Reorder share, {name}" for name in graphs), "max rel. score diff (default / layout)")  # fmt: skip
+    for column in columns:
+        table.add_column(column, justify="right")
+    for batch in batches:
+        images, noise = torch.rand(batch, 3, *size), torch.randn(model.model.num_noise_draws, batch, 3, *size)
+        feed = {"input": images.numpy(), "noise": noise.numpy()}
+
+        def eager(images: torch.Tensor = images, noise: torch.Tensor = noise) -> np.ndarray:
+            with torch.no_grad():
+                return model(images, noise).pred_score.numpy()
+
+        runs: dict[str, Callable[[], np.ndarray]] = {"eager": eager}
+        shares = {}
+        for name, graph in graphs.items():
+            fixed = static_batch(graph, batch)
+            request = core.compile_model(fixed, "CPU", cpu_config("f32", threads)).create_infer_request()
+            runs[name] = lambda request=request: request.infer(feed)["pred_score"]
+            profiled = core.compile_model(fixed, "CPU", {**cpu_config("f32", threads), "PERF_COUNT": True})
+            shares[name] = reorder_share(profiled, feed)
+        outputs = {name: np.asarray(run()).ravel() for name, run in runs.items()}  # also the warm-up
+        rates: dict[str, list[float]] = defaultdict(list)
+        for _ in range(rounds):  # interleaved, so that a change of the machine's load hits every backend alike
+            for name, run in runs.items():
+                calls, start = 0, time.perf_counter()
+                while time.perf_counter() - start < seconds or calls < 2:
+                    run()
+                    calls += 1
+                rates[name].append(calls * batch / (time.perf_counter() - start))
+        rate = {name: float(np.median(values)) for name, values in rates.items()}
+        reference = outputs["eager"]
+        differences = [np.abs(outputs[name] - reference).max() / np.abs(reference).max() for name in graphs]
+        table.add_row(str(batch), *(f"{rate[name]:.1f}" for name in runs),
+                      *(f"{rate[name] / rate['eager']:.2f}x" for name in graphs),
+                      *(f"{100 * shares[name]:.1f}%" for name in graphs),
+                      " / ".join(f"{difference:.1e}" for difference in differences))  # fmt: skip
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--paper", action="store_true", help="also the paper's 256 x 256 configuration (slow)")
     parser.add_argument("--steps", type=int, default=200, help="training iterations of the CPU preset")
     parser.add_argument("--images", type=int, default=4, help="images per backend at 256 x 256")
+    parser.add_argument("--no-backends", dest="backends", action="store_false", help="skip the batch-1 table")
+    parser.add_argument("--batches", nargs="*", type=int, default=[], help="batch sizes of the per-batch table")
+    parser.add_argument("--seconds", type=float, default=2.0, help="timing per cell and round (per-batch table)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (per-batch table)")
     arguments = parser.parse_args()
+    console = Console(width=160)
+    if arguments.batches:
+        console.print(batch_table(arguments.batches, arguments.seconds, arguments.rounds))
+    if not arguments.backends:
+        return
     threads = torch.get_num_threads()
     table = Table(title=f"Exported AdvRAD one-shot pipeline, {threads} thread(s) per backend, batch 1")
     for column in ("config", "backend", "images/s", "ms/image", "vs eager", "max rel. score diff", "image AUROC %"):
@@ -132,7 +218,7 @@ def main() -> None:
             model.model.set_normal_error_map(torch.zeros(1, 1, 256, 256))
             datamodule = FashionMNIST(image_size=256, num_train=8, **{**data, "train_batch_size": 8})
             benchmark("paper 256x256, random weights", model, datamodule, arguments.images, table)
-    Console(width=160).print(table)
+    console.print(table)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,14 @@ How the diffusion noise enters the graph (``noise``):
 OpenVINO on CPUs with bf16 support computes in bf16 unless compiled with ``{"INFERENCE_PRECISION_HINT": "f32"}``
 (e.g. ``OpenVINOInferencer(path, device="CPU", config=...)``); scores then move by ~3e-3 relative.
 
+With ``noise="input"`` (the graph that :class:`~anomalib_robust.deploy.OpenVINOScore` certifies with), GroupNorm is
+exported by :func:`onnx_translations` as per-channel reductions over the spatial axes and elementwise ops instead of
+the exporter's Reshape -> InstanceNormalization -> Reshape: OpenVINO's CPU plugin then keeps the channels-last layout
+of its convolutions through every norm instead of converting to the plain layout and back (``Reorder`` nodes, 13-22 %
+of the f32 graph's time before, ~1 % after; ``benchmarks/export_speed.py --batches``). ``noise="random"`` keeps the
+exporter's decomposition, so that it writes the same graph as ``anomalib export`` (which calls the model's
+``to_openvino`` directly; INT8 calibration of the two must agree).
+
 ``compression_type`` is anomalib's OpenVINO compression; ``"int8_ptq"`` quantises the U-Net only, calibrated on the
 training images of ``datamodule`` (:mod:`anomalib_robust.models.adv_rad.export`).
 
@@ -132,8 +140,12 @@ def _onnx_with_noise_input(
     directory: Path,
     model_file_name: str,
     input_size: tuple[int, int] | None,
+    layout_preserving_group_norm: bool = True,
 ) -> Path:
-    """ONNX graph of ``model(input, noise)`` with a dynamic batch (and dynamic H, W when ``input_size`` is None)."""
+    """ONNX graph of ``model(input, noise)`` with a dynamic batch (and dynamic H, W when ``input_size`` is None).
+
+    ``layout_preserving_group_norm=False`` keeps the exporter's GroupNorm decomposition (for benchmarks only).
+    """
     model.eval()
     # a dynamic example must differ from the U-Net's size, or the exporter specialises the resize away
     height, width = input_size or tuple(2 * side for side in model.model.image_size)
@@ -154,5 +166,59 @@ def _onnx_with_noise_input(
         dynamo=True,
         opset_version=18,
         dynamic_shapes={"batch": image_shape, "noise": {1: batch}},
+        custom_translation_table=onnx_translations() if layout_preserving_group_norm else None,
     )
     return onnx_path
+
+
+def onnx_translations() -> dict:
+    """``custom_translation_table`` of ``torch.onnx.export``: ``aten.group_norm`` as layout-preserving ops.
+
+    GroupNorm (Wu and He, "Group Normalization", ECCV 2018, sec. 3.1: mean and variance over the spatial positions
+    and the channels of each of G groups, then the per-channel affine gamma, beta) written so that no op reshapes the
+    feature map itself:
+
+    - mean: ``ReduceMean`` over the spatial axes per channel ``(N, C, 1, ...)``, then the mean of each group's C / G
+      channel means (equal counts, so the exact group mean), broadcast back to ``(N, C, 1, ...)``;
+    - variance: the same two steps on ``(x - mean)^2`` (two passes, as PyTorch, no E[x^2] - E[x]^2 cancellation);
+    - output ``x * a + b`` with ``a = gamma / sqrt(var + eps)`` and ``b = beta - mean * a``, per channel.
+
+    Only the small ``(N, C, 1, ...)`` statistics are reshaped to ``(N, G, C / G)``; the feature map passes through
+    reductions and elementwise ops, which OpenVINO's CPU plugin runs in the channels-last layout of its convolutions
+    (the exporter's Reshape -> InstanceNormalization -> Reshape, and ONNX ``GroupNormalization`` in opset 21, need
+    the plain layout and cost a layout conversion before and after every norm). Scores equal PyTorch's to ~5e-7
+    relative in f32 (``benchmarks/export_speed.py --batches``).
+    """
+    from onnxscript import opset18 as op  # noqa: PLC0415  # torch.onnx's dynamo exporter depends on onnxscript
+
+    def group_norm(
+        input: "op.FLOAT",  # noqa: A002  # the name of aten.group_norm's argument
+        num_groups: int,
+        weight: "op.FLOAT | None" = None,
+        bias: "op.FLOAT | None" = None,
+        eps: float = 1e-5,
+        cudnn_enabled: bool = True,  # noqa: ARG001, FBT001, FBT002  # aten.group_norm's signature
+    ) -> "op.FLOAT":
+        rank = len(input.shape)
+        spatial = op.Constant(value_ints=list(range(2, rank)))
+        grouped_shape = op.Constant(value_ints=[0, num_groups, -1])
+        within_group = op.Constant(value_ints=[2])
+        channel_axes = op.Constant(value_ints=list(range(1, rank - 1)))  # (C,) -> (C, 1, ...)
+
+        def group_mean(per_channel: "op.FLOAT") -> "op.FLOAT":
+            """(N, C, 1, ...) -> the mean over each group's channels, broadcast back to (N, C, 1, ...)."""
+            grouped = op.Reshape(per_channel, grouped_shape)
+            mean = op.ReduceMean(grouped, within_group, keepdims=1)
+            return op.Reshape(op.Expand(mean, op.Shape(grouped)), op.Shape(per_channel))
+
+        mean = group_mean(op.ReduceMean(input, spatial, keepdims=1))
+        centred = op.Sub(input, mean)
+        variance = group_mean(op.ReduceMean(op.Mul(centred, centred), spatial, keepdims=1))
+        scale = op.Reciprocal(op.Sqrt(op.Add(variance, op.CastLike(eps, input))))
+        if weight is not None:
+            scale = op.Mul(scale, op.Unsqueeze(weight, channel_axes))
+        shift = op.Mul(mean, scale)
+        shift = op.Neg(shift) if bias is None else op.Sub(op.Unsqueeze(bias, channel_axes), shift)
+        return op.Add(op.Mul(input, scale), shift)
+
+    return {torch.ops.aten.group_norm.default: group_norm}
