@@ -50,6 +50,18 @@ def trained(advrad_checkpoint: Path) -> tuple[AdvRAD, Path]:
     return model.eval(), advrad_checkpoint
 
 
+@pytest.fixture(scope="module")
+def raw_openvino_f32(trained: tuple[AdvRAD, Path], tmp_path_factory: pytest.TempPathFactory, ov: object) -> Path:
+    """The OpenVINO f32 export (in-graph noise) of the shared AdvRAD with raw scores: the tiny model's normalised
+    scores saturate at 1 on these images, which would hide any difference between backends."""
+    return export_adv_rad(_raw_scores(trained), tmp_path_factory.mktemp("raw_openvino_f32"))
+
+
+def _raw_scores(trained: tuple[AdvRAD, Path]) -> AdvRAD:
+    _, checkpoint = trained
+    return AdvRAD.load_from_checkpoint(checkpoint, post_processor=False, strict=False).eval()
+
+
 def test_onnx_and_openvino_reproduce_pytorch_with_identical_noise(
     trained: tuple[AdvRAD, Path], tmp_path: Path, onnx: object, ort: object, ov: object
 ) -> None:
@@ -75,19 +87,19 @@ def test_onnx_and_openvino_reproduce_pytorch_with_identical_noise(
 
 def test_in_graph_noise_is_standard_normal_so_exported_scores_match_pytorch_on_average(
     trained: tuple[AdvRAD, Path],
+    raw_openvino_f32: Path,
     tmp_path: Path,
     mvtec_root: Path,
     ort: object,
     ov: object,
 ) -> None:
     # OpenVINO turned ONNX RandomNormalLike into skewed noise, which raised the mean score ~1.5x (measured 1.4-1.6)
-    _, checkpoint = trained
-    model = AdvRAD.load_from_checkpoint(checkpoint, post_processor=False, strict=False).eval()  # raw scores
+    model = _raw_scores(trained)
     images = torch.stack([read_image(path, as_tensor=True) for path in sorted(mvtec_root.glob("disc/test/*/*.png"))])
     draws = 16
     with torch.no_grad():
         eager = float(torch.stack([model(images).pred_score for _ in range(draws)]).mean())
-    compiled = ov.Core().compile_model(export_adv_rad(model, tmp_path, export_type="openvino"), "CPU", F32)
+    compiled = ov.Core().compile_model(raw_openvino_f32, "CPU", F32)
     session = ort.InferenceSession(str(export_adv_rad(model, tmp_path, export_type="onnx")))
     feed = {"input": images.numpy()}
     means = {
@@ -215,6 +227,7 @@ def test_predict_rejects_a_file_that_is_not_an_exported_model(trained: tuple[Adv
 
 def test_int8_export_quantizes_the_unet_only_and_its_scores_track_f32(
     trained: tuple[AdvRAD, Path],
+    raw_openvino_f32: Path,
     tmp_path: Path,
     mvtec_root: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -234,14 +247,12 @@ def test_int8_export_quantizes_the_unet_only_and_its_scores_track_f32(
     quantisation from quantising every op. On an AVX2 CPU without VNNI the maps correlated 0.958 (CI failed) until every
     layer's weights were quantised to 7 bits (``quantize_unet``'s overflow fix): 0.9979 (maps), 0.9987 (scores).
     """
-    _, checkpoint = trained
-    # raw scores: the tiny model's normalised scores saturate at 1 on these images, which would hide any difference
-    model = AdvRAD.load_from_checkpoint(checkpoint, post_processor=False, strict=False).eval()
+    model = _raw_scores(trained)
     datamodule = MVTecAD(root=mvtec_root, category="disc", train_batch_size=4, eval_batch_size=4, num_workers=0)
     engine = Engine(default_root_dir=tmp_path, logger=False)  # the path of `anomalib export --compression_type ...`
     int8_path = engine.export(model, ExportType.OPENVINO, export_root=tmp_path / "int8",
                               compression_type=CompressionType.INT8_PTQ, datamodule=datamodule)  # fmt: skip
-    f32_path = export_adv_rad(model, tmp_path / "f32")
+    f32_path = raw_openvino_f32
     graph = ov.Core().read_model(int8_path)
     quantizers = [op for op in graph.get_ordered_ops() if op.get_type_name() == "FakeQuantize"]
     consumers = {target.get_node().get_type_name() for op in quantizers for target in op.output(0).get_target_inputs()}
