@@ -10,17 +10,23 @@ interrupted run resumes) to ``--output``.
 Without ``--ckpt`` the CPU preset is trained first (``--epochs``) with
 :class:`~anomalib_robust.callbacks.SelectDiffusionStep`, so the table also marks the setting chosen automatically
 from held-out training images; with a checkpoint that has such a choice, it is marked too, and the normal maps are
-computed from the same training split.
+computed from the same training split. A trained model is saved as ``<output>/adv_rad_<class>_<epochs>epochs.ckpt``
+and reused by the next run. ``auto`` in ``--diffusion-steps`` is the automatic choice (its k and its mean filter).
+With several classes, a last table per protocol puts the classes side by side and averages them.
 
 Example:
     $ python benchmarks/adv_rad_frontier.py --category trouser --epochs 60
     $ python benchmarks/adv_rad_frontier.py --ckpt model.ckpt --diffusion-steps 50 100 --mean-filter-sizes 5 \\
         --noise-draws 1 4 --protocol semantic
+    $ python benchmarks/adv_rad_frontier.py --category t_shirt_top trouser bag --diffusion-steps 100 auto \\
+        --mean-filter-sizes 5 --protocol defect semantic --steps 20 --eot-samples 20   # k = 100 against auto
 """
 
 import argparse
 import itertools
 import json
+import math
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -47,18 +53,24 @@ from anomalib_robust.models.adv_rad.selection import DiffusionStepCandidate, hel
 PAPER_DIFFUSION_STEP = 100
 
 
-def datamodule(args: argparse.Namespace, protocol: str) -> FashionMNIST:
+def datamodule(args: argparse.Namespace, category: str, protocol: str) -> FashionMNIST:
     """The Fashion-MNIST datamodule of ``protocol`` (the training images are the same for both)."""
     return FashionMNIST(
-        category=args.category, protocol=protocol, image_size=32, num_train=args.num_train, num_test=args.num_test,
+        category=category, protocol=protocol, image_size=32, num_train=args.num_train, num_test=args.num_test,
         train_batch_size=16, eval_batch_size=16,
     )  # fmt: skip
 
 
-def trained_model(args: argparse.Namespace) -> AdvRAD:
-    """The checkpoint's model, or the CPU preset trained with the automatic choice of k (checkpoint saved)."""
+def trained_model(args: argparse.Namespace, category: str) -> tuple[AdvRAD, str]:
+    """The checkpoint's model, or the CPU preset trained with the automatic choice of k (checkpoint saved, and reused
+    when it exists); with the model's key in the cache of finished cells."""
     if args.ckpt is not None:
-        return AdvRAD.load_from_checkpoint(args.ckpt, map_location="cpu")
+        return AdvRAD.load_from_checkpoint(args.ckpt, map_location="cpu"), str(args.ckpt)
+    key = f"cpu_preset_{category}_{args.epochs}epochs"
+    saved = args.output / f"adv_rad_{category}_{args.epochs}epochs.ckpt"
+    if saved.is_file():
+        Console().log(f"reusing {saved}")
+        return AdvRAD.load_from_checkpoint(saved, map_location="cpu"), key
     torch.manual_seed(0)
     model = AdvRAD.cpu_preset(evaluator=False, visualizer=False)
     engine = Engine(
@@ -70,10 +82,30 @@ def trained_model(args: argparse.Namespace) -> AdvRAD:
         callbacks=[SelectDiffusionStep(diffusion_steps=args.select_steps)],
     )
     started = time.perf_counter()
-    engine.fit(model, datamodule=datamodule(args, args.protocol[0]))
-    Console().log(f"trained {args.epochs} epochs and chose k in {time.perf_counter() - started:.0f} s")
-    Console().log(f"checkpoint: {engine.trainer.checkpoint_callback.best_model_path}")
-    return model
+    engine.fit(model, datamodule=datamodule(args, category, args.protocol[0]))
+    Console().log(f"{category}: trained {args.epochs} epochs and chose k in {time.perf_counter() - started:.0f} s")
+    partial = saved.with_suffix(".partial")  # a copy cut short by an interruption is never taken for a checkpoint
+    shutil.copyfile(engine.trainer.checkpoint_callback.best_model_path, partial)
+    partial.replace(saved)
+    Console().log(f"checkpoint: {saved}")
+    return model, key
+
+
+def settings_of(args: argparse.Namespace, model: AdvRAD) -> dict[str, tuple[int, int, int]]:
+    """(k, mean filter, draws) by a name that is the same across classes: numeric k crossed with the filter sizes
+    (``k=100 s=5 n=1``), ``auto`` (``auto n=1``) as chosen for this model."""
+    choice = model.diffusion_step_choice
+    settings = {}
+    for step in args.diffusion_steps:
+        if step == "auto" and choice is None:
+            msg = "--diffusion-steps auto: the model has no automatic choice of k (train it without --ckpt)"
+            raise SystemExit(msg)
+        if step == "auto":
+            settings |= {f"auto n={n}": (choice.diffusion_step, choice.mean_filter_size, n) for n in args.noise_draws}
+        else:
+            settings |= {f"k={step} s={size} n={n}": (int(step), size, n)
+                         for size, n in itertools.product(args.mean_filter_sizes, args.noise_draws)}  # fmt: skip
+    return settings
 
 
 def training_images(model: AdvRAD, datamodule: FashionMNIST) -> DataLoader:
@@ -103,17 +135,70 @@ def plot_frontier(rows: list[tuple[str, DiffusionStepCandidate]], marked: dict[s
     plt.close(figure)
 
 
+def diffusion_step_argument(value: str) -> str:
+    if value != "auto" and not value.isdigit():
+        msg = f"expected a positive integer or 'auto', got {value!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def frontier_table(category: str, protocol: str, model_key: str, label: str, repeats: int,
+                   rows: list[tuple[str, DiffusionStepCandidate]], marked: dict[str, str]) -> Table:  # fmt: skip
+    table = Table(
+        title=f"AdvRAD frontier, Fashion-MNIST {category}, {protocol} protocol, {model_key}; "
+        f"{label}, image AUROC % (mean ± std over {repeats} deployed scorings)"
+    )
+    for column in ("k", "mean filter", "noise draws", "standard", "robust", "seconds", ""):
+        table.add_column(column, justify="right")
+    for row_label, cell in rows:
+        table.add_row(
+            str(cell.diffusion_step), str(cell.mean_filter_size), str(cell.num_noise_draws),
+            format_auroc(cell.standard, cell.standard_std), format_auroc(cell.robust, cell.robust_std),
+            f"{cell.seconds:.0f}", marked.get(row_label, "").strip(" ()"),
+        )  # fmt: skip
+    return table
+
+
+def classes_table(protocol: str, label: str, cells: dict[str, dict[str, DiffusionStepCandidate]]) -> Table:
+    """Classes side by side, ``standard / robust`` per setting, and their mean. The mean's ± is the scoring noise of
+    the mean (the classes' repeat stds combined: sqrt(sum std^2) / classes), not the spread between classes."""
+    table = Table(title=f"AdvRAD over {len(cells)} classes, {protocol} protocol, {label}: standard / robust image "
+                  "AUROC %, mean ± std over deployed scorings")  # fmt: skip
+    columns = list(next(iter(cells.values())))  # every class has the same setting names
+    table.add_column("class")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for category, row in cells.items():
+        table.add_row(category, *(_standard_robust(row[column]) for column in columns))
+    mean_row = []
+    for column in columns:
+        column_cells = [row[column] for row in cells.values()]
+        mean_row.append(" / ".join(
+            format_auroc(sum(getattr(cell, name) for cell in column_cells) / len(column_cells),
+                         math.sqrt(sum(getattr(cell, f"{name}_std") ** 2 for cell in column_cells)) / len(column_cells))
+            for name in ("standard", "robust")
+        ))  # fmt: skip
+    table.add_row("mean", *mean_row)
+    return table
+
+
+def _standard_robust(cell: DiffusionStepCandidate) -> str:
+    return f"{format_auroc(cell.standard, cell.standard_std)} / {format_auroc(cell.robust, cell.robust_std)}"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", type=Path, help="a trained AdvRAD checkpoint; without it the CPU preset is trained")
-    parser.add_argument("--category", default="trouser")
+    parser.add_argument("--category", nargs="+", default=["trouser"], help="one class with --ckpt, else several")
     parser.add_argument("--protocol", nargs="+", default=["defect"], choices=["defect", "semantic"])
     parser.add_argument("--num-train", type=int, default=200)
     parser.add_argument("--num-test", type=int, default=100, help="test and validation images together")
     parser.add_argument("--epochs", type=int, default=75, help="training epochs without --ckpt (batch 16)")
     parser.add_argument("--select-steps", type=int, nargs="+", default=[25, 50, 100, 200],
                         help="candidate k of the automatic choice (without --ckpt)")  # fmt: skip
-    parser.add_argument("--diffusion-steps", type=int, nargs="+", default=[25, 50, 100, 200])
+    parser.add_argument("--diffusion-steps", type=diffusion_step_argument, nargs="+",
+                        default=["25", "50", "100", "200"],
+                        help="k values; 'auto' is the automatic choice (its k and mean filter)")  # fmt: skip
     parser.add_argument("--mean-filter-sizes", type=int, nargs="+", default=[3, 5])
     parser.add_argument("--noise-draws", type=int, nargs="+", default=[1])
     parser.add_argument("--eps", type=float, default=2 / 255)
@@ -124,50 +209,48 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-samples", type=int, help="evaluate only this many evenly spaced test images")
     parser.add_argument("--output", type=Path, default=Path("results/benchmarks/adv_rad_frontier"))
     args = parser.parse_args(argv)
+    if args.ckpt is not None and len(args.category) > 1:
+        parser.error(f"argument --category: one class with --ckpt, got {args.category}")
     args.output.mkdir(parents=True, exist_ok=True)
     console = Console(width=150)
 
-    model = trained_model(args)
-    choice = model.diffusion_step_choice
-    if choice is not None:
-        console.print(candidate_table(choice))
     evaluator = RobustEvaluator(
         attacks=["pgd"], eps=args.eps, norm=args.norm, steps=args.steps, eot_samples=args.eot_samples,
         eval_repeats=args.eval_repeats, sanity_checks=False, num_grid_images=0, max_samples=args.max_samples,
     )  # fmt: skip
+    label = attack_label(evaluator)
     cache_path = args.output / "frontier.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
-    model_key = str(args.ckpt or f"cpu_preset_{args.category}_{args.epochs}epochs")
-    settings = list(itertools.product(args.diffusion_steps, args.mean_filter_sizes, args.noise_draws))
-    for protocol in args.protocol:
-        test_data = datamodule(args, protocol)
-        normal_images = training_images(model, test_data)
-        rows = []
-        for k, s, draws in settings:
-            key = f"{model_key}|{protocol}|{attack_label(evaluator)}|r{args.eval_repeats}|k{k}|s{s}|n{draws}"
-            if key not in cache:
-                cell = measure_setting(model, evaluator, [test_data.test_dataloader()], normal_images, k, s, draws)
-                cache[key] = asdict(cell)
-                write_atomic(cache_path, json.dumps(cache, indent=1))
-                console.log(f"{protocol} k={k} s={s} draws={draws}: {cell.seconds:.0f} s")
-            rows.append((f"k={k} s={s} n={draws}", DiffusionStepCandidate(**cache[key])))
+    per_class = {protocol: {} for protocol in args.protocol}  # protocol -> class -> setting name -> cell
+    for category in args.category:
+        model, model_key = trained_model(args, category)
+        choice = model.diffusion_step_choice
+        if choice is not None:
+            console.print(candidate_table(choice))
         marked = {f"k={PAPER_DIFFUSION_STEP} s={s} n=1": " (paper k)" for s in args.mean_filter_sizes}
         if choice is not None:
             marked[f"k={choice.diffusion_step} s={choice.mean_filter_size} n=1"] = " (auto)"
-        table = Table(
-            title=f"AdvRAD frontier, Fashion-MNIST {args.category}, {protocol} protocol, {model_key}; "
-            f"{attack_label(evaluator)}, image AUROC % (mean ± std over {args.eval_repeats} deployed scorings)"
-        )
-        for column in ("k", "mean filter", "noise draws", "standard", "robust", "seconds", ""):
-            table.add_column(column, justify="right")
-        for label, cell in rows:
-            table.add_row(
-                str(cell.diffusion_step), str(cell.mean_filter_size), str(cell.num_noise_draws),
-                format_auroc(cell.standard, cell.standard_std), format_auroc(cell.robust, cell.robust_std),
-                f"{cell.seconds:.0f}", marked.get(label, "").strip(" ()"),
-            )  # fmt: skip
-        console.print(table)
-        plot_frontier(rows, marked, args.output / f"frontier_{protocol}.png")
+        settings = settings_of(args, model)
+        for protocol in args.protocol:
+            test_data = datamodule(args, category, protocol)
+            normal_images = training_images(model, test_data)
+            cells = {}
+            for name, (k, s, draws) in settings.items():
+                key = f"{model_key}|{protocol}|{label}|r{args.eval_repeats}|k{k}|s{s}|n{draws}"
+                if key not in cache:
+                    cell = measure_setting(model, evaluator, [test_data.test_dataloader()], normal_images, k, s, draws)
+                    cache[key] = asdict(cell)
+                    write_atomic(cache_path, json.dumps(cache, indent=1))
+                    console.log(f"{category} {protocol} k={k} s={s} draws={draws}: {cell.seconds:.0f} s")
+                cells[name] = DiffusionStepCandidate(**cache[key])
+            rows = list({f"k={c.diffusion_step} s={c.mean_filter_size} n={c.num_noise_draws}": c
+                         for c in cells.values()}.items())  # fmt: skip  # auto may equal a numeric setting
+            console.print(frontier_table(category, protocol, model_key, label, args.eval_repeats, rows, marked))
+            plot_frontier(rows, marked, args.output / f"frontier_{category}_{protocol}.png")
+            per_class[protocol][category] = cells
+    if len(args.category) > 1:
+        for protocol, cells in per_class.items():
+            console.print(classes_table(protocol, label, cells))
     console.log(f"plots and numbers in {args.output}")
 
 
