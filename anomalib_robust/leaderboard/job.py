@@ -5,7 +5,10 @@
 one job per GPU in parallel (the runner passes ``task_id``, the job trains on ``cuda:<task_id>``). A job is one model
 on one datamodule (category); each of its threat models is a cell, evaluated by
 :class:`~anomalib_robust.evaluation.RobustEvaluator` with the YAML's ``robust_eval`` arguments and cached on disk
-(:mod:`anomalib_robust.leaderboard.cache`). When every cell of a job is cached the model is not even fitted. A cell
+(:mod:`anomalib_robust.leaderboard.cache`). When every cell of a job is cached the model is not even fitted. Fitted
+models are kept too, in ``<output_dir>/models``: a model entry (class, init args, Engine arguments) fitted on the same
+data from the same seed is fitted once, so a job interrupted during its attacks does not fit again, and a purifier's
+denoiser that is the same entry as a model row (the AdvRAD row and DiffPure's denoiser) reuses that row's fit. A cell
 that fails (a model that cannot be built or fitted, an evaluator error) is returned with its error, so the runner
 goes on with the other jobs; a failed cell is not cached and runs again on resume.
 
@@ -15,6 +18,7 @@ models are built inside ``run``.
 
 import contextlib
 import importlib
+import json
 import logging
 import time
 import traceback
@@ -29,7 +33,7 @@ from lightning import seed_everything
 from torch import nn
 
 from anomalib_robust.evaluation import RobustEvaluator
-from anomalib_robust.evaluation.report import RobustReport, format_eps
+from anomalib_robust.evaluation.report import RobustReport, format_eps, write_atomic
 from anomalib_robust.leaderboard.cache import CellCache, cell_key
 from anomalib_robust.leaderboard.config import CellGroup, ThreatModel, data_label, jsonable, model_label
 from anomalib_robust.leaderboard.output import write_leaderboard
@@ -128,27 +132,56 @@ class RobustBenchmarkJob(Job):
             "versions": package_versions(), "git_commit": git_commit(),
         }  # fmt: skip
 
-    def _fit(self, entry: dict, datamodule: Any, devices: str | list[int], directory: str) -> nn.Module:
+    def _fitted_path(self, entry: dict) -> Path:
+        """Where the fit of ``entry`` on this job's data and seed is kept (a label and a defense are not part of it)."""
+        fitted = {key: value for key, value in entry.items() if key not in {"name", "defense"}}
+        key = cell_key({
+            "model": fitted, "trainer": self._trainer(entry), "data": self.group.data, "seed": self.group.seed,
+            "random_init": self.random_init,
+        })  # fmt: skip
+        return self.output_dir / "models" / f"{key}.ckpt"
+
+    def _fit(self, entry: dict, datamodule: Any, devices: str | list[int], directory: str) -> tuple[nn.Module, float]:
+        """The model of ``entry`` fitted on ``datamodule`` from the job's seed, and the seconds its fit took: loaded
+        when that fit is kept in ``<output_dir>/models``, else fitted now and kept (written atomically)."""
         model = build_model(entry, self.random_init)
+        path = self._fitted_path(entry)
+        if path.is_file():
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["state_dict"])
+            datamodule.setup()
+            seconds = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))["fit_seconds"]
+            logger.info("Leaderboard: %s reused from %s", model_label(entry), path)
+            return model.to(self._device(devices)).eval(), seconds
+        seed_everything(self.group.seed, workers=True)
         engine = Engine(
             accelerator=self.accelerator, devices=devices, default_root_dir=directory, logger=False,
             enable_progress_bar=False, enable_model_summary=False, **self._trainer(entry),
         )  # fmt: skip
+        started = time.perf_counter()
         engine.fit(model, datamodule=datamodule)
-        return model.to(self._device(devices)).eval()  # Lightning's teardown leaves the model on the CPU
+        seconds = time.perf_counter() - started
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path.with_suffix(".json"), json.dumps({"fit_seconds": seconds}))
+        partial = path.with_suffix(".partial")
+        engine.trainer.save_checkpoint(partial, weights_only=True)
+        partial.replace(path)  # the checkpoint appears complete or not at all
+        return model.to(self._device(devices)).eval(), seconds  # Lightning's teardown leaves the model on the CPU
 
     def _device(self, devices: str | list[int]) -> torch.device:
         if self.accelerator == "cuda" and isinstance(devices, list):
             return torch.device(f"cuda:{devices[0]}")
         return torch.device(self.accelerator)
 
-    def _defense(self, datamodule: Any, devices: str | list[int], directory: str) -> nn.Module | None:
-        """The purifier of the model entry's ``defense``, its denoiser fitted on the same datamodule."""
+    def _defense(
+        self, datamodule: Any, devices: str | list[int], directory: str
+    ) -> tuple[nn.Module | None, float]:
+        """The purifier of the model entry's ``defense``, its denoiser fitted on the same datamodule, and the seconds
+        that fit took."""
         defense = self.group.model.get("defense")
         if defense is None:
-            return None
-        denoiser = self._fit(defense["denoiser"], datamodule, devices, directory)
-        return _import(defense["class_path"])(denoiser, **(defense.get("init_args") or {}))
+            return None, 0.0
+        denoiser, seconds = self._fit(defense["denoiser"], datamodule, devices, directory)
+        return _import(defense["class_path"])(denoiser, **(defense.get("init_args") or {})), seconds
 
     def _evaluate(self, model: nn.Module, purifier: nn.Module | None, datamodule: Any, threat: ThreatModel) -> dict:
         evaluator = RobustEvaluator(norm=threat.norm, eps=list(threat.eps), defense=purifier, **self.evaluator)
@@ -187,11 +220,10 @@ class RobustBenchmarkJob(Job):
         try:
             with TemporaryDirectory() as directory:
                 seed_everything(self.group.seed, workers=True)
-                started = time.perf_counter()
                 datamodule = build_datamodule(self.group.data)
-                model = self._fit(self.group.model, datamodule, devices, directory)
-                purifier = self._defense(datamodule, devices, directory)
-                fit_seconds = time.perf_counter() - started
+                model, model_seconds = self._fit(self.group.model, datamodule, devices, directory)
+                purifier, defense_seconds = self._defense(datamodule, devices, directory)
+                fit_seconds = model_seconds + defense_seconds
         except Exception as error:  # noqa: BLE001 - a failed cell is recorded and the run goes on
             logger.exception("Leaderboard: fitting %s (%s) failed", label, self.group.key)
             cells += [self._failed(threat, key, error) for threat, key in pending]

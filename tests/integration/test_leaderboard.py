@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from anomalib.engine import Engine
 
 from anomalib_robust.leaderboard import LeaderboardConfigError, RobustBenchmarkJob, validate_entry
 from anomalib_robust.leaderboard.__main__ import main
@@ -79,6 +80,19 @@ def test_grid_writes_every_output_resumes_and_merges(
     assert main(["--config", str(config), "--output_dir", str(run)]) == 0
     assert (run / "leaderboard.csv").read_text() == before
     monkeypatch.undo()
+
+    # a job interrupted after its fit (its cell lost, the kept fit there): evaluated again on the kept model, unfitted
+    assert len(list((run / "models").glob("*.ckpt"))) == 4
+    cells = {path: json.loads(path.read_text()) for path in (run / "cells").glob("*.json")}
+    (padim_trouser,) = [path for path, cell in cells.items()
+                        if (cell["model"], cell["category"]) == ("Padim", "trouser")]
+    padim_trouser.unlink()
+    monkeypatch.setattr(Engine, "fit", no_refit)
+    assert main(["--config", str(config), "--output_dir", str(run)]) == 0
+    monkeypatch.undo()
+    again = json.loads(padim_trouser.read_text())
+    for key in ("standard_image_auroc", "results", "fit_seconds"):  # fit_seconds: the kept fit's own time
+        assert again[key] == cells[padim_trouser][key], key
 
     # a second run (another machine) on another category, then the merge of both: the union of their cells
     other = _write(_config(["sneaker"], ["Padim"]), tmp_path / "other.yaml")

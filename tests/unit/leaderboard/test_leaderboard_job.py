@@ -13,6 +13,7 @@ from anomalib.pipelines.components.runners import ParallelRunner, SerialRunner
 
 from anomalib_robust.evaluation.report import RobustReport, SanityCheck
 from anomalib_robust.leaderboard import RobustBenchmark, RobustBenchmarkJob, RobustBenchmarkJobGenerator
+from anomalib_robust.leaderboard.config import model_label
 from anomalib_robust.leaderboard.job import sanity_verdict
 
 REPO = Path(__file__).resolve().parents[3]
@@ -63,3 +64,18 @@ def test_a_failing_cell_is_recorded_and_the_run_goes_on(tmp_path: Path) -> None:
     assert [row["status"] for row in table] == ["error", "ok"] and "no_such_backbone" in table[0]["reason"]
     assert float(table[1]["robust_image_auroc"]) <= float(table[1]["standard_image_auroc"])
     assert len(list((tmp_path / "cells").glob("*.json"))) == 1  # only the finished cell is cached
+
+
+def test_the_purified_padims_denoiser_reuses_the_advrad_rows_fit() -> None:
+    """In the shipped ten-class grid, DiffPure's denoiser is the AdvRAD row's entry, so per class AdvRAD is fitted once
+    (the fit takes most of the grid's time); another class or seed is another fit."""
+    config = yaml.safe_load((REPO / "configs/benchmark/robust_fashion_mnist.yaml").read_text())
+    jobs = list(RobustBenchmarkJobGenerator("cpu")(config["robust_benchmark"]))
+    by_model = {}
+    for job in jobs:
+        by_model.setdefault(model_label(job.group.model), []).append(job)
+    advrad, purified = by_model["AdvRAD"], by_model["Purified(Padim, DiffPure p=25)"]
+    denoiser = purified[0].group.model["defense"]["denoiser"]
+    assert purified[0]._fitted_path(denoiser) == advrad[0]._fitted_path(advrad[0].group.model)
+    assert purified[1]._fitted_path(denoiser) != advrad[0]._fitted_path(advrad[0].group.model)  # another class
+    assert purified[0]._fitted_path(purified[0].group.model) != advrad[0]._fitted_path(advrad[0].group.model)
