@@ -153,13 +153,15 @@ def frontier_table(category: str, protocol: str, model_key: str, label: str, rep
     for row_label, cell in rows:
         table.add_row(
             str(cell.diffusion_step), str(cell.mean_filter_size), str(cell.num_noise_draws),
-            format_auroc(cell.standard, cell.standard_std), format_auroc(cell.robust, cell.robust_std),
+            *_aurocs(cell, repeats),
             f"{cell.seconds:.0f}", marked.get(row_label, "").strip(" ()"),
         )  # fmt: skip
     return table
 
 
-def classes_table(protocol: str, label: str, cells: dict[str, dict[str, DiffusionStepCandidate]]) -> Table:
+def classes_table(
+    protocol: str, label: str, repeats: int, cells: dict[str, dict[str, DiffusionStepCandidate]]
+) -> Table:
     """Classes side by side, ``standard / robust`` per setting, and their mean. The mean's ± is the scoring noise of
     the mean (the classes' repeat stds combined: sqrt(sum std^2) / classes), not the spread between classes."""
     table = Table(title=f"AdvRAD over {len(cells)} classes, {protocol} protocol, {label}: standard / robust image "
@@ -169,21 +171,24 @@ def classes_table(protocol: str, label: str, cells: dict[str, dict[str, Diffusio
     for column in columns:
         table.add_column(column, justify="right")
     for category, row in cells.items():
-        table.add_row(category, *(_standard_robust(row[column]) for column in columns))
+        table.add_row(category, *(" / ".join(_aurocs(row[column], repeats)) for column in columns))
     mean_row = []
     for column in columns:
         column_cells = [row[column] for row in cells.values()]
         mean_row.append(" / ".join(
             format_auroc(sum(getattr(cell, name) for cell in column_cells) / len(column_cells),
-                         math.sqrt(sum(getattr(cell, f"{name}_std") ** 2 for cell in column_cells)) / len(column_cells))
+                         math.sqrt(sum(getattr(cell, f"{name}_std") ** 2 for cell in column_cells)) / len(column_cells),
+                         repeats)
             for name in ("standard", "robust")
         ))  # fmt: skip
     table.add_row("mean", *mean_row)
     return table
 
 
-def _standard_robust(cell: DiffusionStepCandidate) -> str:
-    return f"{format_auroc(cell.standard, cell.standard_std)} / {format_auroc(cell.robust, cell.robust_std)}"
+def _aurocs(cell: DiffusionStepCandidate, repeats: int) -> tuple[str, str]:
+    """The cell's standard and robust AUROC, each with its spread over the ``repeats`` scorings."""
+    standard = format_auroc(cell.standard, cell.standard_std, repeats)
+    return standard, format_auroc(cell.robust, cell.robust_std, repeats)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -250,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
             per_class[protocol][category] = cells
     if len(args.category) > 1:
         for protocol, cells in per_class.items():
-            console.print(classes_table(protocol, label, cells))
+            console.print(classes_table(protocol, label, args.eval_repeats, cells))
     console.log(f"plots and numbers in {args.output}")
 
 

@@ -146,6 +146,7 @@ def choose_diffusion_step(
         holdout=holdout,
         seed=seed,
         seconds=time.perf_counter() - started,
+        eval_repeats=evaluator.eval_repeats,
     )
     return model.diffusion_step_choice
 
@@ -312,8 +313,8 @@ def candidate_table(choice: DiffusionStepChoice) -> Table:
         table.add_row(
             str(candidate.diffusion_step),
             str(candidate.mean_filter_size),
-            format_auroc(candidate.standard, candidate.standard_std),
-            format_auroc(candidate.robust, candidate.robust_std),
+            format_auroc(candidate.standard, candidate.standard_std, choice.eval_repeats),
+            format_auroc(candidate.robust, candidate.robust_std, choice.eval_repeats),
             f"{candidate.seconds:.1f}",
             "<-" if index == choice.chosen else "",
         )

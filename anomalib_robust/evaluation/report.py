@@ -145,20 +145,21 @@ class RobustReport:
         )
         for column in columns:
             table.add_column(column, justify="left" if column in {"Attack", "Target", "Budget", "Note"} else "right")
-        clean_pixel = (format_auroc(self.clean_pixel_auroc, self.clean_pixel_auroc_std),) if show_pixel else ()
+        repeats = self.eval_repeats
+        clean_pixel = (format_auroc(self.clean_pixel_auroc, self.clean_pixel_auroc_std, repeats),) if show_pixel else ()
         table.add_row(
-            "none (standard)", "-", "0", "-", format_auroc(self.clean_image_auroc, self.clean_image_auroc_std),
+            "none (standard)", "-", "0", "-", format_auroc(self.clean_image_auroc, self.clean_image_auroc_std, repeats),
             *clean_pixel, "",
         )  # fmt: skip
         for result in self.results:
             note = result.reason if result.status != "ok" else ("sanity check" if result.role == "sanity" else "")
-            pixel = (format_auroc(result.pixel_auroc, result.pixel_auroc_std),) if show_pixel else ()
+            pixel = (format_auroc(result.pixel_auroc, result.pixel_auroc_std, repeats),) if show_pixel else ()
             table.add_row(
                 result.attack,
                 TARGETS[result.target],
                 format_eps(result.eps, result.norm),
                 result.budget or ("-" if result.steps is None else f"{result.steps} steps"),
-                format_auroc(result.image_auroc, result.image_auroc_std),
+                format_auroc(result.image_auroc, result.image_auroc_std, repeats),
                 *pixel,
                 note,
             )
@@ -252,8 +253,9 @@ def format_eps(eps: float, norm: str) -> str:
     return f"{eps:.4g}"
 
 
-def format_auroc(value: float | None, std: float = 0.0) -> str:
-    """AUROC in percent, ``80.6 ± 1.2`` when it has a spread over repeats, ``-`` when missing."""
+def format_auroc(value: float | None, std: float = 0.0, repeats: int | None = 1) -> str:
+    """AUROC in percent: ``80.6 ± 1.2`` (the std over ``repeats`` scorings) when it was scored more than once or has a
+    spread, so that repeats that agree read ``± 0.0`` and not as one deterministic scoring; ``-`` when missing."""
     if value is None or math.isnan(value):
         return "-"
-    return f"{100 * value:.1f} ± {100 * std:.1f}" if std > 0 else f"{100 * value:.1f}"
+    return f"{100 * value:.1f} ± {100 * std:.1f}" if std > 0 or (repeats or 1) > 1 else f"{100 * value:.1f}"

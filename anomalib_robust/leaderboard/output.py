@@ -73,6 +73,9 @@ CSV_COLUMNS = (
     "reason", "fit_seconds", "attack_seconds", "num_test_images",
 )  # fmt: skip
 
+AUROC_COLUMNS = ("standard_image_auroc", "robust_image_auroc", "standard_pixel_auroc", "robust_pixel_auroc")
+"""The AUROC columns of a leaderboard row, each with a ``<column>_std``."""
+
 
 def _check(value: object, schema: object, path: str) -> None:
     if isinstance(schema, dict):
@@ -176,10 +179,7 @@ def markdown(table_rows: list[dict]) -> str:
         status = row["status"] if row["status"] == "ok" else f"{row['status']}: {row['reason']}".replace("|", "/")
         cells = (
             row["model"], row["category"], f"{row['norm']} {_eps(row)}", row["attack"],
-            format_auroc(row["standard_image_auroc"], row["standard_image_auroc_std"] or 0.0),
-            format_auroc(row["robust_image_auroc"], row["robust_image_auroc_std"] or 0.0),
-            format_auroc(row["standard_pixel_auroc"], row["standard_pixel_auroc_std"] or 0.0),
-            format_auroc(row["robust_pixel_auroc"], row["robust_pixel_auroc_std"] or 0.0),
+            *(format_auroc(row[column], row[f"{column}_std"] or 0.0, row["eval_repeats"]) for column in AUROC_COLUMNS),
             row["budget"] or "-", row["sanity"] or "-", _seconds(row["fit_seconds"]),
             _seconds(row["attack_seconds"]), row["num_test_images"] or "-", status,
         )  # fmt: skip

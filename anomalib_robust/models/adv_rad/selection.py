@@ -76,6 +76,7 @@ class DiffusionStepChoice:
     holdout: float | None = None
     seed: int = 0
     seconds: float = 0.0
+    eval_repeats: int = 1
 
     @property
     def diffusion_step(self) -> int:

@@ -28,6 +28,15 @@ def test_failed_and_unattackable_cells_get_a_row_with_the_reason(make_cell) -> N
     assert "not attackable: score has no gradient" in text
 
 
+def test_a_zero_spread_over_repeats_is_shown_and_one_scoring_has_none(make_cell) -> None:
+    agreeing = AttackResult("EOT-PGD", "Linf", 2 / 255, steps=2, image_auroc=0.4, image_auroc_std=0.0)
+    repeated = make_cell(results=[agreeing])
+    deterministic = {**make_cell(model="Stfpm", results=[agreeing]), "eval_repeats": 1, "standard_image_auroc_std": 0.0}
+    repeated_line, deterministic_line = markdown(rows([repeated, deterministic])).splitlines()[2:]
+    assert "| 90.0 ± 1.0 | 40.0 ± 0.0 |" in repeated_line
+    assert "| 90.0 | 40.0 |" in deterministic_line
+
+
 def test_sanity_runs_are_not_rows(make_cell) -> None:
     sanity = AttackResult("Square", "Linf", 2 / 255, image_auroc=0.5, role="sanity")
     attack = AttackResult("EOT-PGD", "Linf", 2 / 255, image_auroc=0.3)
