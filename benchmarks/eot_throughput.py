@@ -20,8 +20,8 @@ import os
 import time
 
 import torch
+from purifier_setup import fitted_padim
 from rich.console import Console
-from purifier_table import fitted_padim
 from rich.table import Table
 from roofline import Roofline, achieved_gflops, attack_flops_per_image
 

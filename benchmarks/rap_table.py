@@ -29,21 +29,20 @@ from pathlib import Path
 
 import torch
 from anomalib.engine import Engine
-from anomalib.models import Padim
+from purifier_setup import SIZE, fitted_padim, train_rap, trained_guidance
 
 from anomalib_robust import AdvRAD, RobustEval
 from anomalib_robust.data import CLASS_NAMES, FashionMNIST
-from anomalib_robust.defenses import AGDM, RAP, DiffPure, Purified
-from anomalib_robust.evaluation.report import write_atomic
-from anomalib_robust.models import AGDMGuidance, RAPAdapter
+from anomalib_robust.defenses import AGDM, DiffPure, Purified
+from anomalib_robust.evaluation.report import format_auroc, write_atomic
+from anomalib_robust.models import AGDMGuidance
 from anomalib_robust.models.adv_rad.diffusion import p_mean_variance, q_sample
-
-SIZE = 32
 
 
 def aurocs(report: object) -> dict[str, float]:
     """Standard and robust (full-gradient, BPDA) image AUROC of one report, in percent."""
-    row = {"standard": 100 * report.clean_image_auroc, "standard_std": 100 * report.clean_image_auroc_std}
+    row = {"standard": 100 * report.clean_image_auroc, "standard_std": 100 * report.clean_image_auroc_std,
+           "repeats": report.eval_repeats}  # fmt: skip
     for result in report.results:
         key = "bpda" if result.attack.startswith("BPDA") else "full"
         row[key], row[f"{key}_std"] = 100 * result.image_auroc, 100 * result.image_auroc_std
@@ -51,10 +50,10 @@ def aurocs(report: object) -> dict[str, float]:
 
 
 def summary(rows: list[dict[str, float]], key: str) -> str:
-    """Mean ± std over adapter seeds; for a single row, ± the std over scoring repeats (0 when deterministic)."""
+    """Mean ± std over adapter seeds; for a single row, ± the std over its scoring repeats (none when scored once)."""
     if len(rows) == 1:
         value, spread = rows[0][key], rows[0].get(f"{key}_std", 0.0)
-        return f"{value:.1f}" + (f" ± {spread:.1f}" if spread > 0 else "")
+        return format_auroc(value / 100, spread / 100, rows[0].get("repeats", 1))
     values = [row[key] for row in rows]
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
@@ -120,10 +119,7 @@ def main() -> None:
     datamodule = FashionMNIST(category=arguments.category, protocol=arguments.protocol, image_size=SIZE,
                               num_train=arguments.num_train, num_test=arguments.num_test,
                               train_batch_size=16)  # fmt: skip
-    padim = Padim(backbone="resnet18", pre_trained=False, layers=["layer1", "layer2"],
-                  pre_processor=Padim.configure_pre_processor((SIZE, SIZE)), evaluator=False,
-                  visualizer=False)  # fmt: skip
-    Engine(default_root_dir=runs, logger=False).fit(padim, datamodule=datamodule)
+    padim = fitted_padim(datamodule, runs)
     datamodule.setup()
     loader = datamodule.test_dataloader()
     rows = {"Padim": [aurocs(RobustEval(**settings).evaluate(padim, loader))]}
@@ -139,15 +135,8 @@ def main() -> None:
                 rows[variant].append(cached["aurocs"])
                 costs.setdefault(variant, []).append(cached["train_seconds"])
                 continue
-            torch.manual_seed(seed)
-            adapter = RAPAdapter(detector=padim, image_size=(SIZE, SIZE), base_channels=32, channel_mult=(1, 2),
-                                 steps=arguments.rap_steps, learning_rate=1e-3, identity_weight=identity_weight,
-                                 seed=seed, evaluator=False, visualizer=False)  # fmt: skip
-            started = time.perf_counter()
-            Engine(default_root_dir=runs, logger=False, max_epochs=arguments.epochs, limit_val_batches=0,
-                   enable_progress_bar=False).fit(adapter, datamodule=datamodule)  # fmt: skip
-            seconds = time.perf_counter() - started
-            rap = RAP(adapter)
+            rap, seconds = train_rap(padim, datamodule, runs, seed, arguments.rap_steps, arguments.epochs,
+                                     identity_weight)  # fmt: skip
             row = aurocs(RobustEval(defense=rap, **settings).evaluate(padim, loader))
             images = next(iter(loader)).image[:8]
             purified = Purified(padim, rap, visualizer=False).eval()
@@ -179,20 +168,11 @@ def main() -> None:
                 print(f"AdvRAD trained in {time.perf_counter() - started:.0f} s", flush=True)
         return diffusion["adv_rad"]
 
+    guidance_path = runs / f"agdm_guidance_{arguments.category}_{arguments.protocol}_e{arguments.guidance_epochs}.ckpt"
+
     def guidance() -> AGDMGuidance:
-        """AGDM's guidance network (CPU preset) trained on this class, once (or its checkpoint)."""
-        path = runs / f"agdm_guidance_{arguments.category}_{arguments.protocol}_e{arguments.guidance_epochs}.ckpt"
-        if path.exists():
-            return AGDMGuidance.load_from_checkpoint(path, map_location="cpu")
-        torch.manual_seed(0)
-        network = AGDMGuidance.cpu_preset(evaluator=False, visualizer=False)
-        started = time.perf_counter()
-        engine = Engine(default_root_dir=runs, logger=False, max_epochs=arguments.guidance_epochs,
-                        limit_val_batches=0, enable_progress_bar=False)  # fmt: skip
-        engine.fit(network, datamodule=datamodule)
-        engine.trainer.save_checkpoint(path)
-        print(f"AGDM guidance trained in {time.perf_counter() - started:.0f} s", flush=True)
-        return network
+        """AGDM's guidance network of this class (trained once, then its checkpoint)."""
+        return trained_guidance(datamodule, guidance_path, arguments.guidance_epochs)[0]
 
     purifiers = {f"DiffPure p={level}": (f"diffpure_p{level}", lambda level=level: DiffPure(denoiser(), level=level))
                  for level in arguments.diffpure_levels}  # fmt: skip
