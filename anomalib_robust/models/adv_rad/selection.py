@@ -64,7 +64,8 @@ class DiffusionStepChoice:
 
     ``attack`` describes the attack behind ``robust`` (e.g. ``"EOT-4 PGD-5 Linf 2/255"``); ``num_normal`` and
     ``num_defective`` count the held-out images it was measured on; ``holdout`` and ``seed`` made the held-out split
-    (:func:`held_out_split`), so the training split can be rebuilt from the same training set.
+    (:func:`held_out_split`), so the training split can be rebuilt from the same training set; ``eval_repeats`` counts
+    the scorings behind each candidate's mean and std (1 in checkpoints written before it was recorded).
     """
 
     candidates: list[DiffusionStepCandidate]
