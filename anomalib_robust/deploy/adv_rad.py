@@ -48,7 +48,7 @@ from anomalib.data import AnomalibDataModule
 from anomalib.deploy import CompressionType, ExportType
 from anomalib.models.components.base.export_mixin.utils import create_export_root
 
-from anomalib_robust.models.adv_rad.export import check_calibration, check_exportable
+from anomalib_robust.models.adv_rad.export import check_calibration, check_exportable, image_dynamic_shapes
 
 if TYPE_CHECKING:
     from anomalib_robust.models.adv_rad.lightning_model import AdvRAD
@@ -154,8 +154,7 @@ def _onnx_with_noise_input(
     noise = torch.randn(noise_shape, device=model.device)
     outputs = model(images, noise)
     output_names = [name for name, value in outputs._asdict().items() if value is not None]
-    batch = torch.export.Dim("batch")
-    image_shape = {0: batch} if input_size else {0: batch, 2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
+    image_shape = image_dynamic_shapes(input_size)
     onnx_path = directory / f"{model_file_name}.onnx"
     torch.onnx.export(
         model,
@@ -165,7 +164,7 @@ def _onnx_with_noise_input(
         output_names=output_names,
         dynamo=True,
         opset_version=18,
-        dynamic_shapes={"batch": image_shape, "noise": {1: batch}},
+        dynamic_shapes={"batch": image_shape, "noise": {1: image_shape[0]}},
         custom_translation_table=onnx_translations() if layout_preserving_group_norm else None,
     )
     return onnx_path

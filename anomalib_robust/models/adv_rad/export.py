@@ -29,6 +29,7 @@ Example:
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 from anomalib.data import AnomalibDataModule, Batch
 from anomalib.deploy import CompressionType
 
@@ -41,6 +42,11 @@ if TYPE_CHECKING:
 QUANTIZED_OP_TYPES = ("Convolution", "MatMul")
 CALIBRATED_COMPRESSION = (CompressionType.INT8_PTQ, CompressionType.INT8_ACQ)
 CALIBRATION_NOISE_SEED = 0
+UPSAMPLE_BRANCH_BATCH = 64
+"""diffusers' ``Upsample2D`` calls ``.contiguous()`` from this batch size on, and the exporter's tracer guards on that
+branch: a batch dimension without this bound fails the first trace, and ``torch.onnx.export`` traces the whole model a
+second time with it. Both sides of the branch compute the same values and ONNX keeps no bound, so the exported graph
+runs at any batch (``tests/integration/adv_rad/test_export.py``)."""
 
 
 def check_exportable(model: "AdvRAD", input_size: tuple[int, int] | None = None) -> None:
@@ -68,6 +74,15 @@ def check_exportable(model: "AdvRAD", input_size: tuple[int, int] | None = None)
                 f"input_size={image_size} (got {input_size}; None means a dynamic size the U-Net cannot take)"
             )
             raise ValueError(msg)
+
+
+def image_dynamic_shapes(input_size: tuple[int, int] | None) -> dict[int, torch.export.Dim]:
+    """``dynamic_shapes`` entry of the image input: a dynamic batch, and dynamic H and W unless ``input_size`` fixes
+    them. The batch is declared below :data:`UPSAMPLE_BRANCH_BATCH`, so the exporter traces the model once."""
+    batch = torch.export.Dim("batch", max=UPSAMPLE_BRANCH_BATCH - 1)
+    if input_size:
+        return {0: batch}
+    return {0: batch, 2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
 
 
 def check_calibration(compression_type: CompressionType | str | None, datamodule: AnomalibDataModule | None) -> None:

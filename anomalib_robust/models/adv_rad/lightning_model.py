@@ -39,7 +39,12 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import Resize
 
-from anomalib_robust.models.adv_rad.export import check_calibration, check_exportable, quantize_unet
+from anomalib_robust.models.adv_rad.export import (
+    check_calibration,
+    check_exportable,
+    image_dynamic_shapes,
+    quantize_unet,
+)
 from anomalib_robust.models.adv_rad.scoring import DEFAULT_SCALES
 from anomalib_robust.models.adv_rad.selection import CHECKPOINT_KEY, DiffusionStepChoice
 from anomalib_robust.models.adv_rad.torch_model import AdvRADModel
@@ -261,6 +266,7 @@ class AdvRAD(CheckpointArchitectureMixin, ScoringStepsMixin, AnomalibModule):
         """
         check_exportable(self, input_size)
         kwargs.setdefault("opset_version", 18)
+        kwargs.setdefault("dynamic_shapes", (image_dynamic_shapes(input_size),))
         return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
 
     def to_openvino(

@@ -17,7 +17,7 @@ from anomalib_robust import AdvRAD
 from anomalib_robust.cli import run_exported_predict
 from anomalib_robust.deploy import export_adv_rad, predict_exported
 from anomalib_robust.deploy.predict import seed_random_ops
-from anomalib_robust.models.adv_rad.export import QUANTIZED_OP_TYPES, quantize_unet
+from anomalib_robust.models.adv_rad.export import QUANTIZED_OP_TYPES, UPSAMPLE_BRANCH_BATCH, quantize_unet
 
 REPO = Path(__file__).resolve().parents[3]
 F32 = {"INFERENCE_PRECISION_HINT": "f32"}  # OpenVINO picks bf16 on CPUs that have it
@@ -25,6 +25,18 @@ F32 = {"INFERENCE_PRECISION_HINT": "f32"}  # OpenVINO picks bf16 on CPUs that ha
 
 def _relative_error(reference: np.ndarray, other: np.ndarray) -> float:
     return float(np.abs(reference - other).max() / np.abs(reference).max())
+
+
+def _count_traces(monkeypatch: pytest.MonkeyPatch) -> list[None]:
+    """A list that grows by one on every ``torch.export.export`` call (the tracing that ``torch.onnx.export`` runs)."""
+    calls, export = [], torch.export.export
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls.append(None)
+        return export(*args, **kwargs)
+
+    monkeypatch.setattr(torch.export, "export", counted)
+    return calls
 
 
 @pytest.fixture(scope="module")
@@ -63,14 +75,17 @@ def _raw_scores(trained: tuple[AdvRAD, Path]) -> AdvRAD:
 
 
 def test_onnx_and_openvino_reproduce_pytorch_with_identical_noise(
-    trained: tuple[AdvRAD, Path], tmp_path: Path, onnx: object, ort: object, ov: object
+    trained: tuple[AdvRAD, Path], tmp_path: Path, onnx: object, ort: object, ov: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model, _ = trained
+    traces = _count_traces(monkeypatch)
     onnx_path = export_adv_rad(model, tmp_path, export_type="onnx", noise="input")
+    assert len(traces) == 1, "a dynamic dimension without its bound makes the exporter trace the model twice"
     assert [node.name for node in onnx.load(onnx_path).graph.input] == ["input", "noise"]
     generator = torch.Generator().manual_seed(0)
-    images = torch.rand(3, 3, 48, 40, generator=generator)  # another size: the graph resizes
-    noise = torch.randn(1, 3, 3, 32, 32, generator=generator)
+    batch = UPSAMPLE_BRANCH_BATCH + 1  # the traced graph was bounded below this batch; the exported one is not
+    images = torch.rand(batch, 3, 48, 40, generator=generator)  # another size: the graph resizes
+    noise = torch.randn(1, batch, 3, 32, 32, generator=generator)
     with torch.no_grad():
         reference = model(images, noise)
     feed = {"input": images.numpy(), "noise": noise.numpy()}
@@ -92,15 +107,19 @@ def test_in_graph_noise_is_standard_normal_so_exported_scores_match_pytorch_on_a
     mvtec_root: Path,
     ort: object,
     ov: object,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # OpenVINO turned ONNX RandomNormalLike into skewed noise, which raised the mean score ~1.5x (measured 1.4-1.6)
     model = _raw_scores(trained)
+    traces = _count_traces(monkeypatch)
+    onnx_path = export_adv_rad(model, tmp_path, export_type="onnx")
+    assert len(traces) == 1, "a dynamic dimension without its bound makes the exporter trace the model twice"
     images = torch.stack([read_image(path, as_tensor=True) for path in sorted(mvtec_root.glob("disc/test/*/*.png"))])
     draws = 16
     with torch.no_grad():
         eager = float(torch.stack([model(images).pred_score for _ in range(draws)]).mean())
     compiled = ov.Core().compile_model(raw_openvino_f32, "CPU", F32)
-    session = ort.InferenceSession(str(export_adv_rad(model, tmp_path, export_type="onnx")))
+    session = ort.InferenceSession(str(onnx_path))
     feed = {"input": images.numpy()}
     means = {
         "OpenVINO": np.mean([compiled(feed)["pred_score"] for _ in range(draws)]),
