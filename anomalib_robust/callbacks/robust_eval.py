@@ -79,6 +79,8 @@ class RobustEval(Callback):
         seed: root of every seed of the evaluation; the global RNG is restored afterwards.
         defense: a diffusion purifier (DiffPure, TMA) in front of the tested detector; ``None`` for the detector.
         purifier_gradients: with a defense, ``"full"`` gradients through the purifier, ``"bpda"``, or both.
+        resume_dir: keep every attacked batch's scores there as they are computed, so that an interrupted test run
+            again with the same settings and checkpoint resumes where it stopped; ``None`` keeps nothing.
     """
 
     def __init__(
@@ -108,6 +110,7 @@ class RobustEval(Callback):
         seed: int = 0,
         defense: DiffusionPurifier | None = None,
         purifier_gradients: Sequence[str] = PURIFIER_GRADIENTS,
+        resume_dir: str | Path | None = None,
     ) -> None:
         super().__init__()
         self.evaluator = RobustEvaluator(
@@ -134,6 +137,7 @@ class RobustEval(Callback):
             seed=seed,
             defense=defense,
             purifier_gradients=purifier_gradients,
+            resume_dir=resume_dir,
         )
         self.plots = plots
         self.output_dir = output_dir

@@ -24,7 +24,9 @@ attack, that of a map-target run the robust localisation. The sanity checks of
 (``sanity_budget``, a multiple of the configured runs' cost, :mod:`anomalib_robust.evaluation.budget`): the sanity
 runs attack an evenly spaced subset of the test images that keeps both classes, after the configured runs, and each
 comparison uses the configured run's AUROC on the same subset. Before attacking, the evaluator logs its plan (forward
-and backward passes per image of every run) and, after the first batch, an estimate of the wall time.
+and backward passes per image of every run) and, after the first batch, an estimate of the wall time. With
+``resume_dir`` every attacked batch is kept as it is computed, and an interrupted evaluation resumes with the same
+numbers (:mod:`anomalib_robust.evaluation.resume`).
 
 Example:
     >>> from anomalib_robust.evaluation import RobustEvaluator
@@ -36,10 +38,12 @@ import contextlib
 import dataclasses
 import hashlib
 import itertools
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -67,6 +71,13 @@ from anomalib_robust.evaluation.budget import (
 from anomalib_robust.evaluation.gradient_check import check_gradient
 from anomalib_robust.evaluation.metrics import mean_and_std, pixel_auroc, rank_auroc
 from anomalib_robust.evaluation.report import AttackResult, RobustReport, SanityCheck, format_budget, format_eps
+from anomalib_robust.evaluation.resume import (
+    BatchStore,
+    batch_digest,
+    check_resume_dir,
+    model_fingerprint,
+    test_set_fingerprint,
+)
 from anomalib_robust.evaluation.sanity import sanity_checks
 from anomalib_robust.evaluation.sharding import (
     check_both_classes,
@@ -77,6 +88,8 @@ from anomalib_robust.evaluation.sharding import (
     rank_shards,
     resize_masks,
 )
+
+logger = logging.getLogger(__name__)
 
 PURIFIER_GRADIENTS = ("full", "bpda")
 """How attacks differentiate through a defense's purifier: the whole chain, or BPDA with the identity backward."""
@@ -174,6 +187,9 @@ class RobustEvaluator:
         seed: root of every seed of the evaluation; the global RNG is restored afterwards.
         defense: a diffusion purifier (DiffPure, TMA) put in front of the detector; ``None`` evaluates the detector.
         purifier_gradients: with a defense, attack through the purifier with ``"full"`` gradients, ``"bpda"``, or both.
+        resume_dir: keep every attacked batch's scores in this directory as soon as they are computed, so that an
+            interrupted evaluation run again with the same settings and model resumes, with the same numbers
+            (:mod:`~anomalib_robust.evaluation.resume`); removed once the report is built. ``None``: nothing is kept.
     """
 
     def __init__(
@@ -201,6 +217,7 @@ class RobustEvaluator:
         seed: int = 0,
         defense: DiffusionPurifier | None = None,
         purifier_gradients: str | Sequence[str] = PURIFIER_GRADIENTS,
+        resume_dir: str | Path | None = None,
     ) -> None:
         self.attacks = [attacks] if isinstance(attacks, str) else list(attacks)
         if not self.attacks:
@@ -249,6 +266,7 @@ class RobustEvaluator:
         if not self.purifier_gradients or any(mode not in PURIFIER_GRADIENTS for mode in self.purifier_gradients):
             msg = f"purifier_gradients must be a non-empty subset of {PURIFIER_GRADIENTS}, got {purifier_gradients!r}."
             raise ValueError(msg)
+        self.resume_dir = check_resume_dir(resume_dir)
 
     def evaluate(
         self,
@@ -280,6 +298,7 @@ class RobustEvaluator:
         check_both_classes(labels)  # before any attack: a single-class test set is an error at once
         device = next(model.parameters(), torch.empty(0)).device
         repeats = self.eval_repeats if detector.stochastic else 1
+        store = self._store(model, loaders)
         with torch.inference_mode(False), detector.prepared(), torch.random.fork_rng(devices=cuda_devices(device)):
             detectors = self._attacked_detectors(detector)
             configured = self._runs(detectors, indices.numel())
@@ -305,8 +324,10 @@ class RobustEvaluator:
                 batches = len(configured) * sum(map(len, shards)) + len(sanity) * sum(map(len, sanity_shards))
                 bar = (progress, progress.add_task(detector.name, total=batches))
                 estimate = plan.estimator(world_size, progress if show_progress else None)
-                clean, grid = self._attack_pass(detector, shards, configured, repeats, device, bar, 0, estimate)
-                attacked, _ = self._attack_pass(detector, sanity_shards, sanity, repeats, device, bar, len(configured))
+                clean, grid = self._attack_pass(detector, shards, configured, repeats, device, bar, store, 0, estimate)
+                attacked, _ = self._attack_pass(
+                    detector, sanity_shards, sanity, repeats, device, bar, store, len(configured)
+                )
             gradient = self._gradient_check(detector, loaders, device) if self.sanity_checks else None
         synchronise_status(configured + sanity)
         report, on_subset = self._report(detector, repeats, clean, configured, attacked, sanity, subset)
@@ -316,7 +337,28 @@ class RobustEvaluator:
             report.baselines = on_subset
             comparisons = _comparisons([run.result for run in configured], on_subset, sanity, self.eps[-1])
             report.checks = sanity_checks(report, self.near_zero, self.tolerance, gradient=gradient, **comparisons)
+        if store is not None and rank == 0:  # every rank is past its attacks: the report's gather waited for them
+            store.remove()
         return report, grid
+
+    def _store(self, model: nn.Module, loaders: list[DataLoader]) -> BatchStore | None:
+        """The stored batches of this evaluation (``resume_dir``), under a fingerprint of every setting that changes
+        an attack or a score, of the model and of the test set; ``None`` without ``resume_dir``."""
+        if self.resume_dir is None:
+            return None
+        attack_settings = {
+            "attacks": self.attacks, "eps": self.eps, "norm": self.norm, "settings": self.settings,
+            "eot_samples": self.eot_samples, "max_batch": self.max_batch, "eval_repeats": self.eval_repeats,
+            "targets": self.targets, "resolution": self.resolution, "sanity_checks": self.sanity_checks,
+            "sanity_budget": self.sanity_budget, "large_eps": self.large_eps, "max_samples": self.max_samples,
+            "seed": self.seed, "purifier_gradients": self.purifier_gradients,
+        }  # fmt: skip
+        fingerprint = {**attack_settings, "model": model_fingerprint(model), "test_set": test_set_fingerprint(loaders)}
+        store = BatchStore(self.resume_dir, fingerprint)
+        stored = store.stored_runs()
+        if stored:
+            logger.info("RobustEval: resuming from %s (%d attacked batches stored)", store.directory, stored)
+        return store
 
     def _report(
         self,
@@ -491,14 +533,16 @@ class RobustEvaluator:
         repeats: int,
         device: torch.device,
         progress: tuple[Progress, int],
+        store: BatchStore | None,
         first_run: int = 0,
         on_first_batch: Callable[[float, int], None] | None = None,
     ) -> tuple[_Scored, dict | None]:
         """Attack every batch of ``shards`` with every run and score the adversarial images.
 
         The configured pass (``first_run == 0``) also scores the clean images and keeps the grid; the sanity pass
-        numbers its runs from ``first_run``, so that every run has its own seeds. ``on_first_batch(seconds, images)``
-        is called once, after the first batch.
+        numbers its runs from ``first_run``, so that every run has its own seeds. A (batch, run) found in ``store``
+        is read instead of attacked, and one attacked now is written to it. ``on_first_batch(seconds, images)`` is
+        called once, after the first batch, if that batch was attacked now.
         """
         seen, grid, configured = _Scored(), None, first_run == 0
         started = time.perf_counter()
@@ -510,6 +554,8 @@ class RobustEvaluator:
                     images = detector.to_input_resolution(images)
                 seen.indices.append(index)
                 seen.labels.append(labels.cpu())
+                digest = None if store is None else batch_digest(images, labels, getattr(batch, "gt_mask", None))
+                restored = False
                 maps = masks = None
                 if configured:
                     scores, maps = self._score(detector, images, repeats, first, "clean")
@@ -525,20 +571,32 @@ class RobustEvaluator:
                         advance=1,
                         description=f"{detector.name}: {run.result.attack} eps={format_eps(run.result.eps, self.norm)}",
                     )
-                    adversarial = self._attack_batch(
-                        run, images, labels, masks, derive_seed(self.seed, "attack", first, number)
-                    )
-                    if adversarial is None:
-                        continue
-                    run_scores, run_maps = self._score(detector, adversarial, repeats, first, number)
+                    keep_maps = masks is not None and run.result.role == "attack"
+                    for_grid = configured and grid is None and self.num_grid_images and number == len(self.eps) - 1
+                    stored = None if store is None else store.get(first, number, digest)
+                    if stored is not None and not (for_grid and stored["adversarial"] is None):
+                        restored = True
+                        adversarial, run_scores, run_maps = stored["adversarial"], stored["scores"], stored["maps"]
+                    else:
+                        adversarial = self._attack_batch(
+                            run, images, labels, masks, derive_seed(self.seed, "attack", first, number)
+                        )
+                        if adversarial is None:
+                            continue
+                        run_scores, run_maps = self._score(detector, adversarial, repeats, first, number)
+                        if store is not None:
+                            store.put(first, number, digest, scores=run_scores, maps=run_maps if keep_maps else None,
+                                      adversarial=adversarial if for_grid else None)  # fmt: skip
                     run.scores.append(run_scores)
-                    if masks is not None and run.result.role == "attack":
+                    if keep_maps:
                         run.maps.append(run_maps)
-                    if configured and grid is None and self.num_grid_images and number == len(self.eps) - 1:
-                        grid = _grid(images, adversarial, maps, run_maps if masks is not None else None, labels, run,
+                    if for_grid:
+                        adversarial_maps = run_maps if masks is not None else None
+                        grid = _grid(images, adversarial.to(images.device), maps, adversarial_maps, labels, run,
                                      self.num_grid_images)  # fmt: skip
                 if on_first_batch is not None:
-                    on_first_batch(time.perf_counter() - started, len(index))
+                    if not restored:
+                        on_first_batch(time.perf_counter() - started, len(index))
                     on_first_batch = None
         return seen, grid
 

@@ -184,7 +184,8 @@ class RobustBenchmarkJob(Job):
         return _import(defense["class_path"])(denoiser, **(defense.get("init_args") or {})), seconds
 
     def _evaluate(self, model: nn.Module, purifier: nn.Module | None, datamodule: Any, threat: ThreatModel) -> dict:
-        evaluator = RobustEvaluator(norm=threat.norm, eps=list(threat.eps), defense=purifier, **self.evaluator)
+        settings = {"resume_dir": self.output_dir / "partial", **self.evaluator}  # a stopped cell resumes its batches
+        evaluator = RobustEvaluator(norm=threat.norm, eps=list(threat.eps), defense=purifier, **settings)
         started = time.perf_counter()
         report, _ = evaluator.evaluate(model, [datamodule.test_dataloader()])
         report_dict = report.to_dict()

@@ -11,6 +11,7 @@ import pytest
 import yaml
 from anomalib.engine import Engine
 
+from anomalib_robust.evaluation import RobustEvaluator
 from anomalib_robust.leaderboard import LeaderboardConfigError, RobustBenchmarkJob, validate_entry
 from anomalib_robust.leaderboard.__main__ import main
 
@@ -81,15 +82,32 @@ def test_grid_writes_every_output_resumes_and_merges(
     assert (run / "leaderboard.csv").read_text() == before
     monkeypatch.undo()
 
-    # a job interrupted after its fit (its cell lost, the kept fit there): evaluated again on the kept model, unfitted
+    # a job interrupted after its fit, during its attacks (its cell lost, the kept fit there): evaluated again on the
+    # kept model, unfitted, and the batches it had attacked are read back, not attacked again
     assert len(list((run / "models").glob("*.ckpt"))) == 4
     cells = {path: json.loads(path.read_text()) for path in (run / "cells").glob("*.json")}
     (padim_trouser,) = [path for path, cell in cells.items()
                         if (cell["model"], cell["category"]) == ("Padim", "trouser")]
     padim_trouser.unlink()
+    attack_seeds, attack_batch = [], RobustEvaluator._attack_batch
+
+    def killed_after_one_batch(*args: object) -> object:  # (run, images, labels, masks, seed)
+        if attack_seeds and interrupt:
+            raise KeyboardInterrupt
+        attack_seeds.append(args[-1])
+        return attack_batch(*args)
+
     monkeypatch.setattr(Engine, "fit", no_refit)
+    monkeypatch.setattr(RobustEvaluator, "_attack_batch", staticmethod(killed_after_one_batch))
+    interrupt = True
+    with pytest.raises(KeyboardInterrupt):
+        main(["--config", str(config), "--output_dir", str(run)])
+    assert len(list((run / "partial").glob("*/batch*_run*.pt"))) == 1
+    interrupt, (first_seed,) = False, attack_seeds
     assert main(["--config", str(config), "--output_dir", str(run)]) == 0
     monkeypatch.undo()
+    assert first_seed not in attack_seeds[1:], "the stored batch was attacked again"
+    assert not (run / "partial").exists(), "a finished cell's stored batches are removed"
     again = json.loads(padim_trouser.read_text())
     for key in ("standard_image_auroc", "results", "fit_seconds"):  # fit_seconds: the kept fit's own time
         assert again[key] == cells[padim_trouser][key], key
