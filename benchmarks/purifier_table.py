@@ -15,7 +15,8 @@ time of what the run trained (AdvRAD, RAP's adapter, AGDM's guidance network).
 The purifier's diffusion model is AdvRAD's U-Net trained on the class's normal images: ``--denoiser-root`` reuses the
 checkpoints written by ``benchmarks/adv_rad_quality.py`` (``<root>/AdvRAD/FashionMNIST/<class>/*/weights/...``),
 otherwise the CPU preset is trained here. Every finished (class, protocol, system) cell is cached as JSON next to
-``--output``, so an interrupted run resumes. Prints tables, never asserts.
+``--output``, so an interrupted run resumes; within a cell, every attacked batch is kept as well
+(``RobustEvaluator(resume_dir=...)``). Prints tables, never asserts.
 
 Example:
     $ make fashion-mnist
@@ -110,6 +111,7 @@ def main() -> None:
         "max_samples": arguments.max_samples,
         "sanity_checks": False,
         "plots": False,
+        "resume_dir": runs / "partial",  # a cell stopped midway resumes its attacked batches
     }
     attack_key = (f"steps{arguments.steps}_eot{arguments.eot_samples}_r{arguments.eval_repeats}_"
                   f"n{arguments.max_samples}")  # fmt: skip

@@ -113,7 +113,7 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     runs = arguments.output.parent / "rap_runs"
     settings = {"eps": 2 / 255, "steps": arguments.steps, "max_samples": arguments.max_samples,
-                "sanity_checks": False, "plots": False}  # fmt: skip
+                "sanity_checks": False, "plots": False, "resume_dir": runs / "partial"}  # fmt: skip
 
     torch.manual_seed(0)
     datamodule = FashionMNIST(category=arguments.category, protocol=arguments.protocol, image_size=SIZE,
