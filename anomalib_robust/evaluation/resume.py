@@ -101,7 +101,6 @@ class BatchStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         readable = json.dumps(fingerprint, indent=2, sort_keys=True, default=str)
         write_atomic(self.directory / "fingerprint.json", readable)  # what these results were computed with
-        self.reused = 0
 
     def _path(self, first: int, number: int) -> Path:
         return self.directory / f"batch{first}_run{number}.pt"
@@ -122,7 +121,6 @@ class BatchStore:
             return None
         if stored.get("digest") != digest:
             return None
-        self.reused += 1
         return stored["tensors"]
 
     def put(self, first: int, number: int, digest: str, **tensors: torch.Tensor | None) -> None:
