@@ -75,8 +75,8 @@ from anomalib_robust.evaluation.resume import (
     BatchStore,
     batch_digest,
     check_resume_dir,
+    dataset_fingerprint,
     model_fingerprint,
-    test_set_fingerprint,
 )
 from anomalib_robust.evaluation.sanity import sanity_checks
 from anomalib_robust.evaluation.sharding import (
@@ -353,7 +353,7 @@ class RobustEvaluator:
             "sanity_budget": self.sanity_budget, "large_eps": self.large_eps, "max_samples": self.max_samples,
             "seed": self.seed, "purifier_gradients": self.purifier_gradients,
         }  # fmt: skip
-        fingerprint = {**attack_settings, "model": model_fingerprint(model), "test_set": test_set_fingerprint(loaders)}
+        fingerprint = {**attack_settings, "model": model_fingerprint(model), "test_set": dataset_fingerprint(loaders)}
         store = BatchStore(self.resume_dir, fingerprint)
         stored = store.stored_runs()
         if stored:

@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -42,7 +43,7 @@ def check_resume_dir(value: str | Path | None) -> Path | None:
     return path
 
 
-def _sha256_hex(parts: list[bytes]) -> str:
+def _sha256_hex(parts: Iterable[bytes]) -> str:
     digest = hashlib.sha256()
     for part in parts:
         digest.update(part)
@@ -61,7 +62,7 @@ def model_fingerprint(model: nn.Module) -> dict:
     flag is left out (the evaluator sets it).
     """
     state = model.state_dict()
-    weights = _sha256_hex([name.encode() + _tensor_bytes(value) for name, value in state.items()])
+    weights = _sha256_hex(name.encode() + _tensor_bytes(value) for name, value in state.items())  # one at a time
     scalars = {
         f"{name or '<root>'}.{key}": value
         for name, module in model.named_modules()
@@ -74,10 +75,10 @@ def model_fingerprint(model: nn.Module) -> dict:
 def batch_digest(images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor | None) -> str:
     """Digest of one attacked batch: what a stored result of it must have been computed on."""
     tensors = [images, labels] if masks is None else [images, labels, masks]
-    return _sha256_hex([_tensor_bytes(tensor) for tensor in tensors])
+    return _sha256_hex(_tensor_bytes(tensor) for tensor in tensors)
 
 
-def test_set_fingerprint(loaders: list[DataLoader]) -> dict:
+def dataset_fingerprint(loaders: list[DataLoader]) -> dict:
     """The test loaders' sizes and a digest of their first item: the same on every rank, whatever its shard holds,
     so that every rank of a distributed evaluation shares one store and other test sets get their own."""
     item = first_item(loaders)
