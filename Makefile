@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Torch threads per process on the 2-core reference machine (tests use one per worker, two workers).
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install demo test benchmarks fashion-mnist clean
+.PHONY: install demo test benchmarks fashion-mnist gpu-bundle clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,5 +31,10 @@ fashion-mnist:
 benchmarks: $(STAMP) fashion-mnist
 	for script in benchmarks/*.py; do $(BIN)/python $$script || exit 1; done
 
+## gpu-bundle: the wheels the GPU machine lacks (Python 3.12, no network there) and this package's, into .whl/,
+## checked against the machine's packages; benchmarks/gpu/install.sh installs them there.
+gpu-bundle: $(STAMP)
+	$(BIN)/python benchmarks/gpu/bundle.py .whl
+
 clean:
-	rm -rf $(VENV) results
+	rm -rf $(VENV) results .whl
