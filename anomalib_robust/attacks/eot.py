@@ -14,8 +14,9 @@ keeps the cores busy where one draw at batch ``B`` cannot, and the ``n`` draws a
 ``max_batch`` images so that memory stays bounded. Samples do not interact in a detector, so each copy's value and
 gradient are those of an independent draw; with a noise generator that fills a ``(k * B, ...)`` tensor in the same
 order as ``k`` tensors of ``(B, ...)`` (torch's, for sizes that are multiples of 16), the estimate equals the one-draw-
-at-a-time loop's to float tolerance. ``max_batch=None`` picks the chunk from the image size
-(:data:`AUTO_BATCH_VALUES` input values per call, never fewer than one copy of the batch).
+at-a-time loop's to float tolerance. ``max_batch=None`` picks the chunk per device (:func:`auto_max_batch`, never
+fewer than one copy of the batch): on a CPU from the image size (:data:`AUTO_BATCH_VALUES` input values per call, a
+cache-sized constant), on a GPU from its free memory.
 
 Example:
     >>> import torch
@@ -33,8 +34,16 @@ DEFAULT_EOT_SAMPLES = 8
 """Draws per EOT estimate when a randomised detector is attacked and no budget is given."""
 
 AUTO_BATCH_VALUES = 2**19
-"""Input values (images x channels x pixels) per batched EOT call when ``max_batch`` is ``None``: 170 images of
-3 x 32 x 32, two of 3 x 256 x 256 (then one copy of the batch per call, as without batching)."""
+"""Input values (images x channels x pixels) per batched EOT call on a CPU when ``max_batch`` is ``None``: 170 images
+of 3 x 32 x 32, two of 3 x 256 x 256 (then one copy of the batch per call, as without batching)."""
+
+CUDA_MEMORY_SHARE = 0.5
+"""Share of a GPU's free memory that one batched EOT call may fill when ``max_batch`` is ``None``."""
+
+CUDA_BYTES_PER_VALUE = 2**14
+"""GPU memory one input value is allowed in a batched EOT call: a forward and backward of AdvRAD's one-shot score at
+its defaults (the AdvRAD paper's 256 x 256 U-Net) keeps about 14 kB per input value for its backward (counted with
+``torch.autograd.graph.saved_tensors_hooks``), which is 2.8 GB per image; anomalib's detectors keep less."""
 
 
 def resolve_eot_samples(eot_samples: int | None, stochastic: bool) -> int:
@@ -63,13 +72,26 @@ def check_max_batch(max_batch: int | None) -> int | None:
     return max_batch
 
 
+def auto_max_batch(values_per_image: int, device: torch.device) -> int:
+    """Images per batched EOT call when ``max_batch`` is ``None``, for images of ``values_per_image`` input values.
+
+    On a CUDA device as many as fit in :data:`CUDA_MEMORY_SHARE` of its free memory (``torch.cuda.mem_get_info``) at
+    :data:`CUDA_BYTES_PER_VALUE` bytes per input value; elsewhere :data:`AUTO_BATCH_VALUES` input values.
+    """
+    values = max(values_per_image, 1)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(CUDA_MEMORY_SHARE * free) // (CUDA_BYTES_PER_VALUE * values)
+    return AUTO_BATCH_VALUES // values
+
+
 def draw_chunks(x: torch.Tensor, samples: int, max_batch: int | None = None) -> list[int]:
     """Copies of the batch ``x`` per call for ``samples`` draws: chunks of at most ``max_batch`` images, at least one.
 
-    ``max_batch=None`` allows :data:`AUTO_BATCH_VALUES` input values per call.
+    ``max_batch=None`` chooses the chunk for ``x``'s device (:func:`auto_max_batch`).
     """
     batch = max(x.shape[0], 1)
-    limit = max_batch if max_batch is not None else AUTO_BATCH_VALUES // max(x[:1].numel(), 1)
+    limit = max_batch if max_batch is not None else auto_max_batch(x[:1].numel(), x.device)
     per_call = min(samples, max(1, limit // batch))
     return [min(per_call, samples - start) for start in range(0, samples, per_call)]
 

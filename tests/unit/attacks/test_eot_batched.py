@@ -5,7 +5,13 @@ import torch
 
 from anomalib_robust import AdvRAD
 from anomalib_robust.attacks import DetectorScore
-from anomalib_robust.attacks.eot import draw_chunks, expected_value_and_gradient
+from anomalib_robust.attacks.eot import (
+    CUDA_BYTES_PER_VALUE,
+    CUDA_MEMORY_SHARE,
+    auto_max_batch,
+    draw_chunks,
+    expected_value_and_gradient,
+)
 
 
 def estimates(detector: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, max_batch: int | None) -> tuple:
@@ -29,6 +35,25 @@ def test_chunks_cover_every_draw_within_max_batch() -> None:
     assert draw_chunks(images, 5, max_batch=1) == [1, 1, 1, 1, 1]  # never less than one copy of the batch
     assert draw_chunks(images, 5) == [5]  # 10 small images fit the automatic budget
     assert draw_chunks(torch.zeros(2, 3, 512, 512), 5) == [1, 1, 1, 1, 1]
+
+
+def test_automatic_chunk_on_a_gpu_comes_from_its_free_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA the images per call are those that fit in half the free memory at 16 kB per input value, not the CPU's
+    cache-sized constant: 10 images of 3 x 256 x 256 (3 GiB each) with 64 GiB free, against 2 on a CPU."""
+    values = 3 * 256 * 256
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (64 * 2**30, 80 * 2**30))
+    assert auto_max_batch(values, torch.device("cuda", 0)) == 10
+    assert auto_max_batch(values, torch.device("cpu")) == 2
+
+
+@pytest.mark.cuda
+def test_automatic_chunks_on_cuda_fit_in_the_free_memory() -> None:
+    images = torch.zeros(4, 3, 256, 256, device="cuda")
+    free, _ = torch.cuda.mem_get_info(images.device)
+    chunks = draw_chunks(images, 20)
+    assert sum(chunks) == 20
+    assert chunks[0] == min(20, max(1, auto_max_batch(images[:1].numel(), images.device) // 4))
+    assert chunks[0] == 1 or chunks[0] * images.numel() * CUDA_BYTES_PER_VALUE <= CUDA_MEMORY_SHARE * free
 
 
 @pytest.mark.parametrize("max_batch", [0, -3, 2.5, True])
