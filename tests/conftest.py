@@ -1,5 +1,6 @@
-"""Shared test settings: one torch thread per process (2-core CI), deterministic seeds, a tiny AdvRAD, artefacts built
-once per test run and shared by the xdist workers, and the ``anomalib`` command run in-process."""
+"""Shared test settings: one torch thread per process (2-core CI), deterministic seeds, the ``device`` a test runs on
+(``cuda`` variants deselected where there is no GPU), a tiny AdvRAD, artefacts built once per test run and shared by the
+xdist workers, and the ``anomalib`` command run in-process."""
 
 import json
 import logging
@@ -24,6 +25,40 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """The device a test runs on: ``cpu``, and ``cuda`` for the tests marked ``cuda`` (``pytest -m cuda`` on a GPU)."""
+    return torch.device(request.param)
+
+
+@pytest.fixture
+def generator_devices(monkeypatch: pytest.MonkeyPatch) -> list[torch.device | None]:
+    """The ``device`` argument of every ``torch.Generator`` made during the test, ``None`` where none was given.
+
+    The generators made are ordinary CPU ones, so that a test on the CPU checks which device the code asks for: the
+    device of the tensors it serves, for the code to run on a GPU.
+    """
+    devices = []
+
+    class RecordingGenerator(torch.Generator):
+        def __init__(self, device: torch.device | str | None = None) -> None:
+            devices.append(None if device is None else torch.device(device))
+            super().__init__()
+
+    monkeypatch.setattr(torch, "Generator", RecordingGenerator)
+    return devices
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect the ``cuda`` tests where torch sees no CUDA device: they are reported as deselected, never skipped."""
+    if torch.cuda.is_available():
+        return
+    deselected = [item for item in items if item.get_closest_marker("cuda")]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not item.get_closest_marker("cuda")]
 
 
 @pytest.fixture(scope="session")
