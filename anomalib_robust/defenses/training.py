@@ -146,11 +146,12 @@ def _check_runs_before_pre_processor(trainer: Trainer, pl_module: LightningModul
 
 
 def _rows(batch_size: int, fraction: float, generator: torch.Generator) -> torch.Tensor:
-    """Indices of the ``ceil(fraction * batch_size)`` samples to perturb, drawn without replacement."""
+    """Indices of the ``ceil(fraction * batch_size)`` samples to perturb, drawn without replacement, on the
+    generator's device."""
     count = max(1, math.ceil(fraction * batch_size))
     if count >= batch_size:
-        return torch.arange(batch_size)
-    return torch.randperm(batch_size, generator=generator)[:count].sort().values
+        return torch.arange(batch_size, device=generator.device)
+    return torch.randperm(batch_size, generator=generator, device=generator.device)[:count].sort().values
 
 
 class _TrainingBatchDefense(Callback, ABC):
@@ -176,9 +177,10 @@ class _TrainingBatchDefense(Callback, ABC):
         self.batches_changed = 0
         """Training batches changed so far (the per-batch seed offset)."""
 
-    def batch_generator(self) -> torch.Generator:
-        """The RNG of the current batch, seeded with ``seed + batches_changed``."""
-        return torch.Generator().manual_seed(self.seed + self.batches_changed)
+    def batch_generator(self, device: torch.device) -> torch.Generator:
+        """The RNG of the current batch on ``device`` (that of the images it serves), seeded with
+        ``seed + batches_changed``."""
+        return torch.Generator(device=device).manual_seed(self.seed + self.batches_changed)
 
     @abstractmethod
     def describe(self) -> str:
@@ -306,7 +308,7 @@ class AdversarialTraining(_TrainingBatchDefense):
         images = _check_images(images, type(self).__name__)
         labels = torch.zeros(images.shape[0]) if labels is None else labels
         labels = check_labels(labels, images.shape[0]).to(images.device)
-        rows = _rows(images.shape[0], self.fraction, self.batch_generator()).to(images.device)
+        rows = _rows(images.shape[0], self.fraction, self.batch_generator(images.device))
         adversarial = self.attack(model)(images[rows], labels[rows])
         self.batches_changed += 1
         result = images.clone()
@@ -383,13 +385,14 @@ class GaussianNoiseTraining(_TrainingBatchDefense):
     def perturb(self, images: torch.Tensor) -> torch.Tensor:
         """``images`` plus Gaussian noise of a standard deviation drawn from ``stds``, clamped to [0, 1]."""
         images = _check_images(images, type(self).__name__)
-        generator = self.batch_generator()
+        generator = self.batch_generator(images.device)
         draws = images.shape[0] if self.per_sample else 1
-        sigma = self.stds[torch.randint(len(self.stds), (draws,), generator=generator)]
-        noise = torch.randn(images.shape, generator=generator, dtype=images.dtype)
+        choice = torch.randint(len(self.stds), (draws,), generator=generator, device=images.device)
+        sigma = self.stds.to(images.device)[choice]
+        noise = torch.randn(images.shape, generator=generator, dtype=images.dtype, device=images.device)
         self.last_stds = sigma
         self.batches_changed += 1
-        noisy = images + noise.to(images.device) * sigma.to(images).view(-1, 1, 1, 1)
+        noisy = images + noise * sigma.to(images.dtype).view(-1, 1, 1, 1)
         return noisy.clamp(0.0, 1.0)
 
     def describe(self) -> str:

@@ -1,5 +1,6 @@
 """Adversarial training and Gaussian-noise training callbacks (AdvRAD paper, sec. 5.4 / Table 8 and appendix D.6)."""
 
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
@@ -32,6 +33,13 @@ def stfpm() -> Stfpm:
 @pytest.fixture
 def images() -> torch.Tensor:
     return torch.rand(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture
+def stfpm_on_device(stfpm: Stfpm, device: torch.device) -> Iterator[Stfpm]:
+    """The module's Stfpm on ``device`` for one test, back on the CPU afterwards."""
+    yield stfpm.to(device)
+    stfpm.cpu()
 
 
 def _batch(images: torch.Tensor) -> ImageBatch:
@@ -81,7 +89,8 @@ def test_batch_hook_replaces_images_only_and_keeps_labels(stfpm: Stfpm, images: 
     assert callback.batches_changed == 1
 
 
-def test_fraction_start_epoch_and_seeds(stfpm: Stfpm, images: torch.Tensor) -> None:
+def test_fraction_start_epoch_and_seeds(stfpm_on_device: Stfpm, images: torch.Tensor, device: torch.device) -> None:
+    stfpm, images = stfpm_on_device, images.to(device)
     half = AdversarialTraining(eps=EPS, steps=1, fraction=0.5).perturb(stfpm, images)
     changed = (half - images).flatten(1).abs().amax(dim=1) > 0
     assert changed.sum() == 2
@@ -167,9 +176,9 @@ def test_noise_changes_images_with_a_std_from_the_list() -> None:
     assert clamped.min() == 0 and clamped.max() == 1  # clamped to the pixel box
 
 
-def test_noise_draws_from_the_paper_list() -> None:
+def test_noise_draws_from_the_paper_list(device: torch.device) -> None:
     assert DEFAULT_NOISE_STDS == (0.0, 0.005, 0.01, 0.05, 0.1)
-    images = torch.full((64, 3, 8, 8), 0.5)
+    images = torch.full((64, 3, 8, 8), 0.5, device=device)
     callback = GaussianNoiseTraining(per_sample=True)
     noisy = callback.perturb(images)
     drawn = callback.last_stds
@@ -183,6 +192,16 @@ def test_noise_draws_from_the_paper_list() -> None:
     batch = _batch(images)
     GaussianNoiseTraining(start_epoch=2).on_train_batch_start(_trainer(epoch=1), None, batch, 0)
     assert torch.equal(batch.image, images)
+
+
+def test_batch_generators_draw_on_the_device_of_the_images(
+    stfpm: Stfpm, images: torch.Tensor, generator_devices: list
+) -> None:
+    """The rows to attack and the noise come from generators on the images' device: a CPU generator cannot draw on
+    a GPU (``generator_devices`` records the device each generator is made for)."""
+    AdversarialTraining(eps=EPS, steps=1, fraction=0.5).perturb(stfpm, images)
+    GaussianNoiseTraining(stds=[0.05]).perturb(images)
+    assert len(generator_devices) >= 2 and set(generator_devices) == {images.device}
 
 
 @pytest.mark.parametrize(
