@@ -139,7 +139,7 @@ class ForegroundEstimator:
             raise ImportError(msg) from error
         was_training = self.classifier.training
         self.classifier.eval()
-        generator = torch.Generator(device="cpu").manual_seed(0)
+        generator = torch.Generator(device=images.device).manual_seed(0)
         cams = []
         with torch.enable_grad(), GradCAM(model=self.classifier, target_layers=self.target_layers) as cam:
             for view in range(self.num_views):
@@ -152,14 +152,16 @@ class ForegroundEstimator:
 
 
 def soft_augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Soft augmentation of sec. B: brightness/contrast jitter, a colour tint and slight Gaussian noise."""
+    """Soft augmentation of sec. B: brightness/contrast jitter, a colour tint and slight Gaussian noise, drawn by
+    ``generator`` on its device (that of ``images``)."""
     batch = images.shape[0]
 
     def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
-        return (low + (high - low) * torch.rand(batch, *shape, generator=generator)).to(images)
+        draw = torch.rand(batch, *shape, generator=generator, device=generator.device, dtype=images.dtype)
+        return low + (high - low) * draw
 
     mean = images.mean(dim=(1, 2, 3), keepdim=True)
     out = (images - mean) * uniform(0.8, 1.2, 1, 1, 1) + mean * uniform(0.8, 1.2, 1, 1, 1)
     out = out * uniform(0.9, 1.1, images.shape[1], 1, 1)
-    noise = torch.randn(images.shape, generator=generator).to(images) * 0.02
+    noise = torch.randn(images.shape, generator=generator, device=generator.device, dtype=images.dtype) * 0.02
     return (out + noise).clamp(0.0, 1.0)

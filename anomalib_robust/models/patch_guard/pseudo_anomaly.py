@@ -70,9 +70,9 @@ class PseudoAnomalyGenerator:
         level_probabilities (Sequence[float]): Probabilities of the light/medium/heavy levels.
         max_rotation (float): Rotation range in degrees.
         max_tries (int): Box proposals before the fallback square.
-        seed (int | None): Seed of all the generator's randomness (scalar draws from ``rng``, tensor draws from
-            ``generator``); ``None`` draws it from torch's global generator, so ``torch.manual_seed`` makes runs
-            reproducible.
+        seed (int | None): Seed of all the generator's randomness (scalar draws from ``rng``, tensor draws from a
+            torch generator on the device of the images, :meth:`generator`); ``None`` draws it from torch's global
+            generator, so ``torch.manual_seed`` makes runs reproducible.
     """
 
     def __init__(
@@ -111,8 +111,10 @@ class PseudoAnomalyGenerator:
         self.max_tries = max_tries
         if seed is None:
             seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+        self.seed = seed
         self.rng = random.Random(seed)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generators: dict[torch.device, torch.Generator] = {}
+        """The tensor draws' generators, one per device, each seeded with ``seed`` on first use."""
 
     def __call__(self, images: torch.Tensor, foreground: torch.Tensor | None = None) -> PseudoAnomalies:
         """Pseudo anomalies of ``images`` ``(B, C, H, W)`` in [0, 1] inside ``foreground`` ``(B, H, W)`` (or all)."""
@@ -145,8 +147,9 @@ class PseudoAnomalyGenerator:
         """Pseudo-anomalous copies of ``images`` (any device), pasted where the channel mean exceeds ``level``.
 
         For objects on a dark background (the embedded Fashion-MNIST): the background stays clean. An image with
-        too little foreground for a ``min_size`` box gets its pseudo anomaly anywhere. Runs on the CPU (the
-        generator's own random state) and returns the images on the input's device and dtype.
+        too little foreground for a ``min_size`` box gets its pseudo anomaly anywhere. Runs on the CPU (with the
+        CPU generator, so the pseudo anomalies do not depend on the device of the images) and returns the images on
+        the input's device and dtype.
         """
         cpu = images.detach().cpu()
         foreground = cpu.mean(dim=1) > level
@@ -157,7 +160,7 @@ class PseudoAnomalyGenerator:
     def _paste(self, image: torch.Tensor, foreground: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One self-CutPaste anomaly: (image, pixel mask)."""
         height, width = image.shape[-2:]
-        (sy, sx), (dy, dx), (h, w) = self._boxes(foreground)
+        (sy, sx), (dy, dx), (h, w) = self._boxes(foreground.cpu())
         patch = image[:, sy : sy + h, sx : sx + w]
         level = self.rng.choices(LEVELS, weights=self.level_probabilities)[0]
         patch = self.augment(patch, level)
@@ -175,7 +178,11 @@ class PseudoAnomalyGenerator:
         return output, mask
 
     def _boxes(self, foreground: torch.Tensor) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
-        """Source corner, destination corner and size of two equal boxes inside the foreground."""
+        """Source corner, destination corner and size of two equal boxes inside the ``foreground`` mask.
+
+        The proposals read single entries of the mask's summed-area table: the mask is a CPU tensor, so that each
+        read is not a round trip to the GPU.
+        """
         height, width = foreground.shape
         max_h = max(self.min_size, int(self.max_size_fraction * height))
         max_w = max(self.min_size, int(self.max_size_fraction * width))
@@ -234,9 +241,15 @@ class PseudoAnomalyGenerator:
             patch = adjust(patch, factor)
         return patch
 
+    def generator(self, device: torch.device) -> torch.Generator:
+        """The generator of the tensor draws on ``device``, seeded with ``seed`` when first used there."""
+        if device not in self.generators:
+            self.generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self.generators[device]
+
     def _randn_like(self, x: torch.Tensor) -> torch.Tensor:
-        """Standard normal noise shaped like ``x`` from the generator's own ``generator``."""
-        return torch.randn(x.shape, generator=self.generator, dtype=x.dtype).to(x.device)
+        """Standard normal noise shaped like ``x``, on its device, from the generator's own :meth:`generator`."""
+        return torch.randn(x.shape, generator=self.generator(x.device), dtype=x.dtype, device=x.device)
 
     def _operations(self, level: str) -> list[Callable[[torch.Tensor], torch.Tensor]]:
         uniform = self.rng.uniform
@@ -269,8 +282,10 @@ class PseudoAnomalyGenerator:
         for _ in range(boxes):
             h, w = self.rng.randint(1, max(1, height // 3)), self.rng.randint(1, max(1, width // 3))
             y, x = self.rng.randint(0, height - h), self.rng.randint(0, width - w)
-            colour = torch.rand(patch.shape[0], 1, 1, generator=self.generator, dtype=patch.dtype)
-            patch[:, y : y + h, x : x + w] = colour.to(patch.device)
+            colour = torch.rand(
+                patch.shape[0], 1, 1, generator=self.generator(patch.device), dtype=patch.dtype, device=patch.device
+            )
+            patch[:, y : y + h, x : x + w] = colour
         return patch
 
     def _elastic(self, patch: torch.Tensor, alpha: float, sigma: float) -> torch.Tensor:

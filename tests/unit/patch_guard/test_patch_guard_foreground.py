@@ -61,14 +61,17 @@ class _SpotClassifier(nn.Module):
         return self.head(torch.relu(self.features(images)).mean(dim=(2, 3)))
 
 
-def test_gradcam_highlights_the_object() -> None:
-    """Needs the ``gradcam`` extra (``grad-cam``, also in the ``test`` extra)."""
+def test_gradcam_highlights_the_object(generator_devices: list) -> None:
+    """Needs the ``gradcam`` extra (``grad-cam``, also in the ``test`` extra). The second view's soft augmentation is
+    drawn by a generator on the images' device."""
     classifier = _SpotClassifier()
     estimator = ForegroundEstimator("gradcam", classifier=classifier, target_layers=[classifier.features], num_views=2)
-    mask = estimator(_square_on_black())
+    images = _square_on_black()
+    mask = estimator(images)
     assert mask.shape == (2, 32, 32)
     assert mask[:, 10:22, 12:24].all()
     assert not mask[:, :4, :4].any()
+    assert generator_devices == [images.device]
 
 
 def test_bad_arguments_raise_clear_errors() -> None:

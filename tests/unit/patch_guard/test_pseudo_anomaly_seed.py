@@ -1,4 +1,5 @@
-"""Pseudo anomalies depend on the generator's seed only (not torch's global RNG); the swirl is scikit-image's."""
+"""Pseudo anomalies depend on the generator's seed only (not torch's global RNG), drawn on the images' device; the
+swirl is scikit-image's."""
 
 import math
 
@@ -8,19 +9,32 @@ import torch
 from anomalib_robust.models.patch_guard.pseudo_anomaly import LEVELS, PseudoAnomalyGenerator, _swirl
 
 
-def _generate(seed: int, global_seed: int, level_probabilities: tuple[float, float, float]) -> torch.Tensor:
+def _generate(
+    seed: int, global_seed: int, level_probabilities: tuple[float, float, float], device: str | torch.device = "cpu"
+) -> torch.Tensor:
     torch.manual_seed(global_seed)
-    images = torch.rand(12, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    images = torch.rand(12, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
     generator = PseudoAnomalyGenerator(patch_size=4, level_probabilities=level_probabilities, seed=seed)
     return generator(images).images
 
 
 @pytest.mark.parametrize("level", LEVELS)
-def test_same_seed_gives_the_same_anomalies_whatever_the_global_rng(level: str) -> None:
+def test_same_seed_gives_the_same_anomalies_whatever_the_global_rng(level: str, device: torch.device) -> None:
     probabilities = tuple(float(name == level) for name in LEVELS)
-    first = _generate(seed=5, global_seed=0, level_probabilities=probabilities)
-    second = _generate(seed=5, global_seed=123, level_probabilities=probabilities)
+    first = _generate(seed=5, global_seed=0, level_probabilities=probabilities, device=device)
+    second = _generate(seed=5, global_seed=123, level_probabilities=probabilities, device=device)
+    assert first.device.type == device.type
     torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
+def test_tensor_draws_use_one_seeded_generator_on_the_images_device(generator_devices: list) -> None:
+    """The heavy level draws noise and erased colours: from one generator, made for the images' device (a CPU
+    generator cannot draw on a GPU), seeded with the generator's seed."""
+    images = torch.rand(4, 3, 32, 32)
+    generator = PseudoAnomalyGenerator(patch_size=4, level_probabilities=(0.0, 0.0, 1.0), seed=5)
+    generator(images)
+    assert generator_devices == [images.device]
+    assert generator.generator(images.device).initial_seed() == 5
 
 
 def test_augmentations_draw_nothing_from_the_global_rng() -> None:
