@@ -161,8 +161,8 @@ def noisy_scores(
         clean = images[chunk]
         noise = torch.randn(clean.shape, generator=generator, device=images.device, dtype=images.dtype)
         with torch.no_grad():
-            scores.append(score_fn(clean + sigma * noise).reshape(-1).double().cpu())
-    return torch.cat(scores).reshape(images.shape[0], num)
+            scores.append(score_fn(clean + sigma * noise).reshape(-1))
+    return torch.cat(scores).double().cpu().reshape(images.shape[0], num)  # one copy to the host, once all are scored
 
 
 def smoothed_score(selection_scores: torch.Tensor) -> torch.Tensor:
