@@ -343,7 +343,8 @@ class RobustEvaluator:
 
     def _store(self, model: nn.Module, loaders: list[DataLoader]) -> BatchStore | None:
         """The stored batches of this evaluation (``resume_dir``), under a fingerprint of every setting that changes
-        an attack or a score, of the model and of the test set; ``None`` without ``resume_dir``."""
+        an attack or a score, of the model, of the test set and of the code (which the store adds); ``None`` without
+        ``resume_dir``."""
         if self.resume_dir is None:
             return None
         attack_settings = {

@@ -9,8 +9,10 @@ exactly the numbers of one that was never interrupted.
 
 Stored batches are only reused by the same evaluation: they sit under a fingerprint of every evaluator setting that
 changes an attack or a score, the model's weights and its configuration (every module's scalar attributes, e.g.
-DiffPure's level) and the test set (its size and first item), and each file also records a digest of its batch
-(images, labels, masks). Anything else is computed again.
+DiffPure's level, and every pre-processor's transform, e.g. its resize and normalisation), the test set (its size and
+first item) and the code (:func:`~anomalib_robust.evaluation.provenance.code_identity`: package versions, git commit
+and uncommitted changes), and each file also records a digest of its batch (images, labels, masks). Anything else is
+computed again, and so is a stored file that cannot be read (with a warning).
 
 Example:
     >>> evaluator = RobustEvaluator(eps=[2 / 255], resume_dir="runs/robust_eval_partial")  # doctest: +SKIP
@@ -20,6 +22,8 @@ Example:
 import hashlib
 import io
 import json
+import logging
+import pickle
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -28,8 +32,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from anomalib_robust.evaluation.provenance import code_identity
 from anomalib_robust.evaluation.report import write_atomic
 from anomalib_robust.evaluation.sharding import first_item
+
+logger = logging.getLogger(__name__)
 
 
 def check_resume_dir(value: str | Path | None) -> Path | None:
@@ -56,20 +63,34 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
 
 
 def model_fingerprint(model: nn.Module) -> dict:
-    """The model's class, a digest of its weights and buffers, and every module's public scalar attributes.
+    """The model's class, a digest of its weights and buffers, every module's public scalar attributes and the
+    ``repr`` of every pre-processor's transform.
 
     The scalars hold what a state dict does not, such as a purifier's level or AdvRAD's diffusion step; the train/eval
-    flag is left out (the evaluator sets it).
+    flag is left out (the evaluator sets it). The transforms (any module's ``transform`` that is a module: anomalib's
+    ``PreProcessor``, the detector's pre-processor inside ``Purified``) hold the resize size and the normalisation's
+    mean and std, which are lists and so not scalars.
     """
     state = model.state_dict()
     weights = _sha256_hex(name.encode() + _tensor_bytes(value) for name, value in state.items())  # one at a time
+    modules = [(name or "<root>", module) for name, module in model.named_modules()]
     scalars = {
-        f"{name or '<root>'}.{key}": value
-        for name, module in model.named_modules()
+        f"{name}.{key}": value
+        for name, module in modules
         for key, value in sorted(vars(module).items())
         if not key.startswith("_") and key != "training" and isinstance(value, bool | int | float | str)
     }
-    return {"class": f"{type(model).__module__}.{type(model).__qualname__}", "weights": weights, "scalars": scalars}
+    transforms = {
+        f"{name}.transform": repr(module.transform)
+        for name, module in modules
+        if isinstance(getattr(module, "transform", None), nn.Module)  # not a torchvision transform's own method
+    }
+    return {
+        "class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "weights": weights,
+        "scalars": scalars,
+        "transforms": transforms,
+    }
 
 
 def batch_digest(images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor | None) -> str:
@@ -92,11 +113,13 @@ class BatchStore:
 
     Args:
         root: the directory the user passed as ``resume_dir`` (created when missing).
-        fingerprint: everything the stored results depend on besides the batch itself (JSON-serialisable).
+        fingerprint: everything the stored results depend on besides the batch itself and the code, which the store
+            adds (:func:`~anomalib_robust.evaluation.provenance.code_identity`); JSON-serialisable.
     """
 
     def __init__(self, root: str | Path, fingerprint: dict) -> None:
         root = check_resume_dir(root)
+        fingerprint = {**fingerprint, "code": code_identity()}
         canonical = json.dumps(fingerprint, sort_keys=True, default=str)
         self.directory = root / hashlib.sha256(canonical.encode()).hexdigest()[:16]
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -112,13 +135,16 @@ class BatchStore:
 
     def get(self, first: int, number: int, digest: str) -> dict[str, torch.Tensor | None] | None:
         """The stored result of run ``number`` on the batch starting at ``first``, or ``None`` when there is none for
-        a batch with this ``digest``."""
+        a batch with this ``digest`` or its file is unreadable (with a warning)."""
         path = self._path(first, number)
         if not path.is_file():
             return None
         try:
             stored = torch.load(path, map_location="cpu", weights_only=True)
-        except (RuntimeError, EOFError, OSError):  # unreadable: computed again and overwritten
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:  # computed again and overwritten
+            logger.warning(
+                "RobustEval: the stored batch %s is unreadable (%s); attacking it again", path, type(error).__name__
+            )
             return None
         if stored.get("digest") != digest:
             return None

@@ -1,8 +1,9 @@
 """On-disk cache of finished leaderboard cells, so that an interrupted run resumes where it stopped.
 
-A cell (one model, one datamodule, one seed, one threat model, one evaluator configuration) is keyed by the SHA-256
-of its canonical JSON: changing any setting of a cell makes it a new cell. Only finished cells are cached; a failed
-cell is run again on resume.
+A cell (one model, one datamodule, one seed, one threat model, one evaluator configuration, and the code that
+computes it: :func:`~anomalib_robust.evaluation.provenance.code_identity`) is keyed by the SHA-256 of its canonical
+JSON: changing any setting of a cell, or the code, makes it a new cell. Only finished cells are cached; a failed cell
+is run again on resume, and so is a cached cell whose file cannot be read (with a warning).
 
 Example:
     >>> from pathlib import Path
@@ -13,10 +14,13 @@ Example:
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 from anomalib_robust.evaluation.report import write_atomic
 from anomalib_robust.leaderboard.config import jsonable
+
+logger = logging.getLogger(__name__)
 
 
 def cell_key(description: dict) -> str:
@@ -35,13 +39,14 @@ class CellCache:
         return self.directory / f"{key}.json"
 
     def get(self, key: str) -> dict | None:
-        """The finished cell ``key``, or ``None`` when it has not finished (or its file is unreadable)."""
+        """The finished cell ``key``, or ``None`` when it has not finished or its file is unreadable (a warning)."""
         path = self.path(key)
         if not path.is_file():
             return None
         try:
             return json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
+        except (OSError, ValueError) as error:  # a truncated file is not JSON (or not even UTF-8): computed again
+            logger.warning("Leaderboard: the cached cell %s is unreadable (%s); computing it again", path, error)
             return None
 
     def put(self, key: str, record: dict) -> None:

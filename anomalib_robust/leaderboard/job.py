@@ -5,12 +5,15 @@
 one job per GPU in parallel (the runner passes ``task_id``, the job trains on ``cuda:<task_id>``). A job is one model
 on one datamodule (category); each of its threat models is a cell, evaluated by
 :class:`~anomalib_robust.evaluation.RobustEvaluator` with the YAML's ``robust_eval`` arguments and cached on disk
-(:mod:`anomalib_robust.leaderboard.cache`). When every cell of a job is cached the model is not even fitted. Fitted
-models are kept too, in ``<output_dir>/models``: a model entry (class, init args, Engine arguments) fitted on the same
-data from the same seed is fitted once, so a job interrupted during its attacks does not fit again, and a purifier's
-denoiser that is the same entry as a model row (the AdvRAD row and DiffPure's denoiser) reuses that row's fit. A cell
-that fails (a model that cannot be built or fitted, an evaluator error) is returned with its error, so the runner
-goes on with the other jobs; a failed cell is not cached and runs again on resume.
+(:mod:`anomalib_robust.leaderboard.cache`) under a key of its whole configuration and of the code
+(:func:`~anomalib_robust.evaluation.provenance.code_identity`: package versions, git commit and uncommitted changes).
+When every cell of a job is cached the model is not even fitted. Fitted models are kept too, in
+``<output_dir>/models``: a model entry (class, init args, Engine arguments) fitted on the same data from the same seed
+by the same code is fitted once, so a job interrupted during its attacks does not fit again, and a purifier's denoiser
+that is the same entry as a model row (the AdvRAD row and DiffPure's denoiser) reuses that row's fit. A kept cell or
+fit whose file cannot be read is computed again, with a warning. A cell that fails (a model that cannot be built or
+fitted, an evaluator error) is returned with its error, so the runner goes on with the other jobs; a failed cell is not
+cached and runs again on resume.
 
 The job holds the configuration, not the models: the ``ParallelRunner`` pickles jobs into spawned processes, and
 models are built inside ``run``.
@@ -20,6 +23,7 @@ import contextlib
 import importlib
 import json
 import logging
+import pickle
 import time
 import traceback
 from pathlib import Path
@@ -33,14 +37,17 @@ from lightning import seed_everything
 from torch import nn
 
 from anomalib_robust.evaluation import RobustEvaluator
+from anomalib_robust.evaluation.provenance import code_identity
 from anomalib_robust.evaluation.report import RobustReport, format_eps, write_atomic
 from anomalib_robust.leaderboard.cache import CellCache, cell_key
 from anomalib_robust.leaderboard.config import CellGroup, ThreatModel, data_label, jsonable, model_label
 from anomalib_robust.leaderboard.output import write_leaderboard
-from anomalib_robust.leaderboard.provenance import git_commit, package_versions
 from anomalib_robust.offline import random_init_backbones
 
 logger = logging.getLogger(__name__)
+
+_UNREADABLE = (OSError, EOFError, RuntimeError, ValueError, KeyError, TypeError, pickle.UnpicklingError)
+"""What reading a truncated or otherwise corrupt checkpoint or JSON file raises."""
 
 
 def _import(class_path: str) -> type:
@@ -78,6 +85,20 @@ def sanity_verdict(report: RobustReport, enabled: bool) -> str:
     if failed:
         return "FAIL: " + ", ".join(failed)
     return "pass" if any(check.passed for check in report.checks) else "n/a"
+
+
+def _read_fit(path: Path) -> tuple[dict, float] | None:
+    """The state dict of the fit kept in ``path`` and the seconds it took (from ``path``'s ``.json``), or ``None``
+    with a warning when either file is missing or unreadable: the model is then fitted again and both are rewritten."""
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        seconds = float(json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))["fit_seconds"])
+    except _UNREADABLE as error:
+        logger.warning(
+            "Leaderboard: the kept fit %s or its .json is unreadable (%s); fitting again", path, type(error).__name__
+        )
+        return None
+    return state_dict, seconds
 
 
 class RobustBenchmarkJob(Job):
@@ -120,6 +141,7 @@ class RobustBenchmarkJob(Job):
         return cell_key({
             "model": group.model, "data": group.data, "seed": group.seed, "trainer": self._trainer(group.model),
             "threat_model": threat.to_dict(), "evaluator": self.evaluator, "random_init": self.random_init,
+            "code": code_identity(),
         })  # fmt: skip
 
     def _base_record(self, threat: ThreatModel, key: str) -> dict:
@@ -128,28 +150,29 @@ class RobustBenchmarkJob(Job):
             "cell": key, "model": model_label(self.group.model), "data": data, "category": category,
             "seed": self.group.seed, "threat_model": threat.to_dict(), "model_config": jsonable(self.group.model),
             "data_config": jsonable(self.group.data), "trainer": self._trainer(self.group.model),
-            "evaluator": jsonable(self.evaluator), "status": "ok", "error": "", "cached": False,
-            "versions": package_versions(), "git_commit": git_commit(),
+            "evaluator": jsonable(self.evaluator), "status": "ok", "error": "", "cached": False, **code_identity(),
         }  # fmt: skip
 
     def _fitted_path(self, entry: dict) -> Path:
-        """Where the fit of ``entry`` on this job's data and seed is kept (a label and a defense are not part of it)."""
+        """Where the fit of ``entry`` on this job's data and seed by this code is kept (a label and a defense are not
+        part of it)."""
         fitted = {key: value for key, value in entry.items() if key not in {"name", "defense"}}
         key = cell_key({
             "model": fitted, "trainer": self._trainer(entry), "data": self.group.data, "seed": self.group.seed,
-            "random_init": self.random_init,
+            "random_init": self.random_init, "code": code_identity(),
         })  # fmt: skip
         return self.output_dir / "models" / f"{key}.ckpt"
 
     def _fit(self, entry: dict, datamodule: Any, devices: str | list[int], directory: str) -> tuple[nn.Module, float]:
         """The model of ``entry`` fitted on ``datamodule`` from the job's seed, and the seconds its fit took: loaded
-        when that fit is kept in ``<output_dir>/models``, else fitted now and kept (written atomically)."""
+        when that fit is kept in ``<output_dir>/models`` and readable, else fitted now and kept (written atomically)."""
         model = build_model(entry, self.random_init)
         path = self._fitted_path(entry)
-        if path.is_file():
-            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["state_dict"])
+        kept = _read_fit(path) if path.is_file() else None
+        if kept is not None:
+            state_dict, seconds = kept
+            model.load_state_dict(state_dict)
             datamodule.setup()
-            seconds = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))["fit_seconds"]
             logger.info("Leaderboard: %s reused from %s", model_label(entry), path)
             return model.to(self._device(devices)).eval(), seconds
         seed_everything(self.group.seed, workers=True)

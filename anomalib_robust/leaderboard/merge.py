@@ -2,10 +2,11 @@
 
 Every entry is validated against :data:`~anomalib_robust.leaderboard.output.ENTRY_SCHEMA`. Entries are comparable only
 if they were measured at the same threat models with the same package versions
-(:data:`~anomalib_robust.leaderboard.provenance.PACKAGES`); otherwise the merge fails naming the two sources, unless
-``allow_mixed`` asks for the mixed table. The same cell (same configuration, so the same cell key) found in several
-runs is kept once, a finished copy before a failed one; two different configurations of the same model, category,
-seed and threat model are a conflict, kept both only with ``allow_mixed``.
+(:data:`~anomalib_robust.evaluation.provenance.PACKAGES`); otherwise the merge fails naming the two sources, unless
+``allow_mixed`` asks for the mixed table. The same cell (same configuration and code, so the same cell key) found in
+several runs is kept once, a finished copy before a failed one; two different configurations of the same model,
+category, seed and threat model, or one configuration run by different code (another git commit or uncommitted
+changes), are a conflict, kept both only with ``allow_mixed``.
 
 Example:
     >>> merged = merge_runs(["runs/machine_a", "runs/machine_b"], "runs/merged")  # doctest: +SKIP
@@ -16,8 +17,8 @@ Example:
 import json
 from pathlib import Path
 
+from anomalib_robust.evaluation.provenance import PACKAGES
 from anomalib_robust.leaderboard.output import validate_entry, write_leaderboard
-from anomalib_robust.leaderboard.provenance import PACKAGES
 
 
 class MergeError(ValueError):
@@ -105,7 +106,7 @@ def merge_cells(entries: list[tuple[Path, dict]], allow_mixed: bool = False) -> 
             if slot in by_slot and not allow_mixed:
                 msg = (
                     f"--merge: {path} and {by_slot[slot][0]} both hold {slot[0]} on {slot[1]}/{slot[2]} (seed "
-                    f"{slot[3]}, {slot[4]}) with different settings; pass --allow_mixed true to keep both"
+                    f"{slot[3]}, {slot[4]}) with different settings or code; pass --allow_mixed true to keep both"
                 )
                 raise MergeError(msg)
             by_slot.setdefault(slot, (path, key))

@@ -1,12 +1,17 @@
 """An interrupted evaluation with ``resume_dir`` resumes from its stored batches, exactly, and only its own."""
 
+import logging
 from pathlib import Path
 
 import pytest
 import torch
+from anomalib.pre_processing import PreProcessor
 from evaluation_toys import ToyDetector, ToyTestSet, loader
+from torch import nn
+from torchvision.transforms.v2 import Compose, Normalize, Resize
 
-from anomalib_robust.evaluation import RobustEvaluator
+from anomalib_robust.evaluation import RobustEvaluator, resume
+from anomalib_robust.evaluation.resume import BatchStore, model_fingerprint
 
 SETTINGS = {
     "attacks": ["pgd"], "eps": [0.02, 0.05], "steps": 2, "eot_samples": 2, "eval_repeats": 2,
@@ -100,3 +105,75 @@ def test_resume_dir_that_is_a_file_is_a_clear_error(tmp_path: Path) -> None:
     path.touch()
     with pytest.raises(ValueError, match="resume_dir must be a directory"):
         RobustEvaluator(resume_dir=path)
+
+
+def test_an_unreadable_stored_batch_is_attacked_again_with_a_warning(
+    test_set: ToyTestSet, tmp_path: Path, attack_calls: dict, caplog: pytest.LogCaptureFixture
+) -> None:
+    reference, _ = _evaluate(test_set)
+    total = attack_calls["count"]
+    attack_calls.update(count=0, stop_after=total - 3)
+    with pytest.raises(Interrupted):
+        _evaluate(test_set, tmp_path / "partial")
+    truncated = next((tmp_path / "partial").glob("*/batch0_run0.pt"))
+    truncated.write_bytes(truncated.read_bytes()[:100])  # a file cut short (a full disk, a copy interrupted)
+
+    attack_calls.update(count=0, stop_after=None)
+    with caplog.at_level(logging.WARNING, logger=resume.__name__):
+        resumed, _ = _evaluate(test_set, tmp_path / "partial")
+    assert attack_calls["count"] == 3 + 1, "the unreadable batch is attacked again with the ones not stored"
+    assert resumed.to_dict() == reference.to_dict()
+    assert str(truncated) in caplog.text and "attacking it again" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda data: data[: len(data) // 2],  # not a zip archive: RuntimeError
+        lambda _: b"not a checkpoint",  # not a pickle either: pickle.UnpicklingError
+        lambda _: b"",  # EOFError
+    ],
+    ids=["truncated", "garbage", "empty"],
+)
+def test_a_damaged_batch_file_reads_as_missing_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, damage
+) -> None:
+    store = BatchStore(tmp_path, {"seed": 0})
+    store.put(0, 0, "digest", scores=torch.ones(2))
+    assert torch.equal(store.get(0, 0, "digest")["scores"], torch.ones(2))
+    path = store.directory / "batch0_run0.pt"
+    path.write_bytes(damage(path.read_bytes()))
+    with caplog.at_level(logging.WARNING, logger=resume.__name__):
+        assert store.get(0, 0, "digest") is None
+    assert str(path) in caplog.text
+
+
+def test_other_code_is_another_store(test_set: ToyTestSet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a fix to an attack or a sanity check (another commit, other uncommitted changes, another anomalib or
+    torch), stored batches are not reused."""
+    evaluator = RobustEvaluator(**SETTINGS, resume_dir=tmp_path)
+    detector = ToyDetector(noise=0.1)
+    directory = evaluator._store(detector, [loader(test_set)]).directory
+    assert evaluator._store(detector, [loader(test_set)]).directory == directory
+    identity = resume.code_identity()
+    for other in (
+        {**identity, "git_commit": "0" * 40},
+        {**identity, "git_dirty": True, "git_diff": "0123456789abcdef"},
+        {**identity, "versions": {**identity["versions"], "torch": "0.0.1"}},
+    ):
+        monkeypatch.setattr(resume, "code_identity", lambda other=other: other)
+        assert evaluator._store(detector, [loader(test_set)]).directory != directory, other
+
+
+def _pre_processed(size: int = 8, mean: float = 0.5) -> ToyDetector:
+    transform = Compose([Resize((size, size), antialias=True), Normalize(mean=[mean] * 3, std=[0.25] * 3)])
+    return ToyDetector(pre_processor=PreProcessor(transform=transform))
+
+
+def test_another_pre_processing_is_another_model() -> None:
+    fingerprint = model_fingerprint(_pre_processed())
+    assert model_fingerprint(_pre_processed()) == fingerprint
+    assert model_fingerprint(_pre_processed(size=16)) != fingerprint
+    assert model_fingerprint(_pre_processed(mean=0.4)) != fingerprint
+    wrapped = nn.ModuleDict({"detector": _pre_processed()})  # as Purified holds the detector's pre-processor
+    assert model_fingerprint(nn.ModuleDict({"detector": _pre_processed(mean=0.4)})) != model_fingerprint(wrapped)

@@ -4,9 +4,9 @@ from dataclasses import asdict
 
 import pytest
 
+from anomalib_robust.evaluation.provenance import package_versions
 from anomalib_robust.evaluation.report import AttackResult
 from anomalib_robust.leaderboard.cache import cell_key
-from anomalib_robust.leaderboard.provenance import package_versions
 
 
 def _cell(

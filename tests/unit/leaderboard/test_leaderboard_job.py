@@ -3,6 +3,7 @@ its error while the run goes on (and not cached, so a resume retries it)."""
 
 import copy
 import csv
+import logging
 import pickle
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 import yaml
 from anomalib.pipelines.components.runners import ParallelRunner, SerialRunner
 
+from anomalib_robust.evaluation.provenance import code_identity
 from anomalib_robust.evaluation.report import RobustReport, SanityCheck
 from anomalib_robust.leaderboard import RobustBenchmark, RobustBenchmarkJob, RobustBenchmarkJobGenerator
 from anomalib_robust.leaderboard.config import model_label
@@ -79,3 +81,50 @@ def test_the_purified_padims_denoiser_reuses_the_advrad_rows_fit() -> None:
     assert purified[0]._fitted_path(denoiser) == advrad[0]._fitted_path(advrad[0].group.model)
     assert purified[1]._fitted_path(denoiser) != advrad[0]._fitted_path(advrad[0].group.model)  # another class
     assert purified[0]._fitted_path(purified[0].group.model) != advrad[0]._fitted_path(advrad[0].group.model)
+
+
+def test_other_code_is_another_cell_and_another_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a fix to an attack or a sanity check (another commit, other uncommitted changes, another anomalib or
+    torch), a rerun computes its cells and fits again instead of returning the old ones."""
+    tiny = next(iter(RobustBenchmarkJobGenerator("cpu")(TINY["robust_benchmark"])))
+    threat, entry = tiny.threat_models[0], tiny.group.model
+    key, fitted = tiny._key(threat), tiny._fitted_path(entry)
+    assert (tiny._key(threat), tiny._fitted_path(entry)) == (key, fitted)
+    identity = code_identity()
+    for other in (
+        {**identity, "git_commit": "0" * 40},
+        {**identity, "git_dirty": True, "git_diff": "0123456789abcdef"},
+        {**identity, "versions": {**identity["versions"], "anomalib": "0.0.1"}},
+    ):
+        monkeypatch.setattr("anomalib_robust.leaderboard.job.code_identity", lambda other=other: other)
+        assert tiny._key(threat) != key and tiny._fitted_path(entry) != fitted, other
+        assert tiny._base_record(threat, key)["git_commit"] == other["git_commit"]
+
+
+def _halve(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_unreadable_cached_cells_and_fits_are_computed_again(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    config = copy.deepcopy(TINY)
+    section = config["robust_benchmark"]
+    section["model"]["grid"] = section["model"]["grid"][:1]
+    section["data"]["init_args"].update(category="trouser", num_train=8, num_test=8)
+    section["robust_eval"] = {
+        "threat_models": [{"norm": "Linf", "eps": 2 / 255}], "steps": 1, "sanity_checks": False, "num_grid_images": 0,
+    }  # fmt: skip
+    (first,) = RobustBenchmark().run(config=config, output_dir=tmp_path)["cells"]
+    (cell,) = (tmp_path / "cells").glob("*.json")
+    (fit,) = (tmp_path / "models").glob("*.ckpt")
+    for damage in ({cell: _halve, fit: _halve}, {cell: _halve, fit.with_suffix(".json"): Path.unlink}):
+        for path, action in damage.items():
+            action(path)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            (again,) = RobustBenchmark().run(config=config, output_dir=tmp_path)["cells"]
+        assert again["status"] == "ok" and not again["cached"], again["error"]
+        assert again["results"] == first["results"], "fitted again from the same seed, evaluated again"
+        warnings = {record.name: record.getMessage() for record in caplog.records}
+        assert str(cell) in warnings["anomalib_robust.leaderboard.cache"]
+        assert str(fit) in warnings["anomalib_robust.leaderboard.job"]
+    assert RobustBenchmark().run(config=config, output_dir=tmp_path)["cells"][0]["cached"], "both rewritten"

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from anomalib_robust.evaluation.provenance import package_versions
 from anomalib_robust.leaderboard import MergeError, RobustBenchmark, merge_runs, write_leaderboard
-from anomalib_robust.leaderboard.provenance import package_versions
 
 
 def _run(directory: Path, cells: list[dict]) -> Path:
@@ -57,6 +57,17 @@ def test_two_settings_of_one_cell_are_a_conflict(make_cell, tmp_path: Path) -> N
     second = _run(tmp_path / "b", [make_cell(settings={"steps": 100})])
     with pytest.raises(MergeError, match=r"both hold Padim on FashionMNIST/trouser .* different settings"):
         merge_runs([first, second], tmp_path / "merged")
+
+
+def test_entries_keep_the_code_identity_and_merge_with_older_ones(make_cell, tmp_path: Path) -> None:
+    dirty = {**make_cell(), "git_dirty": True, "git_diff": "0123456789abcdef"}
+    first = _run(tmp_path / "a", [dirty])
+    second = _run(tmp_path / "b", [make_cell(category="bag")])  # recorded before git_dirty and git_diff were
+    merge_runs([first, second], tmp_path / "merged")
+    padim = json.loads((tmp_path / "merged" / "entries" / "Padim.json").read_text())
+    assert [(cell["category"], cell.get("git_dirty"), cell.get("git_diff")) for cell in padim["cells"]] == [
+        ("trouser", True, "0123456789abcdef"), ("bag", None, None),
+    ]  # fmt: skip
 
 
 def test_bad_sources_are_named(make_cell, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 import copy
 import csv
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -94,10 +95,13 @@ def test_cell_key_is_the_configuration() -> None:
     assert cell_key(description) != cell_key({**description, "eps": [0.2]})
 
 
-def test_cache_round_trip_and_unreadable_files(tmp_path: Path) -> None:
+def test_cache_round_trip_and_unreadable_files(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cache = CellCache(tmp_path / "cells")
     assert cache.get("abc") is None
     cache.put("abc", {"status": "ok", "eps": (0.1,)})
     assert cache.get("abc") == {"status": "ok", "eps": [0.1]}
     cache.path("broken").write_text('{"status": ')  # a run killed mid-write by something other than write_atomic
-    assert cache.get("broken") is None
+    cache.path("cut").write_bytes('{"sanity": "é"}'.encode()[:13])  # cut inside a character: not even UTF-8
+    with caplog.at_level(logging.WARNING):
+        assert cache.get("broken") is None and cache.get("cut") is None
+    assert str(cache.path("broken")) in caplog.text and str(cache.path("cut")) in caplog.text
