@@ -1,45 +1,52 @@
-"""Directional finite-difference check of the attacked gradient: does autograd see the score the detector computes?
+"""Does the attacked gradient describe the score? A tiny-step check and a check at the attack's own step size.
 
-A white-box attack follows ``grad_x y * A(x)`` as :class:`~anomalib_robust.attacks.detector.DetectorScore` computes
-it. Gradient masking (Athalye, Carlini & Wagner, 2018, "Obfuscated Gradients Give a False Sense of Security") makes
-that gradient wrong while the score is unchanged: a branch of the score that is ``.detach()``-ed or wrapped in a
-custom autograd ``Function`` with a zero backward still leaves ``scores.requires_grad`` true, so
-:class:`~anomalib_robust.attacks.detector.NotDifferentiableError` cannot see it, and the attack silently optimises
-another function. Carlini et al. (2019, "On Evaluating Adversarial Robustness") recommend verifying that the
-gradients an evaluation uses are correct, as one of the checks for gradient masking. :func:`check_gradient` does it
-with finite differences, which evaluate the score itself and so cannot be fooled by what autograd records: for a few
-images ``x`` and random unit directions ``v`` (L_2-normalised per image),
+A white-box attack follows ``g = grad_x y * A(x)`` as :class:`~anomalib_robust.attacks.detector.DetectorScore`
+computes it. Gradient masking (Athalye, Carlini & Wagner, ICML 2018, "Obfuscated Gradients Give a False Sense of
+Security") makes that gradient useless while the score is unchanged, in two ways that need two different tests
+(Carlini et al., 2019, "On Evaluating Adversarial Robustness", sec. 5):
 
-    <grad_x y * A(x), v>   vs.   (y * A(x + h v) - y * A(x - h v)) / (2 h),
+- **A wrong gradient** (a branch that is ``.detach()``-ed, a custom ``Function`` with a zero backward, a
+  straight-through estimator): autograd disagrees with the score's true derivative. The **finite-difference check**
+  compares, per image, autograd's directional derivatives ``<g, v>`` with central differences
+  ``(y A(x + h v) - y A(x - h v)) / 2h`` over ``num_directions`` random unit directions plus the gradient's own
+  direction, as vectors: the relative error ``||ad - fd|| / max(||ad||, ||fd||)`` of each image, and the largest over
+  images. Comparing vectors, not the worst single direction, matters: along a random direction ``<g, v>`` is about
+  ``||g|| / sqrt(d)`` times a standard normal, so one direction nearly orthogonal to ``g`` inflates a per-direction
+  error without anything being wrong.
+- **A shattered gradient** (a quantiser, JPEG, any piecewise-constant stage): the derivative is exactly zero, or
+  correct but meaningless, almost everywhere, so a tiny step agrees with autograd (both are zero). Only a test at the
+  attack's scale sees it. The **attack-step check** steps by the attack's step size ``alpha`` along the attack's own
+  direction (``sign(g)`` for L_inf, ``g / ||g||`` for L_2) and along ``num_steps`` random sign directions, and
+  compares the change the gradient predicts, ``<g, delta>``, with the change that happens: their ratio along the
+  attack's direction (one-sided, the step the attack takes), and the cosine between predicted and actual changes over
+  the random directions (central, ``(A(x + delta) - A(x - delta)) / 2``, so that the curvature common to every
+  direction cancels). A zero gradient under a score that moves has an infinite ratio.
 
-and reports the largest relative error ``|ad - fd| / max(|ad|, |fd|, floor)``.
+Choices, each from a measured false alarm of the former check (issue "Sanity checks that tell a masked detector from
+a robust one"):
 
-Choices:
+- **float64, including the default dtype.** Parameters and buffers are cast for the duration of the check and
+  ``torch.set_default_dtype(torch.float64)`` is set, because some anomalib maps start from ``torch.ones(...)`` in the
+  default dtype (Stfpm), and a float32 score makes the round-off of a central difference dominate. A model that does
+  not run in float64 is reported as not evaluated, never with a float32 verdict.
+- **At the attack's starting points.** The checked points are PGD's random start (uniform in the L_inf ball, or a
+  random point of the L_2 ball) around the test images, reflected into [0, 1] instead of clipped. A clean image has
+  many pixels exactly at the box edge (a third of Fashion-MNIST's), and after clipping so has a clipped start: max
+  pools, argmaxes and nearest neighbours then see exact ties, where the score has no derivative at all and the error
+  does not shrink with ``h``. A reflected point has none.
+- **Normal and anomalous images.** The caller passes both classes (the evaluator takes a stratified subset), so both
+  score directions are checked.
+- **Randomised detectors** (``detector.stochastic``) use common random numbers: torch's global RNG is reseeded with
+  ``seed`` before each single-draw evaluation, inside :func:`torch.random.fork_rng`, so that every evaluation sees the
+  same draw ``w`` of ``A(.; w)`` and the caller's RNG state is untouched.
 
-- **Precision.** The check runs in float64 where the model allows: parameters and buffers are cast for the duration
-  of the check and the original tensors are put back afterwards (bit-exact). The central difference then has a
-  truncation error O(h^2) and a round-off error O(1e-16 |A| / h), both negligible at the default ``h = 1e-3``. If
-  the model cannot run in float64 (a dtype error, a device without float64) or returns a score in another dtype, it
-  runs in the images' dtype with ``h = max(step, 1e-2)``: float32 round-off (~1e-7 |A| per evaluation, more after a
-  deep network) divided by ``2 h`` stays near 1e-5 |A| at that step, and the O(h^2) truncation error of a smooth
-  score is still small, which is the usual ``eps^(1/3)`` balance for central differences (on the tiny AdvRAD of the
-  unit tests, float32 gives a 0.2% error at ``h = 1e-2`` but 7% at ``h = 1e-3``).
-- **Box constraint.** The images are clamped to ``[h, 1 - h]`` first. ``||v||_2 = 1`` bounds every pixel of ``h v``
-  by ``h``, so ``x +- h v`` stays in [0, 1] and the difference stays central; only pixels within ``h`` of 0 or 1
-  move, by at most ``h``.
-- **Randomised detectors** (``detector.stochastic``, e.g. AdvRAD's fresh diffusion noise) use common random numbers:
-  torch's global RNG is reseeded with ``seed`` before each of the single-draw evaluations (the gradient and the two
-  sides of every difference), inside :func:`torch.random.fork_rng` so that the caller's RNG state is untouched. One
-  draw, not EOT: the check compares the gradient and the differences of the same function ``A(.; w)``. Deterministic
-  detectors are reseeded too, which changes nothing for them.
-- **Zero derivatives.** The relative error has an absolute floor (:data:`DERIVATIVE_FLOOR`) so that a derivative that
-  is genuinely zero on both sides does not divide by zero.
+The tolerances come from ``benchmarks/gradient_check_tolerances.py`` (healthy Padim, Patchcore, Stfpm and Fastflow,
+and the same detectors behind planted masking; docs/benchmarks.md, "Gradient check tolerances").
 
-The check runs through the attack's own path: one draw of :meth:`DetectorScore.differentiable_objective` (anomalib's
-``no_grad`` / ``detach`` lifted, BPDA stages installed; the map objective inside :meth:`DetectorScore.map_target`)
-for the gradient and the same objective without gradients for the differences, inside
-:meth:`DetectorScore.prepared` (entered here if the caller has not). A detector attacked through BPDA fails it by
-design: the surrogate's gradient is not the gradient of the true stage, and the report should say so. A
+The check runs through the attack's own path: :meth:`DetectorScore.differentiable_objective` (anomalib's ``no_grad``
+and ``detach`` lifted, BPDA stages installed) for the gradient and :meth:`DetectorScore.draw_objective` for the
+score, inside :meth:`DetectorScore.prepared` (entered here if the caller has not). A detector attacked through BPDA
+fails the finite-difference check by design: the surrogate's gradient is not the gradient of the true stage. A
 :class:`~anomalib_robust.attacks.detector.NotDifferentiableError` propagates, for the caller to report.
 
 Example:
@@ -51,9 +58,9 @@ Example:
     ...         return InferenceBatch(pred_score=(x**2).mean(dim=(1, 2, 3)))
     >>> holder = torch.nn.Module()
     >>> holder.model = Square()
-    >>> check = check_gradient(DetectorScore(holder), torch.rand(2, 1, 4, 4), torch.tensor([0, 1]))
-    >>> check.passed, check.num_samples, check.num_directions
-    (True, 2, 2)
+    >>> check = check_gradient(DetectorScore(holder), torch.rand(2, 1, 4, 4), torch.tensor([0, 1]), eps=2 / 255)
+    >>> check.finite_difference.passed, check.attack_step.passed
+    (True, True)
 """
 
 import math
@@ -64,14 +71,35 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from anomalib_robust.attacks.base import check_norm
 from anomalib_robust.attacks.detector import DetectorScore, NotDifferentiableError
 from anomalib_robust.attacks.objective import check_labels
 
-FLOAT32_STEP = 1e-2
-"""Smallest finite-difference step used when the check cannot run in float64."""
+DIFFERENCE_STEP = 1e-6
+"""Finite-difference step ``h`` (L_2 length of the step, float64): truncation ``O(h^2)`` and round-off
+``O(1e-16 |A| / h)`` are both far below the tolerance, and a kink of the score (a max changing hands) lies within
+``h`` of a checked point rarely enough (at ``h = 1e-5`` a max over 96 near-equal pixels crossed one on 1 image of 5)."""
 
-DERIVATIVE_FLOOR = 1e-8
-"""Absolute floor of the relative error's denominator: a derivative below it on both sides counts as zero."""
+DIFFERENCE_TOLERANCE = 1e-3
+"""Largest relative error of autograd against finite differences that passes (healthy detectors measure 1e-9 to
+1e-6, planted wrong gradients 0.1 to 1)."""
+
+STEP_RATIO_RANGE = (0.5, 2.0)
+"""Range of the median ratio of actual to predicted change along the attack's direction that passes."""
+
+MIN_STEP_COSINE = 0.5
+"""Smallest median cosine between predicted and actual changes over random sign steps that passes."""
+
+CHANGE_FLOOR = 1e-12
+"""A predicted or actual change (or derivative) below this, in absolute terms, counts as zero."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One of the two checks: ``passed`` is ``None`` when it could not be evaluated; ``detail`` is one line."""
+
+    passed: bool | None
+    detail: str
 
 
 @dataclass(frozen=True)
@@ -79,23 +107,20 @@ class GradientCheck:
     """Outcome of :func:`check_gradient`.
 
     Attributes:
-        passed: ``max_relative_error <= tolerance``; ``None`` if the check could not be evaluated (no images, or a
-            non-finite score).
+        finite_difference: autograd against central differences at ``step`` (the tiny-step check).
+        attack_step: predicted against actual change at the attack's step size ``alpha``.
         num_samples: images checked.
-        num_directions: random directions per image.
-        max_relative_error: largest ``|ad - fd| / max(|ad|, |fd|, floor)`` over images and directions.
-        step: finite-difference step ``h`` that was used (larger than asked for when the check ran in float32).
-        tolerance: largest relative error that passes.
-        detail: one-line summary for a report.
+        relative_error: largest per-image relative error of the finite-difference check (``nan`` if not evaluated).
+        step_ratio: median over images of actual / predicted change along the attack's direction.
+        step_cosine: median over images of the cosine between predicted and actual changes over random sign steps.
     """
 
-    passed: bool | None
+    finite_difference: Verdict
+    attack_step: Verdict
     num_samples: int
-    num_directions: int
-    max_relative_error: float
-    step: float
-    tolerance: float
-    detail: str
+    relative_error: float = math.nan
+    step_ratio: float = math.nan
+    step_cosine: float = math.nan
 
 
 def _percent(value: float) -> str:
@@ -131,124 +156,222 @@ def _cast_floating(module: nn.Module, dtype: torch.dtype) -> Iterator[None]:
 
 
 @contextmanager
+def float64(module: nn.Module) -> Iterator[None]:
+    """``module``'s floating-point state in float64 and float64 as torch's default dtype; both restored on exit."""
+    default = torch.get_default_dtype()
+    with _cast_floating(module, torch.float64):
+        torch.set_default_dtype(torch.float64)
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(default)
+
+
+@contextmanager
 def _common_random_numbers(device: torch.device) -> Iterator[None]:
     """Fork torch's RNG (CPU and ``device``) so that reseeding inside leaves the caller's state untouched."""
-    if device.type == "cpu":
-        with torch.random.fork_rng(devices=[]):
-            yield
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+def attack_start_points(images: torch.Tensor, eps: float, norm: str, generator: torch.Generator) -> torch.Tensor:
+    """PGD's random start around ``images`` (uniform in the L_inf ball, a random point of the L_2 ball), reflected into
+    [0, 1] rather than clipped, so that no pixel sits exactly on the box edge; each pixel stays within its ball."""
+    shape = images.shape
+    if norm == "Linf":
+        delta = (2 * torch.rand(shape, generator=generator, dtype=torch.float64) - 1) * eps
     else:
-        with torch.random.fork_rng(devices=[device.index or 0], device_type=device.type):
-            yield
+        direction = torch.randn(shape, generator=generator, dtype=torch.float64)
+        radius = eps * torch.rand((shape[0], 1, 1, 1), generator=generator, dtype=torch.float64)
+        delta = direction / direction.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * radius
+    points = images + delta.to(images)
+    return 1 - (1 - points.abs()).abs()  # reflect at 0, then at 1
 
 
-def _derivatives(
+def _unit(vectors: torch.Tensor) -> torch.Tensor:
+    """Each ``(..., N, C, H, W)`` vector over its last three dimensions scaled to unit L_2 norm (zero stays zero)."""
+    return vectors / vectors.flatten(-3).norm(dim=-1).clamp_min(1e-300)[..., None, None, None]
+
+
+def _attack_direction(gradient: torch.Tensor, norm: str) -> torch.Tensor:
+    """The attack's step direction of unit size: ``sign(g)`` (L_inf, eq. 1) or ``g / ||g||_2`` (L_2, eq. 2)."""
+    return gradient.sign() if norm == "Linf" else _unit(gradient)
+
+
+def _cosine(predicted: torch.Tensor, actual: torch.Tensor) -> torch.Tensor:
+    """Per image, the cosine between the columns ``(K, N)`` of ``predicted`` and ``actual`` changes: 0 where the
+    gradient predicts no change but the score moves (a zero gradient predicts nothing), ``nan`` where neither moves."""
+    predicted_norm, actual_norm = predicted.norm(dim=0), actual.norm(dim=0)
+    cosine = (predicted * actual).sum(dim=0) / (predicted_norm * actual_norm).clamp_min(1e-300)
+    moves = actual_norm > CHANGE_FLOOR
+    cosine = torch.where(predicted_norm > CHANGE_FLOOR, cosine, torch.where(moves, 0.0, torch.nan))
+    return torch.where(moves | (predicted_norm > CHANGE_FLOOR), cosine, torch.nan)
+
+
+def _ratio(actual: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
+    """Per image, ``actual / predicted``: ``inf`` where the gradient predicts no change but the score moves, ``nan``
+    where neither changes."""
+    moves = actual.abs() > CHANGE_FLOOR
+    ratio = actual / predicted.where(predicted.abs() > CHANGE_FLOOR, torch.nan)
+    return torch.where(predicted.abs() > CHANGE_FLOOR, ratio, torch.where(moves, torch.inf, torch.nan))
+
+
+def _finite_median(values: torch.Tensor) -> float:
+    """Median of the non-nan ``values`` (``inf`` counts), ``nan`` when there are none."""
+    kept = values[~values.isnan()]
+    return float(kept.median()) if kept.numel() else math.nan
+
+
+@dataclass(frozen=True)
+class _Measured:
+    """Raw measurements per image: finite-difference errors ``(N,)``, attack-step ratios ``(N,)`` and cosines
+    ``(N,)``, and whether every evaluated objective was finite."""
+
+    errors: torch.Tensor
+    ratios: torch.Tensor
+    cosines: torch.Tensor
+    finite: bool
+
+
+def _measure(
     detector: DetectorScore,
-    images: torch.Tensor,
+    points: torch.Tensor,
     labels: torch.Tensor,
-    num_directions: int,
-    step: float,
+    directions: torch.Tensor,
+    signs: torch.Tensor,
+    alpha: float,
+    norm: str,
     seed: int,
-) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
-    """Autograd and central-difference directional derivatives ``(num_directions, N)`` and whether the objective is
-    finite; ``None`` if the detector returned a score in another dtype than the images (it computes in that dtype)."""
-    generator = torch.Generator().manual_seed(seed)
-    directions = torch.randn((num_directions, *images.shape), generator=generator, dtype=torch.float64)
-    directions = directions / directions.flatten(2).norm(dim=2)[..., None, None, None]
-    directions = directions.to(images)
-    with _common_random_numbers(images.device):
+) -> _Measured:
+    """Both checks at ``points`` (float64): ``directions`` ``(K, N, C, H, W)`` of unit length, ``signs`` random sign
+    steps ``(S, N, C, H, W)`` of unit size in ``norm``."""
+
+    def objective(images: torch.Tensor) -> torch.Tensor:
         torch.manual_seed(seed)
-        x = images.clone().requires_grad_(True)
-        objective = detector.differentiable_objective(x, labels)
-        if objective.dtype != images.dtype:
-            return None
-        (gradient,) = torch.autograd.grad(objective.sum(), x)
-        finite = bool(torch.isfinite(objective).all())
-        autograd, differences = [], []
+        return detector.draw_objective(images, labels).double()
+
+    with _common_random_numbers(points.device):
+        torch.manual_seed(seed)
+        x = points.clone().requires_grad_(True)
+        value = detector.differentiable_objective(x, labels)
+        if value.dtype != torch.float64:
+            msg = f"{detector.name} returned a {value.dtype} score for float64 images"
+            raise TypeError(msg)
+        (gradient,) = torch.autograd.grad(value.sum(), x)
         with torch.no_grad():
-            for direction in directions:
-                sides = []
-                for sign in (1, -1):
-                    torch.manual_seed(seed)
-                    sides.append(detector.draw_objective(images + sign * step * direction, labels))
-                finite = finite and all(bool(torch.isfinite(side).all()) for side in sides)
-                differences.append((sides[0] - sides[1]) / (2 * step))
-                autograd.append((gradient * direction).flatten(1).sum(dim=1))
-    return torch.stack(autograd).double(), torch.stack(differences).double(), finite
+            h = DIFFERENCE_STEP
+            unit = torch.cat([directions, _unit(gradient)[None]])
+            autograd = (gradient * unit).flatten(2).sum(dim=2)
+            differences = torch.stack([(objective(x + h * v) - objective(x - h * v)) / (2 * h) for v in unit])
+            errors = (autograd - differences).norm(dim=0) / torch.maximum(
+                torch.maximum(autograd.norm(dim=0), differences.norm(dim=0)), torch.tensor(CHANGE_FLOOR)
+            )
+            base = objective(x)
+            step = alpha * _attack_direction(gradient, norm)
+            along = objective(x + step) - base
+            predicted = (gradient * step).flatten(1).sum(dim=1)
+            random_steps = alpha * signs
+            random_predicted = (gradient * random_steps).flatten(2).sum(dim=2)
+            random_actual = torch.stack([(objective(x + s) - objective(x - s)) / 2 for s in random_steps])
+        evaluated = (value.detach(), differences, base, along, random_actual)
+        finite = all(bool(torch.isfinite(tensor).all()) for tensor in evaluated)
+    return _Measured(errors, _ratio(along, predicted), _cosine(random_predicted, random_actual), finite)
+
+
+def _finite_difference_verdict(errors: torch.Tensor, directions: int) -> tuple[Verdict, float]:
+    error = float(errors.max())
+    detail = (
+        f"autograd vs central differences (float64, h={DIFFERENCE_STEP:g}) on {errors.numel()} images x "
+        f"{directions} random directions + the gradient's: max relative error {_percent(error)} "
+        f"(tolerance {_percent(DIFFERENCE_TOLERANCE)})"
+    )
+    passed = error <= DIFFERENCE_TOLERANCE
+    if not passed:
+        detail += "; the attacked gradient is not the score's (a detached, masked or approximated branch)"
+    return Verdict(passed, detail), error
+
+
+def _attack_step_verdict(ratios: torch.Tensor, cosines: torch.Tensor, alpha: float, steps: int) -> tuple[Verdict, ...]:
+    ratio, cosine = _finite_median(ratios), _finite_median(cosines)
+    low, high = STEP_RATIO_RANGE
+    summary = (
+        f"predicted vs actual change at the attack's step ({alpha:.3g}) on {ratios.numel()} images: median ratio "
+        f"{ratio:.3g} along the attack's direction (pass within [{low:g}, {high:g}]), median cosine {cosine:.3g} "
+        f"over {steps} random sign steps (pass >= {MIN_STEP_COSINE:g})"
+    )
+    if math.isnan(ratio) and math.isnan(cosine):
+        return Verdict(None, f"{summary}: not evaluated, the score does not change at that step"), ratio, cosine
+    passed = low <= ratio <= high and not cosine < MIN_STEP_COSINE
+    if not passed:
+        summary += "; the gradient does not predict the score's change at the attack's scale (shattered or masked)"
+    return Verdict(passed, summary), ratio, cosine
 
 
 def check_gradient(
     detector: DetectorScore,
     images: torch.Tensor,
     labels: torch.Tensor,
-    num_samples: int = 4,
-    num_directions: int = 2,
-    step: float = 1e-3,
-    tolerance: float = 0.1,
+    eps: float,
+    alpha: float | None = None,
+    norm: str = "Linf",
+    num_directions: int = 4,
+    num_steps: int = 8,
     seed: int = 0,
 ) -> GradientCheck:
-    """Compare autograd's directional derivatives of ``y * A(x)`` with central finite differences (module docstring).
+    """The finite-difference and attack-step checks on ``images`` (module docstring).
 
     Args:
         detector: the attacked score; the check enters :meth:`DetectorScore.prepared` unless the caller has.
-        images: ``(N, C, H, W)`` images in [0, 1]; the first ``num_samples`` are checked.
+        images: ``(N, C, H, W)`` test images in [0, 1], normal and anomalous ones.
         labels: their anomalib labels (0 normal, 1 anomalous), which set ``y``.
-        num_samples: images checked (at most ``N``).
-        num_directions: random unit directions per image.
-        step: finite-difference step ``h`` in float64 (at least :data:`FLOAT32_STEP` in float32).
-        tolerance: largest relative error that passes.
-        seed: seeds the directions and the common random numbers of randomised detectors.
+        eps: the attack's radius: the checked points are its random starts.
+        alpha: the attack's step size; ``None`` for PGD's default ``min(eps, 2.5 eps / 10)``.
+        norm: ``"Linf"`` or ``"L2"``.
+        num_directions: random unit directions of the finite-difference check per image (plus the gradient's).
+        num_steps: random sign steps of the attack-step check per image.
+        seed: seeds the starting points, the directions and the common random numbers of randomised detectors.
 
     Returns:
-        The :class:`GradientCheck`; the model's state (mode, parameters, buffers, dtypes) and the caller's RNG are as
-        they were, and no ``.grad`` is left on anything.
+        The :class:`GradientCheck`; the model's state (mode, parameters, buffers, dtypes), torch's default dtype and
+        the caller's RNG are as they were, and no ``.grad`` is left on anything.
 
     Raises:
         NotDifferentiableError: if the score has no gradient at all.
         ValueError: for invalid arguments.
     """
-    if num_samples < 1 or num_directions < 1:
-        msg = f"num_samples and num_directions must be >= 1, got {num_samples} and {num_directions}."
+    if num_directions < 1 or num_steps < 1:
+        msg = f"num_directions and num_steps must be >= 1, got {num_directions} and {num_steps}."
         raise ValueError(msg)
-    if not 0 < step < 0.5 or not tolerance > 0:
-        msg = f"step must be in (0, 0.5) and tolerance > 0, got step={step} and tolerance={tolerance}."
+    if not eps > 0 or (alpha is not None and not alpha > 0):
+        msg = f"eps and alpha must be > 0, got eps={eps} and alpha={alpha}."
         raise ValueError(msg)
-    labels = check_labels(labels, images.shape[0])[:num_samples].to(images.device)
-    images = images[:num_samples].detach()
+    norm = check_norm(norm)
+    alpha = min(eps, 2.5 * eps / 10) if alpha is None else alpha
+    labels = check_labels(labels, images.shape[0]).to(images.device)
     count = images.shape[0]
     if count == 0:
-        return GradientCheck(None, 0, num_directions, float("nan"), step, tolerance, "no images to check gradients on")
-    fallback = images if images.is_floating_point() else images.float()
-    with detector.prepared():
-        result, used_step, precision = None, step, "float64"
-        try:
-            with _cast_floating(detector, torch.float64):
-                result = _derivatives(
-                    detector, images.double().clamp(step, 1 - step), labels, num_directions, step, seed
-                )
-        except NotDifferentiableError:
-            raise
-        except (RuntimeError, TypeError, ValueError, NotImplementedError):
-            result = None  # the model does not run in float64: check in the images' dtype below
-        if result is None:
-            precision = str(fallback.dtype).removeprefix("torch.")
-            used_step = step if fallback.dtype == torch.float64 else max(step, FLOAT32_STEP)
-            clamped = fallback.clamp(used_step, 1 - used_step)
-            result = _derivatives(detector, clamped, labels, num_directions, used_step, seed)
-            if result is None:
-                msg = f"{detector.name} returned a score in another dtype than its {precision} input."
-                raise TypeError(msg)
-    autograd, differences, finite = result
-    floor = torch.tensor(DERIVATIVE_FLOOR, dtype=torch.float64)
-    errors = (autograd - differences).abs() / torch.maximum(torch.maximum(autograd.abs(), differences.abs()), floor)
-    max_error = float(errors.max())
-    summary = (
-        f"autograd vs finite differences on {count} images x {num_directions} directions ({precision}, h={used_step:g})"
-    )
-    if not finite:
-        detail = f"{summary}: not evaluated, the score is not finite"
-        return GradientCheck(None, count, num_directions, max_error, used_step, tolerance, detail)
-    passed = bool(max_error <= tolerance)
-    detail = f"{summary}: max relative error {_percent(max_error)} (tolerance {_percent(tolerance)})"
-    if not passed:
-        detail += "; the attacked gradient is not the score's (masked or approximated branch)"
-    return GradientCheck(passed, count, num_directions, max_error, used_step, tolerance, detail)
+        missing = Verdict(None, "no images to check gradients on")
+        return GradientCheck(missing, missing, 0)
+    generator = torch.Generator().manual_seed(seed)
+    points = attack_start_points(images.detach().double().cpu(), eps, norm, generator).to(images.device)
+    directions = _unit(torch.randn((num_directions, *images.shape), generator=generator, dtype=torch.float64))
+    signs = torch.randint(0, 2, (num_steps, *images.shape), generator=generator, dtype=torch.float64) * 2 - 1
+    if norm == "L2":
+        signs = _unit(signs)
+    device = images.device
+    try:
+        with detector.prepared(), float64(detector):
+            measured = _measure(detector, points, labels, directions.to(device), signs.to(device), alpha, norm, seed)
+    except NotDifferentiableError:
+        raise
+    except (RuntimeError, TypeError, NotImplementedError) as error:
+        skipped = Verdict(None, f"not evaluated: {detector.name} does not run in float64 ({error})")
+        return GradientCheck(skipped, skipped, count)
+    if not measured.finite:
+        skipped = Verdict(None, "not evaluated: the score is not finite at the checked points")
+        return GradientCheck(skipped, skipped, count)
+    difference, error = _finite_difference_verdict(measured.errors, num_directions)
+    step, ratio, cosine = _attack_step_verdict(measured.ratios, measured.cosines, alpha, num_steps)
+    return GradientCheck(difference, step, count, error, ratio, cosine)
+

@@ -1,4 +1,5 @@
-"""``check_gradient``: autograd's directional derivative of the attacked score against central finite differences."""
+"""``check_gradient``: autograd against central differences at a tiny step, and the predicted against the actual
+change at the attack's step; each fails on its planted masking and passes on honest scores."""
 
 import pytest
 import torch
@@ -6,7 +7,8 @@ from anomalib.data import InferenceBatch
 from torch import nn
 
 from anomalib_robust.attacks import DetectorScore, NotDifferentiableError
-from anomalib_robust.evaluation.gradient_check import GradientCheck, check_gradient
+from anomalib_robust.evaluation.gradient_check import GradientCheck, attack_start_points, check_gradient
+from anomalib_robust.evaluation.masking import plant_masking
 
 
 class _ZeroBackward(torch.autograd.Function):
@@ -26,11 +28,13 @@ class _ZeroBackward(torch.autograd.Function):
 class ToyModel(nn.Module):
     """Score = mean squared conv response (under ``torch.no_grad`` like anomalib) + optionally a masked branch."""
 
-    def __init__(self, mask: str | None = None, noise: float = 0.0, float32_only: bool = False) -> None:
+    def __init__(
+        self, mask: str | None = None, noise: float = 0.0, float32_only: bool = False, pooled: bool = False
+    ) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
         self.other = nn.Conv2d(3, 4, 3, padding=1)
-        self.mask, self.noise, self.float32_only = mask, noise, float32_only
+        self.mask, self.noise, self.float32_only, self.pooled = mask, noise, float32_only, pooled
         self.stochastic = bool(noise)
 
     def forward(self, images: torch.Tensor) -> InferenceBatch:
@@ -42,6 +46,8 @@ class ToyModel(nn.Module):
         if self.noise:
             features = features + self.noise * torch.randn_like(features)
         score = (features**2).mean(dim=(1, 2, 3))
+        if self.pooled:  # a max over pixels, in a map that starts from the default dtype (as anomalib's Stfpm)
+            score = score + torch.ones(images.shape[0]) * images.amax(dim=(1, 2, 3))
         branch = torch.tanh(self.other(images)).mean(dim=(1, 2, 3))
         if self.mask == "detach":
             branch = branch.detach()  # this package's (the test's) detach: not lifted
@@ -61,6 +67,9 @@ class ToyDetector(nn.Module):
         self.model = ToyModel(**kwargs)
 
 
+EPS = 2 / 255
+
+
 @pytest.fixture
 def batch() -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
@@ -70,7 +79,7 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.tensor([0, 1, 0, 1, 0])
 
 
-def test_honest_gradient_passes_in_float64_and_leaves_no_trace(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+def test_honest_gradient_passes_both_checks_and_leaves_no_trace(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
     images, labels = batch
     toy = ToyDetector()
     toy.train()
@@ -80,14 +89,16 @@ def test_honest_gradient_passes_in_float64_and_leaves_no_trace(batch: tuple[torc
         for name, parameter in toy.named_parameters()
     }
     rng_state = torch.get_rng_state()
-    check = check_gradient(detector, images, labels)
+    check = check_gradient(detector, images, labels, eps=EPS)
     assert isinstance(check, GradientCheck)
-    assert check.passed is True
-    assert (check.num_samples, check.num_directions, check.step, check.tolerance) == (4, 2, 1e-3, 0.1)
-    assert check.max_relative_error < 1e-6
-    assert check.detail.startswith("autograd vs finite differences on 4 images x 2 directions (float64")
-    assert "tolerance 10%" in check.detail
+    assert (check.finite_difference.passed, check.attack_step.passed) == (True, True)
+    assert check.num_samples == 5
+    assert check.relative_error < 1e-6
+    assert 0.5 < check.step_ratio < 2
+    assert check.step_cosine > 0.9
+    assert "float64" in check.finite_difference.detail
     assert torch.equal(torch.get_rng_state(), rng_state)
+    assert torch.get_default_dtype() == torch.float32
     assert toy.training
     for name, parameter in toy.named_parameters():
         original, address, value, requires_grad = parameters[name]
@@ -100,15 +111,57 @@ def test_honest_gradient_passes_in_float64_and_leaves_no_trace(batch: tuple[torc
     assert images.grad is None
 
 
+def test_a_max_over_pixels_at_the_box_edge_and_a_default_dtype_map_pass(
+    batch: tuple[torch.Tensor, torch.Tensor],
+) -> None:
+    """At the clean image many pixels tie at 0 or 1 and a max has no derivative there; the checked points are the
+    attack's reflected random starts, which have no ties, and the map runs in float64 through the default dtype."""
+    images, labels = batch
+    images = images.clone()
+    images[:, :, :, :4] = 1.0  # the maximum ties over half of every image
+    check = check_gradient(DetectorScore(ToyDetector(pooled=True)), images, labels, eps=EPS)
+    assert check.finite_difference.passed is True
+    assert check.relative_error < 1e-6
+
+
+def test_start_points_stay_in_the_ball_and_off_the_box_edge(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    images, _ = batch
+    for norm, eps in (("Linf", EPS), ("L2", 0.2)):
+        points = attack_start_points(images.double(), eps, norm, torch.Generator().manual_seed(0))
+        assert ((points > 0) & (points < 1)).all()
+        delta = (points - images.double()).flatten(1)
+        size = delta.abs().amax(dim=1) if norm == "Linf" else delta.norm(dim=1)
+        assert (size <= eps + 1e-12).all()
+
+
 @pytest.mark.parametrize("mask", ["detach", "function"])
-def test_masked_branch_fails(batch: tuple[torch.Tensor, torch.Tensor], mask: str) -> None:
+def test_masked_branch_fails_the_finite_differences(batch: tuple[torch.Tensor, torch.Tensor], mask: str) -> None:
     """The score still requires grad (the other branch is honest), so only the finite differences can tell."""
     detector = DetectorScore(ToyDetector(mask=mask))
     with detector.prepared():
-        check = check_gradient(detector, *batch)
-    assert check.passed is False
-    assert check.max_relative_error > 0.5
-    assert "masked" in check.detail
+        check = check_gradient(detector, *batch, eps=EPS)
+    assert check.finite_difference.passed is False
+    assert check.relative_error > 0.1
+    assert "masked" in check.finite_difference.detail
+
+
+@pytest.mark.parametrize(
+    ("masking", "finite_difference", "attack_step"),
+    [("quantised", None, False), ("straight_through", False, None), ("detached", False, False)],
+)
+def test_planted_masking_is_flagged_by_the_right_check(
+    batch: tuple[torch.Tensor, torch.Tensor], masking: str, finite_difference: bool | None, attack_step: bool
+) -> None:
+    """A quantiser has a zero gradient where the score moves: only a step of the attack's size sees it. A
+    straight-through quantiser has the identity's gradient, wrong at a tiny step (at the attack's step it depends on
+    the quantiser's levels). A partly detached score has a scaled-down gradient, wrong at both. ``None``: either."""
+    check = check_gradient(DetectorScore(plant_masking(ToyDetector(), masking, levels=16)), *batch, eps=EPS)
+    if attack_step is not None:
+        assert check.attack_step.passed is attack_step
+    if finite_difference is not None:
+        assert check.finite_difference.passed is finite_difference
+    if masking == "quantised":
+        assert check.step_cosine == 0.0
 
 
 def test_stochastic_detector_passes_with_common_random_numbers(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -116,30 +169,27 @@ def test_stochastic_detector_passes_with_common_random_numbers(batch: tuple[torc
     assert detector.stochastic
     assert detector.eot_samples > 1  # the check uses one draw, not the EOT budget
     rng_state = torch.get_rng_state()
-    check = check_gradient(detector, *batch, num_samples=3, num_directions=3, seed=7)
-    assert check.passed is True
-    assert check.max_relative_error < 1e-6
-    assert check.num_samples == 3
+    check = check_gradient(detector, *batch, eps=EPS, num_directions=3, seed=7)
+    assert (check.finite_difference.passed, check.attack_step.passed) == (True, True)
+    assert check.relative_error < 1e-6
     assert torch.equal(torch.get_rng_state(), rng_state)
 
 
-def test_model_without_float64_is_checked_in_float32_with_a_larger_step(
-    batch: tuple[torch.Tensor, torch.Tensor],
-) -> None:
+def test_model_without_float64_is_not_evaluated(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
     toy = ToyDetector(float32_only=True)
-    check = check_gradient(DetectorScore(toy), *batch, step=1e-3)
-    assert check.passed is True
-    assert check.step == 1e-2
-    assert "float32" in check.detail
+    check = check_gradient(DetectorScore(toy), *batch, eps=EPS)
+    assert (check.finite_difference.passed, check.attack_step.passed) == (None, None)
+    assert "does not run in float64" in check.finite_difference.detail
     assert all(parameter.dtype == torch.float32 for parameter in toy.parameters())
+    assert torch.get_default_dtype() == torch.float32
 
 
 def test_score_without_any_gradient_raises(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
     with pytest.raises(NotDifferentiableError):
-        check_gradient(DetectorScore(ToyDetector(mask="everything")), *batch)
+        check_gradient(DetectorScore(ToyDetector(mask="everything")), *batch, eps=EPS)
 
 
 def test_no_images_cannot_be_evaluated() -> None:
-    check = check_gradient(DetectorScore(ToyDetector()), torch.rand(0, 3, 8, 8), torch.zeros(0))
-    assert check.passed is None
+    check = check_gradient(DetectorScore(ToyDetector()), torch.rand(0, 3, 8, 8), torch.zeros(0), eps=EPS)
+    assert check.finite_difference.passed is None
     assert check.num_samples == 0

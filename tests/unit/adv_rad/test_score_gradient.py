@@ -62,9 +62,10 @@ def test_gradient_flows_through_the_reconstruction(
 
 
 def test_gradient_check_passes_on_the_honest_model(model: AdvRADModel, images: torch.Tensor) -> None:
-    check = check_gradient(DetectorScore(Detector(model)), images, torch.tensor([0, 1]), num_samples=2)
-    assert check.passed is True, check.detail
-    assert "float64" in check.detail
+    check = check_gradient(DetectorScore(Detector(model)), images, torch.tensor([0, 1]), eps=2 / 255)
+    assert check.finite_difference.passed is True, check.finite_difference.detail
+    assert check.attack_step.passed is True, check.attack_step.detail
+    assert "float64" in check.finite_difference.detail
     assert all(parameter.dtype == torch.float32 and parameter.grad is None for parameter in model.parameters())
     assert model.normal_error_map.dtype == torch.float32
 
@@ -72,5 +73,5 @@ def test_gradient_check_passes_on_the_honest_model(model: AdvRADModel, images: t
 @pytest.mark.usefixtures("detached_reconstruction")
 def test_gradient_check_fails_with_the_reconstruction_detached(model: AdvRADModel, images: torch.Tensor) -> None:
     """The score still requires grad (the input term), so only the finite differences see the masked branch."""
-    check = check_gradient(DetectorScore(Detector(model)), images, torch.tensor([0, 1]), num_samples=2)
-    assert check.passed is False, check.detail
+    check = check_gradient(DetectorScore(Detector(model)), images, torch.tensor([0, 1]), eps=2 / 255)
+    assert check.finite_difference.passed is False, check.finite_difference.detail
