@@ -14,28 +14,31 @@ chunk of ``k`` batched EOT draws counts ``k`` passes, :mod:`anomalib_robust.atta
   clean image and the restarts (:meth:`~anomalib_robust.attacks.base.Attack.worst_case`, one re-scoring each);
 - Square (Andriushchenko et al., 2020, Alg. 1): ``n_queries`` objectives per restart, plus the worst case;
 - AutoAttack: its members, plus the worst case over the clean image and them;
-- the deployed scoring of an image: one forward pass per repeat; the finite-difference gradient check
-  (:mod:`~anomalib_robust.evaluation.gradient_check`): one forward and backward pass and two forward passes per
-  direction per checked image (one attempt: a model that fails in float64 runs it again in float32).
+- the deployed scoring of an image: one forward pass per repeat; the gradient checks
+  (:mod:`~anomalib_robust.evaluation.gradient_check`, float64): one forward and backward pass, two forward passes per
+  direction, and two plus two per random sign step per checked image.
 
 A backward pass is counted as :data:`BACKWARD_COST` forward passes, and a float64 pass of the gradient check as
 :data:`FLOAT64_COST` float32 ones; "cost" below is forward-pass equivalents.
 
-The sanity budget (:func:`fit_sanity`): the sanity runs together (their attacks, their scoring and the gradient check)
-may cost ``sanity_budget`` times the configured runs (attacks and scoring) on the whole test set. They share one
-evenly spaced subset of the test images that keeps both classes in their proportion (:func:`stratified_subset`), as
-large as the budget allows with Square at its configured queries; if that leaves fewer than
-:data:`MIN_SANITY_IMAGES` images, Square's queries shrink (to no fewer than :data:`MIN_SQUARE_QUERIES`) to fit that
-many, and the subset never goes below that many (the runs then exceed the budget, with a warning). Within a budget, Square queries one draw per candidate: EOT is the
-attacker's tool, and the evaluator scores Square's result as deployed anyway; the very-large-eps run saturates in a few
-steps (:class:`~anomalib_robust.evaluation.evaluator.RobustEvaluator`).
+The sanity budget: the sanity runs together (their attacks, their scoring and the gradient checks) may cost
+``sanity_budget`` times the configured runs (attacks and scoring) on the whole test set. What is left after the
+gradient checks goes half to the paired runs, half to Square:
+
+- the paired runs (the convergence run with more steps and draws, and the very-large-eps run) attack whole batches of
+  the configured runs (:func:`whole_batches`), so that the convergence run starts from the same random start as the
+  configured run it is compared with; at least one batch, over budget if need be;
+- Square attacks a stratified subset (:func:`stratified_subset`) with its configured queries and the attacker's EOT
+  draws; its images shrink first, then its queries, and then a pass is only "inconclusive" (:func:`fit_square`).
 
 Example:
-    >>> from anomalib_robust.evaluation.budget import Passes, fit_sanity
+    >>> from anomalib_robust.evaluation.budget import Passes, fit_square
     >>> (Passes(forward=10, backward=10) * 3).cost
     90.0
-    >>> fit_sanity(allowance=6000.0, total_images=60, per_image=80.0, square=(1.0, 3.0), queries=500)
-    (16, 292)
+    >>> fit_square(allowance=6000.0, total_images=60, per_query=1.0, fixed=3.0, queries=500)
+    (16, 371)
+    >>> fit_square(allowance=60000.0, total_images=60, per_query=1.0, fixed=3.0, queries=500)
+    (60, 500)
 """
 
 import logging
@@ -63,12 +66,12 @@ FLOAT64_COST = 8.0
 4x on AdvRAD's CPU preset and 14x on Padim with a ResNet-18 at 32 x 32, with the model's cast, 2026-12-02)."""
 
 DEFAULT_SANITY_BUDGET = 1.5
-"""The sanity runs may cost this multiple of the configured runs: the default evaluation plans at most 2.5x the cost of
-the configured runs alone, which leaves room for what the count misses under the target of 3x
+"""The sanity runs may cost this multiple of the configured runs: the default evaluation plans about 2.5x the cost of
+the configured runs alone (more when one batch of the paired runs exceeds it), under the target of 3x
 (``benchmarks/sanity_budget.py``)."""
 
 MIN_SANITY_IMAGES = 16
-"""Fewest sanity-run images (or the whole test set, if smaller): Square's queries shrink first to keep them."""
+"""Fewest images of the Square sanity run (or the whole test set, if smaller): its queries shrink to keep them."""
 
 MIN_SQUARE_QUERIES = 10
 """Fewest queries the budget leaves to the Square sanity run (or its configured queries, if fewer)."""
@@ -152,9 +155,11 @@ def attack_queries(attack: Attack) -> int | None:
     return None
 
 
-def gradient_check_passes(images: int, directions: int) -> Passes:
-    """Passes of the finite-difference gradient check on ``images`` images and ``directions`` directions each."""
-    return Passes(forward=images * (1 + 2 * directions), backward=images)
+def gradient_check_passes(images: int, directions: int, steps: int) -> Passes:
+    """Passes of the gradient checks (:mod:`~anomalib_robust.evaluation.gradient_check`) on ``images`` images:
+    the gradient, two differences per direction (plus the gradient's), the base point, the attack's step and two
+    evaluations per random sign step."""
+    return Passes(forward=images * (1 + 2 * (directions + 1) + 2 + 2 * steps), backward=images)
 
 
 def gradient_check_cost(passes: Passes) -> float:
@@ -184,54 +189,31 @@ def check_sanity_budget(sanity_budget: float | None) -> float | None:
     return float(sanity_budget)
 
 
-def fit_sanity(
-    allowance: float,
-    total_images: int,
-    per_image: float,
-    square: tuple[float, float] | None,
-    queries: int,
-) -> tuple[int, int]:
-    """Images and Square queries of the sanity runs within ``allowance`` forward-pass equivalents (module docstring).
+def whole_batches(batches: list[list[int]], labels: torch.Tensor, size: int) -> torch.Tensor:
+    """Test-set indices of evenly spaced whole ``batches`` holding about ``size`` images (at least one batch), and for
+    a class they lack, the first batch that has it (``labels`` by test-set index; sorted indices)."""
+    count = min(len(batches), max(1, round(size / (sum(map(len, batches)) / len(batches)))))
+    chosen = evenly_spaced(len(batches), count)
+    for label in (0, 1):
+        if not any((labels[batches[number]] == label).any() for number in chosen):
+            chosen.append(next(n for n, batch in enumerate(batches) if (labels[batch] == label).any()))
+    return torch.tensor(sorted(index for number in chosen for index in batches[number]), dtype=torch.long)
 
-    Args:
-        allowance: what the sanity runs may cost in total (the gradient check already taken off).
-        total_images: images of the evaluated test set.
-        per_image: cost per image of the sanity runs other than Square (attacks and their scoring).
-        square: Square's cost per image as ``(per query, fixed)``, or ``None`` without a Square sanity run.
-        queries: Square's configured queries.
 
-    Never fewer than ``min(total_images, MIN_SANITY_IMAGES)`` images: when even that does not fit (a small
-    evaluation, where the gradient check alone can exceed the allowance), the sanity runs take that many images with
-    the fewest Square queries, over budget, with a warning; the report's planned ratio shows it.
+def fit_square(allowance: float, total_images: int, per_query: float, fixed: float, queries: int) -> tuple[int, int]:
+    """Images and queries of the Square sanity run within ``allowance`` forward-pass equivalents.
+
+    Images shrink first, never the queries: as many images as the configured ``queries`` allow, down to
+    :data:`MIN_SANITY_IMAGES`. Only below that do the queries shrink (to no fewer than :data:`MIN_SQUARE_QUERIES`),
+    and the check then reports a pass as inconclusive (:func:`~anomalib_robust.evaluation.sanity.sanity_checks`).
+    ``per_query`` and ``fixed`` are Square's cost per image per query and per image (scoring included).
     """
-
-    def cost(count: int) -> float:
-        per_query, fixed = square or (0.0, 0.0)
-        return per_image + per_query * count + fixed
-
-    def images_within(count: int) -> int:
-        return min(total_images, math.floor(allowance / cost(count)))
-
     floor = min(total_images, MIN_SANITY_IMAGES)
-    images = images_within(queries)
+    images = min(total_images, math.floor(allowance / (per_query * queries + fixed)))
     if images >= floor:
         return images, queries
-    if square is not None:
-        per_query, fixed = square
-        fitted = math.floor((allowance / floor - per_image - fixed) / per_query)
-        if fitted >= min(queries, MIN_SQUARE_QUERIES):
-            return floor, min(fitted, queries)
-        queries = min(queries, MIN_SQUARE_QUERIES)
-        images = images_within(queries)
-    if images < floor:
-        logger.warning(
-            "sanity_budget leaves %.0f forward-pass equivalents for the sanity runs, less than their smallest form "
-            "(%d images, %d Square queries: about %.0f per image); they run in that form and exceed the budget (raise "
-            "sanity_budget, or set sanity_checks=False to skip them)",
-            max(allowance, 0.0), floor, queries, cost(queries),
-        )  # fmt: skip
-        images = floor
-    return images, queries
+    fitted = math.floor((allowance / floor - fixed) / per_query)
+    return floor, max(min(fitted, queries), min(queries, MIN_SQUARE_QUERIES))
 
 
 def stratified_subset(indices: torch.Tensor, labels: torch.Tensor, size: int) -> torch.Tensor:

@@ -50,7 +50,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import distributed, nn
 from torch.utils.data import DataLoader
 
-from anomalib_robust.attacks import ATTACKS, Attack, DetectorScore, NotDifferentiableError, build_attack
+from anomalib_robust.attacks import APGD, ATTACKS, PGD, Attack, DetectorScore, NotDifferentiableError, build_attack
 from anomalib_robust.attacks.base import check_count, check_norm, check_positive
 from anomalib_robust.attacks.eot import check_max_batch
 from anomalib_robust.attacks.pgd import check_select
@@ -61,15 +61,16 @@ from anomalib_robust.evaluation.budget import (
     attack_passes,
     attack_queries,
     check_sanity_budget,
-    fit_sanity,
+    fit_square,
     gradient_check_cost,
     gradient_check_passes,
     run_cost,
     square_passes,
     stratified_subset,
+    whole_batches,
 )
 from anomalib_robust.evaluation.gradient_check import check_gradient
-from anomalib_robust.evaluation.metrics import mean_and_std, pixel_auroc, rank_auroc
+from anomalib_robust.evaluation.metrics import mean_and_std, paired_auroc_difference, pixel_auroc, rank_auroc
 from anomalib_robust.evaluation.report import AttackResult, RobustReport, SanityCheck, format_budget, format_eps
 from anomalib_robust.evaluation.resume import (
     BatchStore,
@@ -78,7 +79,7 @@ from anomalib_robust.evaluation.resume import (
     dataset_fingerprint,
     model_fingerprint,
 )
-from anomalib_robust.evaluation.sanity import sanity_checks
+from anomalib_robust.evaluation.sanity import Convergence, sanity_checks
 from anomalib_robust.evaluation.sharding import (
     check_both_classes,
     cuda_devices,
@@ -87,6 +88,7 @@ from anomalib_robust.evaluation.sharding import (
     images_and_labels,
     rank_shards,
     resize_masks,
+    test_batches,
 )
 
 logger = logging.getLogger(__name__)
@@ -110,11 +112,20 @@ multiplied by the square root of the number of pixel values)."""
 LARGE_EPS_STEPS = 5
 """Most steps of the very-large-eps sanity run within a sanity budget: at that radius the attack saturates fast."""
 
-GRADIENT_CHECK_IMAGES = 4
-"""Test images of the finite-difference gradient check (the first ones, the same on every rank)."""
+GRADIENT_CHECK_IMAGES = 8
+"""Test images of the gradient checks: evenly spaced within each class, both classes in proportion."""
 
-GRADIENT_CHECK_DIRECTIONS = 2
-"""Random directions per image of the gradient check."""
+GRADIENT_CHECK_DIRECTIONS = 4
+"""Random directions per image of the finite-difference check (plus the gradient's own)."""
+
+GRADIENT_CHECK_STEPS = 8
+"""Random sign steps per image of the attack-step check."""
+
+CONVERGENCE_FACTOR = 2
+"""The convergence run has this many times the configured steps (and EOT draws, for a randomised detector)."""
+
+RANDOMNESS_CHECK_IMAGES = 8
+"""Test images scored twice to find undeclared noise (the first ones, the same on every rank)."""
 
 
 def derive_seed(seed: int, *parts: object) -> int:
@@ -139,7 +150,11 @@ class _Run:
     scores: list[torch.Tensor] = field(default_factory=list)
     maps: list[torch.Tensor] = field(default_factory=list)
     check: str = ""
-    """For a sanity run, the comparison it serves: ``"more_steps"``, ``"large_eps"`` or ``"square"``."""
+    """For a sanity run, the comparison it serves: ``"convergence"``, ``"large_eps"`` or ``"square"``."""
+    pairs_with: int | None = None
+    """For the convergence run, the number of the configured run whose seeds (random start, draws, scoring) it uses."""
+    conclusive: bool = True
+    """For the Square run, whether it had its configured queries (a pass with fewer is inconclusive)."""
 
 
 @dataclass
@@ -151,6 +166,30 @@ class _Scored:
     scores: list[torch.Tensor] = field(default_factory=list)
     maps: list[torch.Tensor] = field(default_factory=list)
     masks: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class _SanityGroup:
+    """Sanity runs that attack the same test images ``subset``; filled in as the evaluation goes: this rank's
+    ``shards``, what its pass ``seen``, and the gathered ``indices``, ``labels`` and per-run ``scores``."""
+
+    runs: list[_Run]
+    subset: torch.Tensor
+    shards: list[DataLoader] = field(default_factory=list)
+    seen: _Scored = field(default_factory=_Scored)
+    indices: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    scores: list[torch.Tensor | None] = field(default_factory=list)
+
+
+@dataclass
+class _Gathered:
+    """The configured runs' scores ``(N, R)`` on every test image (``None`` for a run that could not be carried out),
+    with the images' test-set ``indices`` and ``labels``."""
+
+    indices: torch.Tensor
+    labels: torch.Tensor
+    scores: list[torch.Tensor | None]
 
 
 class RobustEvaluator:
@@ -286,34 +325,37 @@ class RobustEvaluator:
         if self.defense is not None:
             model = Purified(model, self.defense, visualizer=False).to(model.device)
         detector = DetectorScore(model, eot_samples=self.eot_samples, max_batch=self.max_batch)
+        loaders = list(loaders)
+        device = next(model.parameters(), torch.empty(0)).device
+        self._detect_randomness(detector, loaders, device)
         if detector.stochastic and detector.eot_samples < 2:
             msg = (
-                f"RobustEval: {detector.name} is randomised (model.model.stochastic is True), so its robust AUROC "
+                f"RobustEval: {detector.name} is randomised (declared or detected), so its robust AUROC "
                 f"needs EOT: eot_samples must be >= 2 or None (default 8), got {self.eot_samples}."
             )
             raise ValueError(msg)
-        loaders = list(loaders)
         shards = rank_shards(loaders, rank, world_size, self.max_samples)
         indices, labels = _test_set(shards)
         check_both_classes(labels)  # before any attack: a single-class test set is an error at once
-        device = next(model.parameters(), torch.empty(0)).device
         repeats = self.eval_repeats if detector.stochastic else 1
         store = self._store(model, loaders)
         with torch.inference_mode(False), detector.prepared(), torch.random.fork_rng(devices=cuda_devices(device)):
             detectors = self._attacked_detectors(detector)
             configured = self._runs(detectors, indices.numel())
-            sanity, subset = [], indices
+            groups: list[_SanityGroup] = []
             if self.sanity_checks:
-                sanity, subset = self._sanity_runs(detectors[0], loaders, configured, repeats, indices, labels)
-            gradient = gradient_check_passes(_gradient_check_count(loaders), GRADIENT_CHECK_DIRECTIONS)
+                batches = test_batches(loaders, self.max_samples)
+                groups = self._sanity_runs(detectors[0], loaders, configured, repeats, indices, labels, batches)
+            sanity = [run for group in groups for run in group.runs]
+            checked = _stratified_images(indices, labels, GRADIENT_CHECK_IMAGES)
+            gradient = gradient_check_passes(checked.numel(), GRADIENT_CHECK_DIRECTIONS, GRADIENT_CHECK_STEPS)
             plan = EvaluationPlan(
                 detector.name, [run.result for run in configured + sanity], repeats, indices.numel(),
                 gradient if self.sanity_checks else None, self.sanity_budget if self.sanity_checks else None,
             )  # fmt: skip
             plan.log(show_progress)
-            sanity_shards = []
-            if sanity:
-                sanity_shards = rank_shards(loaders, rank, world_size, selections=_selections(loaders, subset))
+            for group in groups:
+                group.shards = rank_shards(loaders, rank, world_size, selections=_selections(loaders, group.subset))
             with Progress(
                 TextColumn("[bold]RobustEval[/] {task.description}"),
                 BarColumn(),
@@ -321,22 +363,32 @@ class RobustEvaluator:
                 TimeElapsedColumn(),
                 disable=not show_progress,
             ) as progress:
-                batches = len(configured) * sum(map(len, shards)) + len(sanity) * sum(map(len, sanity_shards))
+                batches = len(configured) * sum(map(len, shards))
+                batches += sum(len(group.runs) * sum(map(len, group.shards)) for group in groups)
                 bar = (progress, progress.add_task(detector.name, total=batches))
                 estimate = plan.estimator(world_size, progress if show_progress else None)
                 clean, grid = self._attack_pass(detector, shards, configured, repeats, device, bar, store, 0, estimate)
-                attacked, _ = self._attack_pass(
-                    detector, sanity_shards, sanity, repeats, device, bar, store, len(configured)
-                )
-            gradient = self._gradient_check(detector, loaders, device) if self.sanity_checks else None
+                number = len(configured)
+                for group in groups:
+                    group.seen, _ = self._attack_pass(
+                        detector, group.shards, group.runs, repeats, device, bar, store, number
+                    )
+                    number += len(group.runs)
+            gradient_checks = self._gradient_check(detector, loaders, checked, device) if self.sanity_checks else []
         synchronise_status(configured + sanity)
-        report, on_subset = self._report(detector, repeats, clean, configured, attacked, sanity, subset)
+        report, configured_scores = self._report(detector, repeats, clean, configured, groups)
         report.configured_cost, report.sanity_cost = plan.configured, plan.sanity
         if self.sanity_checks:
-            report.sanity_budget, report.sanity_images = self.sanity_budget, int(subset.numel())
-            report.baselines = on_subset
-            comparisons = _comparisons([run.result for run in configured], on_subset, sanity, self.eps[-1])
-            report.checks = sanity_checks(report, self.near_zero, self.tolerance, gradient=gradient, **comparisons)
+            report.sanity_budget = self.sanity_budget
+            report.sanity_images = max(int(group.subset.numel()) for group in groups)
+            comparisons = _comparisons(configured, configured_scores, groups, self.eps[-1], self.seed)
+            report.baselines = comparisons.pop("baselines")
+            report.checks = sanity_checks(report, self.near_zero, self.tolerance, gradient=gradient_checks,
+                                          **comparisons)  # fmt: skip
+            convergence = comparisons["convergence"]
+            if convergence is not None:
+                paired = next(run for run in groups[0].runs if run.check == "convergence").pairs_with
+                configured[paired].result.converged = convergence.converged(self.tolerance)
         if store is not None and rank == 0:  # every rank is past its attacks: the report's gather waited for them
             store.remove()
         return report, grid
@@ -367,15 +419,10 @@ class RobustEvaluator:
         repeats: int,
         clean: "_Scored",
         configured: list[_Run],
-        attacked: "_Scored",
-        sanity: list[_Run],
-        subset: torch.Tensor,
-    ) -> tuple[RobustReport, list[AttackResult]]:
-        """Gather every rank's scores and compute each AUROC: configured runs on every image, sanity runs on theirs.
-
-        Also returns the configured image-score runs measured on the sanity runs' images (``subset``), which the
-        sanity checks compare them with.
-        """
+        groups: list["_SanityGroup"],
+    ) -> tuple[RobustReport, "_Gathered"]:
+        """Gather every rank's scores and compute each AUROC: configured runs on every image, with the worst case
+        over them per eps, and sanity runs on their images. Also returns the configured runs' gathered scores."""
         indices, labels, scores, maps, masks, *per_run = gather_by_index(
             clean.indices,
             clean.indices,
@@ -384,9 +431,6 @@ class RobustEvaluator:
             clean.maps,
             clean.masks,
             *(values for run in configured for values in (run.scores, run.maps)),
-        )
-        subset_labels, *sanity_scores = (
-            gather_by_index(attacked.indices, attacked.labels, *(run.scores for run in sanity)) if sanity else [None]
         )
         report = RobustReport(
             model=detector.name,
@@ -399,31 +443,35 @@ class RobustEvaluator:
         )
         report.clean_image_auroc, report.clean_image_auroc_std = _image_auroc(scores, labels)
         report.clean_pixel_auroc, report.clean_pixel_auroc_std = _pixel_auroc(maps, masks)
-        in_subset, on_subset = torch.isin(indices, subset), []
         for run, run_scores, run_maps in zip(configured, per_run[::2], per_run[1::2], strict=True):
             if run.result.status == "ok":
                 run.result.image_auroc, run.result.image_auroc_std = _image_auroc(run_scores, labels)
                 run.result.pixel_auroc, run.result.pixel_auroc_std = _pixel_auroc(run_maps, masks)
-                if sanity and run.result.target == "score":
-                    subset_result = dataclasses.replace(run.result, num_images=int(subset.numel()), pixel_auroc=None)
-                    subset_result.image_auroc, subset_result.image_auroc_std = _image_auroc(
-                        run_scores[in_subset], labels[in_subset]
-                    )
-                    subset_result.budget = format_budget(subset_result, int(labels.numel()))
-                    on_subset.append(subset_result)
             report.results.append(run.result)
-        for run, run_scores in zip(sanity, sanity_scores, strict=True):
-            if run.result.status == "ok":
-                run.result.image_auroc, run.result.image_auroc_std = _image_auroc(run_scores, subset_labels)
-            report.results.append(run.result)
-        return report, on_subset
+        report.results += _worst_cases(configured, per_run[::2], labels)
+        for group in groups:
+            group.indices, group.labels, *group_scores = gather_by_index(
+                group.seen.indices, group.seen.indices, group.seen.labels, *(run.scores for run in group.runs)
+            )
+            for run, run_scores in zip(group.runs, group_scores, strict=True):
+                if run.result.status == "ok":
+                    run.result.image_auroc, run.result.image_auroc_std = _image_auroc(run_scores, group.labels)
+                    group.scores.append(run_scores)
+                else:
+                    group.scores.append(None)
+                report.results.append(run.result)
+        return report, _Gathered(indices, labels, per_run[::2])
 
     def _attacked_detectors(self, detector: DetectorScore) -> list[DetectorScore]:
         """The scores the attacks differentiate: the detector, or one per purifier-gradient mode with a defense."""
         if self.defense is None:
             return [detector]
         bpda = DetectorScore(
-            detector.detector, detector.eot_samples, bpda={"model.purifier": None}, max_batch=detector.max_batch
+            detector.detector,
+            detector.eot_samples,
+            bpda={"model.purifier": None},
+            max_batch=detector.max_batch,
+            stochastic=detector.stochastic,
         )
         return [detector if mode == "full" else bpda for mode in self.purifier_gradients]
 
@@ -445,43 +493,87 @@ class RobustEvaluator:
         repeats: int,
         indices: torch.Tensor,
         labels: torch.Tensor,
-    ) -> tuple[list[_Run], torch.Tensor]:
+        batches: list[list[int]],
+    ) -> list["_SanityGroup"]:
         """The sanity runs and the test images they attack, fitted into ``sanity_budget`` (module
-        :mod:`~anomalib_robust.evaluation.budget`): twice the steps and a very large eps with the first gradient
-        attack, Square at the largest eps unless it is configured."""
-        name = next((name for name in self.attacks if name.lower() != "square"), "pgd")
-        largest, steps, total = self.eps[-1], self.settings["steps"], indices.numel()
-        budgeted = self.sanity_budget is not None
-        large_steps = min(steps, LARGE_EPS_STEPS) if budgeted else steps
-        runs = [
-            self._make_run(name, largest, detector, total, total, steps=2 * steps),
-            self._make_run(name, self._large_eps(detector, loaders), detector, total, total, steps=large_steps),
-        ]
-        for run, check in zip(runs, ("more_steps", "large_eps"), strict=True):
-            run.check = check
-        images, queries = total, self.settings["n_queries"]
+        :mod:`~anomalib_robust.evaluation.budget`): the paired runs (the convergence run, paired with the configured
+        PGD or APGD run at the largest eps, and the very-large-eps PGD without a random start) on whole batches,
+        and Square at the largest eps, unless it is configured, on its own images."""
+        largest, total = self.eps[-1], indices.numel()
+        paired = [self._large_eps_run(detector, loaders, total)]
+        convergence = self._convergence_run(detector, configured, largest, total)
+        if convergence is not None:
+            paired.insert(0, convergence)
         with_square = all(attack.lower() != "square" for attack in self.attacks)
-        square_detector = detector
-        if budgeted and detector.eot_samples > 1:  # EOT is the attacker's tool; the result is scored as deployed
-            square_detector = DetectorScore(detector.detector, 1, bpda=detector.bpda, max_batch=detector.max_batch)
-        if budgeted:
-            square = None
+        queries, restarts = self.settings["n_queries"], self.settings["restarts"]
+        square_images, paired_subset = total, indices
+        if self.sanity_budget is not None:
+            by_index = torch.full((int(indices.max()) + 1,), -1, dtype=torch.long)
+            by_index[indices] = labels
+            gradient = gradient_check_passes(min(GRADIENT_CHECK_IMAGES, total), GRADIENT_CHECK_DIRECTIONS,
+                                             GRADIENT_CHECK_STEPS)  # fmt: skip
+            allowance = self.sanity_budget * sum(run_cost(run.result, repeats) for run in configured)
+            allowance -= gradient_check_cost(gradient)
+            per_image = sum(run_cost(run.result, repeats, images=1) for run in paired)
+            share = allowance / 2 if with_square else allowance
+            paired_subset = whole_batches(batches, by_index, math.floor(max(share, 0.0) / per_image))
+            if per_image * paired_subset.numel() > share:
+                logger.warning(
+                    "sanity_budget leaves %.0f forward-pass equivalents for the paired sanity runs, less than one batch "
+                    "of them (%d images, about %.0f per image); they run on that batch and exceed the budget",
+                    max(share, 0.0), paired_subset.numel(), per_image,
+                )  # fmt: skip
             if with_square:
-                fixed = square_passes(square_detector, 0, self.settings["restarts"])
-                per_query = square_passes(square_detector, 1, self.settings["restarts"]).cost - fixed.cost
-                square = (per_query, fixed.cost + repeats)
-            gradient = gradient_check_passes(_gradient_check_count(loaders), GRADIENT_CHECK_DIRECTIONS)
-            configured_cost = sum(run_cost(run.result, repeats) for run in configured)
-            allowance = self.sanity_budget * configured_cost - gradient_check_cost(gradient)
-            per_image = sum(run_cost(run.result, repeats, images=1) for run in runs)
-            images, queries = fit_sanity(allowance, total, per_image, square, queries)
+                fixed = square_passes(detector, 0, restarts).cost + repeats
+                per_query = square_passes(detector, 1, restarts).cost + repeats - fixed
+                rest = allowance - per_image * paired_subset.numel()
+                square_images, queries = fit_square(rest, total, per_query, fixed, queries)
+        groups = [_SanityGroup(paired, paired_subset)]
         if with_square:
-            runs.append(self._make_run("square", largest, square_detector, total, total, n_queries=queries))
-            runs[-1].check = "square"
-        for run in runs:
-            run.result.role, run.result.num_images = "sanity", images
-            run.result.budget = format_budget(run.result, total)
-        return runs, stratified_subset(indices, labels, images)
+            square = self._make_run("square", largest, detector, total, total, n_queries=queries)
+            square.check, square.conclusive = "square", queries >= self.settings["n_queries"]
+            groups.append(_SanityGroup([square], stratified_subset(indices, labels, square_images)))
+        for group in groups:
+            for run in group.runs:
+                run.result.role, run.result.num_images = "sanity", int(group.subset.numel())
+                run.result.budget = format_budget(run.result, total)
+        return groups
+
+    def _convergence_run(
+        self, detector: DetectorScore, configured: list[_Run], largest: float, total: int
+    ) -> _Run | None:
+        """The configured PGD (or APGD) run at the largest eps with :data:`CONVERGENCE_FACTOR` times the steps (and
+        the EOT draws, for a randomised detector), seeded as that run; ``None`` without such a run."""
+        pairs_with = next(
+            (
+                number
+                for number, run in enumerate(configured)
+                if run.attack.detector is detector and isinstance(run.attack, PGD | APGD)
+                and run.result.target == "score" and run.result.eps == largest
+            ),
+            None,
+        )  # fmt: skip
+        if pairs_with is None:
+            return None
+        paired = configured[pairs_with].attack
+        more = detector
+        if detector.stochastic:
+            more = DetectorScore(detector.detector, CONVERGENCE_FACTOR * detector.eot_samples, bpda=detector.bpda,
+                                 max_batch=detector.max_batch, stochastic=True)  # fmt: skip
+        name = "apgd" if isinstance(paired, APGD) else "pgd"
+        run = self._make_run(name, largest, more, total, total, steps=CONVERGENCE_FACTOR * paired.steps)
+        run.check, run.pairs_with = "convergence", pairs_with
+        return run
+
+    def _large_eps_run(self, detector: DetectorScore, loaders: list[DataLoader], total: int) -> _Run:
+        """PGD at a very large eps from the clean image (no random start: noise alone must not pass the check), with
+        at most :data:`LARGE_EPS_STEPS` steps within a budget."""
+        steps = self.settings["steps"]
+        steps = min(steps, LARGE_EPS_STEPS) if self.sanity_budget is not None else steps
+        eps = self._large_eps(detector, loaders)
+        run = self._make_run("pgd", eps, detector, total, total, steps=steps, random_start=False)
+        run.check = "large_eps"
+        return run
 
     def _make_run(
         self,
@@ -540,8 +632,9 @@ class RobustEvaluator:
     ) -> tuple[_Scored, dict | None]:
         """Attack every batch of ``shards`` with every run and score the adversarial images.
 
-        The configured pass (``first_run == 0``) also scores the clean images and keeps the grid; the sanity pass
-        numbers its runs from ``first_run``, so that every run has its own seeds. A (batch, run) found in ``store``
+        The configured pass (``first_run == 0``) also scores the clean images and keeps the grid; the sanity passes
+        number their runs from ``first_run``, so that every run has its own seeds, except the convergence run, which
+        takes those of the configured run it is paired with (the same random start, draws and scoring noise). A (batch, run) found in ``store``
         is read instead of attacked, and one attacked now is written to it. ``on_first_batch(seconds, images)`` is
         called once, after the first batch, if that batch was attacked now.
         """
@@ -579,12 +672,13 @@ class RobustEvaluator:
                         restored = True
                         adversarial, run_scores, run_maps = stored["adversarial"], stored["scores"], stored["maps"]
                     else:
+                        seeds = number if run.pairs_with is None else run.pairs_with
                         adversarial = self._attack_batch(
-                            run, images, labels, masks, derive_seed(self.seed, "attack", first, number)
+                            run, images, labels, masks, derive_seed(self.seed, "attack", first, seeds)
                         )
                         if adversarial is None:
                             continue
-                        run_scores, run_maps = self._score(detector, adversarial, repeats, first, number)
+                        run_scores, run_maps = self._score(detector, adversarial, repeats, first, seeds)
                         if store is not None:
                             store.put(first, number, digest, scores=run_scores, maps=run_maps if keep_maps else None,
                                       adversarial=adversarial if for_grid else None)  # fmt: skip
@@ -636,25 +730,59 @@ class RobustEvaluator:
             run.result.status, run.result.reason = "not attackable", str(error)
             return None
 
-    def _gradient_check(self, detector: DetectorScore, loaders: list[DataLoader], device: torch.device) -> SanityCheck:
-        """Autograd vs finite differences on the first test images (the same images on every rank)."""
-        loader = next(loader for loader in loaders if len(loader.dataset))
-        count = _gradient_check_count(loaders)
-        batch = (loader.collate_fn or torch.utils.data.default_collate)([loader.dataset[i] for i in range(count)])
-        images, labels = images_and_labels(batch, device)
+    def _images(
+        self, detector: DetectorScore, loaders: list[DataLoader], test_indices: torch.Tensor, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The test images ``test_indices`` (indices in the whole test set) and their labels, at the attacked
+        resolution: the same images on every rank, whatever its shard."""
+        items = [
+            (loader.collate_fn or torch.utils.data.default_collate, loader.dataset[index])
+            for loader, selection in zip(loaders, _selections(loaders, test_indices), strict=True)
+            for index in selection
+        ]
+        images, labels = images_and_labels(items[0][0]([item for _, item in items]), device)
         if self.resolution == "model":
             images = detector.to_input_resolution(images)
-        name, budget = "autograd matches finite differences", f"{count} images x {GRADIENT_CHECK_DIRECTIONS} directions"
+        return images, labels
+
+    def _detect_randomness(self, detector: DetectorScore, loaders: list[DataLoader], device: torch.device) -> None:
+        """Score the first :data:`RANDOMNESS_CHECK_IMAGES` test images twice: a detector whose scores differ is
+        evaluated as randomised (EOT, ``eval_repeats``) even if undeclared (:meth:`DetectorScore.detect_randomness`).
+
+        Without test images there is nothing to score; the single-class check names that error.
+        """
+        total = sum(len(loader.dataset) for loader in loaders)
+        if total:
+            first = torch.arange(min(RANDOMNESS_CHECK_IMAGES, total))
+            detector.detect_randomness(self._images(detector, loaders, first, device)[0])
+
+    def _gradient_check(
+        self, detector: DetectorScore, loaders: list[DataLoader], checked: torch.Tensor, device: torch.device
+    ) -> list[SanityCheck]:
+        """The finite-difference and attack-step checks (:mod:`~anomalib_robust.evaluation.gradient_check`) at the
+        configured attack's random starts at the largest eps, on the test images ``checked``."""
+        images, labels = self._images(detector, loaders, checked, device)
+        eps, steps = self.eps[-1], self.settings["steps"]
+        alpha = self.settings["alpha"] or min(eps, 2.5 * eps / steps)
+        names = ("autograd matches finite differences", "the gradient predicts the change at the attack's step")
+        budgets = (f"{checked.numel()} images x {GRADIENT_CHECK_DIRECTIONS + 1} directions",
+                   f"{checked.numel()} images x {GRADIENT_CHECK_STEPS + 1} steps")  # fmt: skip
         try:
-            check = check_gradient(detector, images, labels, count, GRADIENT_CHECK_DIRECTIONS, seed=self.seed)
+            check = check_gradient(detector, images, labels, eps, alpha, self.norm, GRADIENT_CHECK_DIRECTIONS,
+                                   GRADIENT_CHECK_STEPS, seed=self.seed)  # fmt: skip
         except NotDifferentiableError:
-            return SanityCheck(name, None, "the score is not differentiable (see the attack rows)", budget)
-        return SanityCheck(name, check.passed, check.detail, budget)
+            detail = "the score is not differentiable (see the attack rows)"
+            return [SanityCheck(name, None, detail, budget) for name, budget in zip(names, budgets, strict=True)]
+        verdicts = (check.finite_difference, check.attack_step)
+        return [
+            SanityCheck(name, verdict.passed, verdict.detail, budget)
+            for name, verdict, budget in zip(names, verdicts, budgets, strict=True)
+        ]
 
 
-def _gradient_check_count(loaders: list[DataLoader]) -> int:
-    """Images of the gradient check: the first :data:`GRADIENT_CHECK_IMAGES` of the first non-empty test loader."""
-    return min(GRADIENT_CHECK_IMAGES, next(len(loader.dataset) for loader in loaders if len(loader.dataset)))
+def _stratified_images(indices: torch.Tensor, labels: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` of the test images ``indices``, evenly spaced within each class (both kept, in proportion)."""
+    return stratified_subset(indices, labels, min(count, indices.numel()))
 
 
 def _test_set(shards: list[DataLoader]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -708,25 +836,79 @@ def _pixel_auroc(maps: torch.Tensor | None, masks: torch.Tensor | None) -> tuple
     return mean_and_std(values)
 
 
+def _on_images(result: AttackResult, scores: torch.Tensor, labels: torch.Tensor, total: int) -> AttackResult:
+    """A copy of the configured run ``result`` measured on the images of ``scores`` and ``labels`` only."""
+    on_images = dataclasses.replace(result, num_images=int(labels.numel()), pixel_auroc=None)
+    on_images.image_auroc, on_images.image_auroc_std = _image_auroc(scores, labels)
+    on_images.budget = format_budget(on_images, total)
+    return on_images
+
+
 def _comparisons(
-    configured: list[AttackResult], on_subset: list[AttackResult], sanity: list[_Run], largest: float
+    configured: list[_Run], gathered: _Gathered, groups: list[_SanityGroup], largest: float, seed: int
 ) -> dict[str, object]:
-    """The runs each sanity check compares, by the keyword names of :func:`sanity_checks`: a sanity run against the
-    configured runs measured on its images (``on_subset``), a configured Square against the configured runs."""
-    by_check = {run.check: run.result for run in sanity}
-    more_steps = by_check.get("more_steps")
-    fewer_steps = next(
-        (r for r in on_subset if more_steps and r.attack == more_steps.attack and r.eps == largest), None
-    )
-    configured_square = next(
-        (r for r in configured if r.attack.endswith("Square") and r.eps == largest and r.target == "score"), None
-    )
-    return {
-        "large_eps": by_check.get("large_eps"),
-        "more_steps": (fewer_steps, more_steps) if fewer_steps and more_steps else None,
-        "square": by_check.get("square", configured_square),
-        "white_box": on_subset if "square" in by_check else None,
-    }
+    """The runs each sanity check compares, by the keyword names of :func:`sanity_checks`, and the configured
+    image-score runs measured on each sanity group's images (``"baselines"``, what those runs are compared with).
+
+    The convergence run is compared with the configured run it is paired with on the same images by a paired
+    bootstrap of the AUROC difference; Square with the configured gradient runs on Square's images (or, when Square is
+    configured, the configured runs on every image)."""
+    total = int(gathered.labels.numel())
+    baselines, comparisons = [], {"baselines": [], "convergence": None, "large_eps": None, "square": None}
+    for group in groups:
+        in_group = torch.isin(gathered.indices, group.subset)
+        on_group = [
+            (number, _on_images(run.result, scores[in_group], gathered.labels[in_group], total))
+            for number, (run, scores) in enumerate(zip(configured, gathered.scores, strict=True))
+            if run.result.status == "ok" and run.result.target == "score" and scores is not None
+        ]
+        baselines += [result for _, result in on_group]
+        for run, scores in zip(group.runs, group.scores, strict=True):
+            if scores is None:
+                continue
+            if run.check == "convergence":
+                fewer = dict(on_group).get(run.pairs_with)
+                if fewer is not None:
+                    paired = gathered.scores[run.pairs_with][in_group]
+                    difference = paired_auroc_difference(paired, scores, group.labels, seed=seed)
+                    comparisons["convergence"] = Convergence(fewer, run.result, difference)
+            elif run.check == "square":
+                comparisons["square"], comparisons["square_conclusive"] = run.result, run.conclusive
+                comparisons["white_box"] = [result for _, result in on_group if result.eps == largest]
+            else:
+                comparisons[run.check] = run.result
+    if comparisons["square"] is None:
+        comparisons["square"] = next(
+            (r.result for r in configured if r.result.attack.endswith("Square") and r.result.eps == largest
+             and r.result.target == "score"), None,
+        )  # fmt: skip
+    comparisons["baselines"] = baselines
+    return comparisons
+
+
+def _worst_cases(configured: list[_Run], scores: list[torch.Tensor | None], labels: torch.Tensor) -> list[AttackResult]:
+    """Per eps with two or more configured image-score runs, the worst case over them (as AutoAttack reports robust
+    accuracy, Croce & Hein, ICML 2020): per image and scoring repeat the highest score of a normal image and the lowest
+    of an anomalous one, and its AUROC.
+
+    For a randomised detector each repeat takes the worst of that repeat's independent scorings, which also picks the
+    luckier draw for the attacker: a lower bound of the detector as deployed, not a mean."""
+    by_eps: dict[float, list[tuple[_Run, torch.Tensor]]] = {}
+    for run, run_scores in zip(configured, scores, strict=True):
+        if run.result.status == "ok" and run.result.target == "score" and run_scores is not None:
+            by_eps.setdefault(run.result.eps, []).append((run, run_scores))
+    results = []
+    for eps, members in by_eps.items():
+        if len(members) < 2:
+            continue
+        stacked = torch.stack([run_scores for _, run_scores in members])
+        worst = torch.where(labels.bool()[:, None], stacked.min(dim=0).values, stacked.max(dim=0).values)
+        first = members[0][0].result
+        result = AttackResult("Worst case", first.norm, eps, role="worst_case", num_images=int(labels.numel()),
+                              budget="per image, the worst of " + ", ".join(run.result.attack for run, _ in members))  # fmt: skip
+        result.image_auroc, result.image_auroc_std = _image_auroc(worst, labels)
+        results.append(result)
+    return results
 
 
 def _grid(

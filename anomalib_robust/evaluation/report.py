@@ -28,6 +28,10 @@ TARGETS = {"score": "image score", "map": "anomaly map"}
 """What an attack pushes: the image score (AdvRAD paper, sec. 3), or every pixel of the anomaly map."""
 
 
+_NOTES = {"sanity": "sanity check", "worst_case": "per image, worst of the rows above"}
+"""The report's note on a row by its role."""
+
+
 @dataclass
 class AttackResult:
     """Robust AUROC of one attack run (mean and standard deviation over repeats); ``None`` when it could not run."""
@@ -45,7 +49,8 @@ class AttackResult:
     status: str = "ok"
     reason: str = ""
     role: str = "attack"
-    """``"attack"`` for configured runs, ``"sanity"`` for the extra runs of the sanity checks."""
+    """``"attack"`` for configured runs, ``"sanity"`` for the extra runs of the sanity checks, ``"worst_case"`` for the
+    per-image worst case over the configured runs at one eps."""
     budget: str = ""
     """The attack's budget (steps, queries, EOT draws, images), as the report prints it (:func:`format_budget`)."""
     queries: int | None = None
@@ -59,11 +64,14 @@ class AttackResult:
     """Planned forward passes per attacked image (:mod:`anomalib_robust.evaluation.budget`), scoring excluded."""
     backward_passes: int = 0
     """Planned backward passes per attacked image."""
+    converged: bool | None = None
+    """For the configured run the convergence check is paired with: whether more steps (and draws) no longer lower
+    its AUROC; ``None`` when not checked."""
 
     @property
     def key(self) -> str:
         """Metric-friendly identifier, e.g. ``pgd_linf_eps0.007843`` (``..._map`` for a map-target run)."""
-        key = f"{self.attack.lower()}_{self.norm.lower()}_eps{self.eps:.4g}"
+        key = f"{self.attack.lower().replace(' ', '_')}_{self.norm.lower()}_eps{self.eps:.4g}"
         if self.target == "map":
             key += "_map"
         if self.role == "sanity":
@@ -152,7 +160,9 @@ class RobustReport:
             *clean_pixel, "",
         )  # fmt: skip
         for result in self.results:
-            note = result.reason if result.status != "ok" else ("sanity check" if result.role == "sanity" else "")
+            note = result.reason if result.status != "ok" else _NOTES.get(result.role, "")
+            if result.converged is False:
+                note = "not converged (see the sanity checks): an overestimate"
             pixel = (format_auroc(result.pixel_auroc, result.pixel_auroc_std, repeats),) if show_pixel else ()
             table.add_row(
                 result.attack,

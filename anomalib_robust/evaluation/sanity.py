@@ -1,18 +1,28 @@
 """Sanity checks against gradient masking (Carlini et al., 2019, "On Evaluating Adversarial Robustness", sec. 5).
 
-Run on a :class:`~anomalib_robust.evaluation.report.RobustReport`:
+Each check is a test of the attack, shown in the suite to fail on a planted masking case
+(:mod:`anomalib_robust.evaluation.masking`) and to pass on healthy detectors. Run on a
+:class:`~anomalib_robust.evaluation.report.RobustReport`:
 
-- robust AUROC does not increase with eps, nor with the number of attack steps (more budget never helps the defender);
-- a very large eps drives a differentiable detector's AUROC to near 0;
-- black-box Square does not beat the white-box attacks;
-- autograd's directional derivative of the attacked score matches finite differences
-  (:mod:`anomalib_robust.evaluation.gradient_check`), which catches a masked branch that ``requires_grad`` cannot see.
+- **robust AUROC does not increase with eps** (more budget never helps the defender);
+- **the attack has converged**, in both directions: the convergence run (twice the steps, and twice the EOT draws for
+  a randomised detector, from the same random start and with the same seeds as the configured run) must neither raise
+  AUROC (a broken attack) nor lower it (the configured attack had not converged), judged by a paired bootstrap
+  interval of the AUROC difference on the same images
+  (:func:`~anomalib_robust.evaluation.metrics.paired_auroc_difference`) widened by ``tolerance``. An unconverged
+  configured run is marked in the report;
+- **a very large eps drives AUROC to near 0**, with PGD from the clean image (no random start): at that radius uniform
+  noise alone would push every normal score above every anomalous one, so with a random start the check could not
+  fail on a detector whose gradient is zero;
+- **black-box Square does not beat the white-box attacks** beyond the noise; a pass with fewer queries than
+  configured (a small sanity budget) is inconclusive, a Square that wins with fewer queries is a failure all the same;
+- **the gradient describes the score** (:mod:`anomalib_robust.evaluation.gradient_check`): autograd matches finite
+  differences at a tiny step, and predicts the change at the attack's step.
 
-AUROC values are means over repeated scorings with independent noise, so two of them are compared with a slack of
-``tolerance`` plus two standard errors of their difference: a gap inside the noise is not a violation. Two runs are
-only compared on the same test images: a sanity run made on a subset of them (the sanity budget,
-:mod:`anomalib_robust.evaluation.budget`) is compared with the configured run's AUROC on that subset, and each check
-states its budget (runs, steps or queries, draws, images).
+AUROC values are means over repeated scorings with independent noise, so two of them from independent runs are
+compared with a slack of ``tolerance`` plus two standard errors of their difference: a gap inside the noise is not a
+violation. Two runs are only compared on the same test images, and each check states its budget (runs, steps or
+queries, draws, images).
 
 Example:
     >>> from anomalib_robust.evaluation.report import AttackResult, RobustReport
@@ -25,7 +35,10 @@ Example:
 
 import itertools
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
+from anomalib_robust.evaluation.metrics import PairedDifference
 from anomalib_robust.evaluation.report import AttackResult, RobustReport, SanityCheck, format_auroc, format_eps
 
 
@@ -34,29 +47,69 @@ def noise_slack(tolerance: float, first_std: float, second_std: float, repeats: 
     return tolerance + 2 * math.sqrt(first_std**2 + second_std**2) / math.sqrt(max(repeats, 1))
 
 
+@dataclass(frozen=True)
+class Convergence:
+    """The configured run on the convergence run's images (``fewer``), the convergence run (``more``), and the paired
+    difference ``more - fewer`` with its bootstrap interval."""
+
+    fewer: AttackResult
+    more: AttackResult
+    difference: PairedDifference
+
+    def converged(self, tolerance: float) -> bool:
+        """Whether more budget does not lower AUROC beyond ``tolerance`` and the interval."""
+        return not self.difference.high < -tolerance
+
+    def broken(self, tolerance: float) -> bool:
+        """Whether more budget raises AUROC beyond ``tolerance`` and the interval (an attack that gets worse)."""
+        return self.difference.low > tolerance
+
+
+def _convergence_check(convergence: Convergence, tolerance: float) -> SanityCheck:
+    fewer, more, difference = convergence.fewer, convergence.more, convergence.difference
+    detail = (
+        f"{fewer.attack} at eps {format_eps(fewer.eps, fewer.norm)} on the same images and seeds: "
+        f"{format_auroc(fewer.image_auroc, fewer.image_auroc_std)} with {fewer.steps} steps x {fewer.draws} draws, "
+        f"{format_auroc(more.image_auroc, more.image_auroc_std)} with {more.steps} x {more.draws}; paired difference "
+        f"{100 * difference.difference:+.1f} points, {100 * difference.level:.0f}% interval "
+        f"[{100 * difference.low:+.1f}, {100 * difference.high:+.1f}] (slack {100 * tolerance:.0f})"
+    )
+    if convergence.broken(tolerance):
+        detail += "; more budget raises AUROC: the attack is broken"
+    elif not convergence.converged(tolerance):
+        detail += (
+            f"; not converged: the robust AUROC is an overestimate, rerun with steps >= {more.steps}"
+            + (f" and eot_samples >= {more.draws}" if more.draws > 1 else "")
+        )
+    passed = convergence.converged(tolerance) and not convergence.broken(tolerance)
+    budget = f"{fewer.budget} vs {more.budget}"
+    return SanityCheck("converged: more steps and draws change nothing", passed, detail, budget)
+
+
 def sanity_checks(
     report: RobustReport,
     near_zero: float,
     tolerance: float,
     large_eps: AttackResult | None = None,
-    more_steps: tuple[AttackResult, AttackResult] | None = None,
+    convergence: Convergence | None = None,
     square: AttackResult | None = None,
     white_box: list[AttackResult] | None = None,
-    gradient: SanityCheck | None = None,
+    square_conclusive: bool = True,
+    gradient: Sequence[SanityCheck] = (),
 ) -> list[SanityCheck]:
     """Carlini et al. (2019) checks on a report's results.
 
     Args:
         report: the report with the configured attack runs.
         near_zero: AUROC that a very large eps must reach (or go below).
-        tolerance: AUROC slack on top of the noise of the repeats when comparing two AUROC values.
+        tolerance: AUROC slack on top of the noise (of the repeats, or the paired interval).
         large_eps: the run at a very large eps, if it was made.
-        more_steps: (run with the configured steps, run with more steps) at the same eps and on the same images, if
-            made.
+        convergence: the convergence run against the configured run on the same images, if made.
         square: a Square run at the largest configured eps, if made.
         white_box: the gradient runs Square is compared with, on Square's images; ``None`` for the report's
             configured gradient runs at Square's eps (right when Square ran on every test image).
-        gradient: the verdict of the finite-difference gradient check, if it was made.
+        square_conclusive: whether Square had its configured queries; without them a pass is inconclusive.
+        gradient: the verdicts of the gradient checks, if made.
     """
     repeats = report.eval_repeats
     attacks = [
@@ -65,25 +118,14 @@ def sanity_checks(
         if result.role == "attack" and result.target == "score" and result.image_auroc is not None
     ]
     checks = [_monotone_in_eps(report, attacks, tolerance)]
-    if more_steps is not None and None not in (more_steps[0].image_auroc, more_steps[1].image_auroc):
-        fewer, more = more_steps
-        slack = noise_slack(tolerance, fewer.image_auroc_std, more.image_auroc_std, repeats)
-        checks.append(
-            SanityCheck(
-                "AUROC does not increase with steps",
-                more.image_auroc <= fewer.image_auroc + slack,
-                f"{fewer.attack} at eps {format_eps(fewer.eps, fewer.norm)}: "
-                f"{format_auroc(fewer.image_auroc, fewer.image_auroc_std)} with {fewer.steps} steps, "
-                f"{format_auroc(more.image_auroc, more.image_auroc_std)} with {more.steps}",
-                f"{fewer.budget} vs {more.budget}",
-            )
-        )
+    if convergence is not None and None not in (convergence.fewer.image_auroc, convergence.more.image_auroc):
+        checks.append(_convergence_check(convergence, tolerance))
     if large_eps is not None and large_eps.image_auroc is not None:
         checks.append(
             SanityCheck(
                 "very large eps drives AUROC to near 0",
                 large_eps.image_auroc <= near_zero,
-                f"{large_eps.attack} at eps {format_eps(large_eps.eps, large_eps.norm)}: "
+                f"{large_eps.attack} from the clean image at eps {format_eps(large_eps.eps, large_eps.norm)}: "
                 f"{format_auroc(large_eps.image_auroc, large_eps.image_auroc_std)} "
                 f"(expected <= {format_auroc(near_zero)})",
                 large_eps.budget,
@@ -97,18 +139,20 @@ def sanity_checks(
     if square is not None and square.image_auroc is not None and white_box:
         best = min(white_box, key=lambda result: result.image_auroc)
         slack = noise_slack(tolerance, square.image_auroc_std, best.image_auroc_std, repeats)
-        checks.append(
-            SanityCheck(
-                "black-box Square does not beat white-box attacks",
-                square.image_auroc >= best.image_auroc - slack,
-                f"{square.attack} {format_auroc(square.image_auroc, square.image_auroc_std)} vs "
-                f"{best.attack} {format_auroc(best.image_auroc, best.image_auroc_std)} "
-                f"at eps {format_eps(square.eps, square.norm)}",
-                f"{square.budget} vs {best.budget}",
-            )
+        passed = square.image_auroc >= best.image_auroc - slack
+        detail = (
+            f"{square.attack} {format_auroc(square.image_auroc, square.image_auroc_std)} vs "
+            f"{best.attack} {format_auroc(best.image_auroc, best.image_auroc_std)} "
+            f"at eps {format_eps(square.eps, square.norm)}"
         )
-    if gradient is not None:
-        checks.append(gradient)
+        if passed and not square_conclusive:
+            passed = None
+            detail += f"; inconclusive: the sanity budget left Square {square.queries} queries (raise sanity_budget)"
+        checks.append(
+            SanityCheck("black-box Square does not beat white-box attacks", passed, detail,
+                        f"{square.budget} vs {best.budget}")  # fmt: skip
+        )
+    checks += gradient
     return checks
 
 

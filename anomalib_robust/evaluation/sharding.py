@@ -66,10 +66,7 @@ def rank_shards(
     for number, loader in enumerate(loaders):
         size = len(loader.dataset)
         selected = evenly_spaced(size, max_samples) if selections is None else list(selections[number])
-        batch_size = loader.batch_size or 1
-        batches = [
-            list(range(start, min(start + batch_size, len(selected)))) for start in range(0, len(selected), batch_size)
-        ]
+        batches = _positions(len(selected), loader.batch_size or 1)
         subset = IndexedSubset(loader.dataset, selected, offset, loader.collate_fn)
         shards.append(DataLoader(subset, batch_sampler=batches[rank::world_size], collate_fn=subset.collate))
         offset += size
@@ -77,6 +74,25 @@ def rank_shards(
         msg = f"{caller} found no test data: the trainer has no test dataloader, or it is empty."
         raise ValueError(msg)
     return shards
+
+
+def _positions(count: int, batch_size: int) -> list[list[int]]:
+    """Positions ``0 .. count - 1`` in batches of ``batch_size`` (the last one shorter)."""
+    return [list(range(start, min(start + batch_size, count))) for start in range(0, count, batch_size)]
+
+
+def test_batches(loaders: list[DataLoader], max_samples: int | None = None) -> list[list[int]]:
+    """The test-set indices of every batch of :func:`rank_shards` (all ranks, in order).
+
+    Any union of whole batches, given back to :func:`rank_shards` as ``selections``, is batched into the same batches:
+    only a loader's last batch can be shorter.
+    """
+    batches, offset = [], 0
+    for loader in loaders:
+        selected = evenly_spaced(len(loader.dataset), max_samples)
+        batches += [[offset + selected[p] for p in batch] for batch in _positions(len(selected), loader.batch_size or 1)]
+        offset += len(loader.dataset)
+    return batches
 
 
 def first_item(loaders: list[DataLoader]) -> object:

@@ -70,7 +70,7 @@ CSV_COLUMNS = (
     "model", "data", "category", "norm", "eps", "attack", "target", "standard_image_auroc", "standard_image_auroc_std",
     "robust_image_auroc", "robust_image_auroc_std", "standard_pixel_auroc", "standard_pixel_auroc_std",
     "robust_pixel_auroc", "robust_pixel_auroc_std", "budget", "eot_draws", "eval_repeats", "sanity", "status",
-    "reason", "fit_seconds", "attack_seconds", "num_test_images",
+    "reason", "fit_seconds", "attack_seconds", "num_test_images", "converged",
 )  # fmt: skip
 
 AUROC_COLUMNS = ("standard_image_auroc", "robust_image_auroc", "standard_pixel_auroc", "robust_pixel_auroc")
@@ -157,7 +157,7 @@ def rows(cells: list[dict]) -> list[dict]:
                 "robust_image_auroc": result["image_auroc"], "robust_image_auroc_std": result["image_auroc_std"],
                 "robust_pixel_auroc": result["pixel_auroc"], "robust_pixel_auroc_std": result["pixel_auroc_std"],
                 "budget": result["budget"], "eot_draws": result["draws"], "status": result["status"],
-                "reason": result["reason"],
+                "reason": result["reason"], "converged": result.get("converged"),
             })  # fmt: skip
     return [{column: row.get(column) for column in CSV_COLUMNS} for row in table]
 
@@ -180,12 +180,18 @@ def markdown(table_rows: list[dict]) -> str:
         status = row["status"] if row["status"] == "ok" else f"{row['status']}: {row['reason']}".replace("|", "/")
         cells = (
             row["model"], row["category"], f"{row['norm']} {_eps(row)}", row["attack"],
-            *(format_auroc(row[column], row[f"{column}_std"] or 0.0, row["eval_repeats"]) for column in AUROC_COLUMNS),
+            *(_auroc_cell(row, column) for column in AUROC_COLUMNS),
             row["budget"] or "-", row["sanity"] or "-", _seconds(row["fit_seconds"]),
             _seconds(row["attack_seconds"]), row["num_test_images"] or "-", status,
         )  # fmt: skip
         lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _auroc_cell(row: dict, column: str) -> str:
+    """An AUROC of a row in %, the robust one marked when the convergence check found the attack unconverged."""
+    text = format_auroc(row[column], row[f"{column}_std"] or 0.0, row["eval_repeats"])
+    return f"{text} (not converged)" if column == "robust_image_auroc" and row.get("converged") is False else text
 
 
 def _short_sanity(verdict: str | None) -> str:
