@@ -13,7 +13,9 @@ antialiasing, which is another pipeline). :class:`DetectorScore` wraps an ``Anom
 - :meth:`DetectorScore.predict`: scores and anomaly maps of the detector as deployed (one forward pass, the model's
   own noise draws), for evaluation;
 - :meth:`DetectorScore.to_input_resolution`: images resized as the pre-processor resizes them, where eps is measured
-  by default.
+  by default;
+- :meth:`DetectorScore.detect_randomness`: a detector that draws noise at inference without declaring it
+  (``model.model.stochastic``) is found out and then treated as randomised.
 
 Gradient unmasking: anomalib wraps feature extraction in ``torch.no_grad()`` (Padim, Patchcore, Cfa, the timm feature
 extractor), detaches some inference outputs (Cfa's anomaly map) and freezes backbones with ``requires_grad=False``.
@@ -33,6 +35,7 @@ Example:
     ('Padim', False, 1)
 """
 
+import logging
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
@@ -51,6 +54,15 @@ from anomalib_robust.attacks.eot import (
 from anomalib_robust.attacks.objective import attack_objective, map_objective
 from anomalib_robust.attacks.unmasking import unmasked_gradients
 
+logger = logging.getLogger(__name__)
+
+RANDOMNESS_SEEDS = (0, 1)
+"""Seeds of the two scorings that :meth:`DetectorScore.detect_randomness` compares."""
+
+RANDOMNESS_RTOL = 1e-4
+"""Scores of two scorings that differ by less than this fraction of the largest score magnitude are equal: float
+round-off (non-deterministic reductions on a GPU change a deterministic model's last bits), not noise."""
+
 
 class NotDifferentiableError(RuntimeError):
     """The anomaly score of a detector has no gradient w.r.t. its input image."""
@@ -68,6 +80,9 @@ class DetectorScore(nn.Module):
             relative to ``model`` and ``None`` for the identity (see :mod:`anomalib_robust.attacks.bpda`).
         max_batch: most images per forward call when EOT draws run batched (:mod:`anomalib_robust.attacks.eot`);
             ``None`` picks it from the image size. Changes speed and memory, never the estimate's distribution.
+        stochastic: whether the detector is randomised; ``None`` reads the torch model's declaration
+            (``model.model.stochastic``). A detector built from another one (other BPDA stages, another EOT budget)
+            passes the other's, which :meth:`detect_randomness` may have set.
     """
 
     def __init__(
@@ -76,6 +91,7 @@ class DetectorScore(nn.Module):
         eot_samples: int | None = None,
         bpda: Mapping[str, Callable | None] | None = None,
         max_batch: int | None = None,
+        stochastic: bool | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(getattr(model, "model", None), nn.Module):
@@ -85,7 +101,8 @@ class DetectorScore(nn.Module):
             )
             raise TypeError(msg)
         self.detector = model
-        self.stochastic = bool(getattr(model.model, "stochastic", False))
+        self.stochastic = bool(getattr(model.model, "stochastic", False) if stochastic is None else stochastic)
+        self._requested_eot_samples = eot_samples
         self.eot_samples = resolve_eot_samples(eot_samples, self.stochastic)
         self.max_batch = check_max_batch(max_batch)
         self.bpda = check_stages(model, bpda or {})
@@ -216,6 +233,40 @@ class DetectorScore(nn.Module):
         with less noise than the deployed one.
         """
         return self.single_draw(images)
+
+    def detect_randomness(self, images: torch.Tensor) -> bool:
+        """Whether the detector is randomised: declared (``model.model.stochastic``), or found on ``images``.
+
+        A model that draws noise at inference without declaring it would be attacked without EOT, scored once, and
+        have its best PGD iterate chosen on noisy scores. An undeclared model scores ``images`` twice as deployed
+        (:meth:`predict`), with the seeds :data:`RANDOMNESS_SEEDS`, inside :meth:`prepared` (eval mode) and
+        :func:`torch.random.fork_rng` (the CPU's and the images' CUDA device's generators), so the caller's random
+        state is untouched. The scores are compared with a tolerance, not exactly: they differ when some pair is
+        further apart than :data:`RANDOMNESS_RTOL` times the largest score magnitude. Then a warning names the
+        detector, ``stochastic`` becomes ``True`` and ``eot_samples`` is resolved again (8, unless it was given).
+        Keep ``images`` few: a small batch shows the noise as well as the test set would.
+        """
+        if self.stochastic:
+            return True
+        devices = [images.device] if images.device.type == "cuda" else []
+        with torch.inference_mode(False), self.prepared(), torch.random.fork_rng(devices=devices):
+            first, second = [self._seeded_scores(images, seed) for seed in RANDOMNESS_SEEDS]
+        difference, scale = float((first - second).abs().max()), float(first.abs().max())
+        if difference <= RANDOMNESS_RTOL * scale:
+            return False
+        self.stochastic = True
+        self.eot_samples = resolve_eot_samples(self._requested_eot_samples, self.stochastic)
+        logger.warning(
+            "%s draws noise at inference (two scorings of the same %d images differ by up to %.3g, largest score "
+            "%.3g) but its torch model does not declare `stochastic = True`: it is treated as randomised from now on "
+            "(EOT with %d draws, repeated scorings). Declare it on the torch model to silence this warning.",
+            self.name, images.shape[0], difference, scale, self.eot_samples,
+        )  # fmt: skip
+        return True
+
+    def _seeded_scores(self, images: torch.Tensor, seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        return self.predict(images)[0]
 
     @contextmanager
     def prepared(self) -> Iterator["DetectorScore"]:

@@ -1,5 +1,7 @@
 """The evaluator on toy detectors: deployed scoring with repeats, independent noise, resolution, map target, DDP."""
 
+import logging
+
 import pytest
 import torch
 from anomalib.pre_processing import PreProcessor
@@ -43,6 +45,16 @@ def test_deterministic_detector_is_scored_once(test_set: ToyTestSet) -> None:
     labels = torch.stack([item.gt_label for item in test_set.items])
     assert report.clean_image_auroc == rank_auroc(images.mean(dim=(1, 2, 3)), labels)
     assert report.results[0].image_auroc < report.clean_image_auroc
+
+
+def test_undeclared_noise_is_evaluated_as_randomised(test_set: ToyTestSet, caplog: pytest.LogCaptureFixture) -> None:
+    detector = ToyDetector(noise=0.3)
+    detector.model.stochastic = False  # draws noise at inference but says it does not
+    with caplog.at_level(logging.WARNING, logger="anomalib_robust.attacks.detector"):
+        report, _ = RobustEvaluator(eval_repeats=3, **QUICK).evaluate(detector, [loader(test_set)])
+    assert "ToyDetector draws noise at inference" in caplog.text
+    assert (report.eot_samples, report.eval_repeats) == (8, 3)
+    assert report.clean_image_auroc_std > 0 and report.results[0].attack == "EOT-PGD"
 
 
 def test_evaluation_noise_never_equals_attack_noise(test_set: ToyTestSet) -> None:
