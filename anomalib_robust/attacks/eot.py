@@ -75,12 +75,14 @@ def check_max_batch(max_batch: int | None) -> int | None:
 def auto_max_batch(values_per_image: int, device: torch.device) -> int:
     """Images per batched EOT call when ``max_batch`` is ``None``, for images of ``values_per_image`` input values.
 
-    On a CUDA device as many as fit in :data:`CUDA_MEMORY_SHARE` of its free memory (``torch.cuda.mem_get_info``) at
-    :data:`CUDA_BYTES_PER_VALUE` bytes per input value; elsewhere :data:`AUTO_BATCH_VALUES` input values.
+    On a CUDA device as many as fit in :data:`CUDA_MEMORY_SHARE` of its free memory at :data:`CUDA_BYTES_PER_VALUE`
+    bytes per input value, free meaning free on the device (``torch.cuda.mem_get_info``) or held unused by torch's
+    caching allocator; elsewhere :data:`AUTO_BATCH_VALUES` input values.
     """
     values = max(values_per_image, 1)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return int(CUDA_MEMORY_SHARE * free) // (CUDA_BYTES_PER_VALUE * values)
     return AUTO_BATCH_VALUES // values
 
