@@ -12,7 +12,7 @@ import yaml
 from anomalib.engine import Engine
 
 from anomalib_robust.evaluation import RobustEvaluator
-from anomalib_robust.leaderboard import LeaderboardConfigError, RobustBenchmarkJob, validate_entry
+from anomalib_robust.leaderboard import LeaderboardConfigError, RobustBenchmark, RobustBenchmarkJob, validate_entry
 from anomalib_robust.leaderboard.__main__ import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,6 +33,20 @@ def _config(categories: list[str], models: list[str]) -> dict:
 def _write(config: dict, path: Path) -> Path:
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+@pytest.mark.cuda
+def test_cells_fit_and_attack_with_accelerator_cuda(tmp_path: Path) -> None:
+    """``accelerator: cuda`` in the YAML: anomalib's runner hands the job the GPU, which fits and attacks there, and
+    the cells finish as they do on the CPU (the grid test below)."""
+    config = _config(["trouser"], ["Padim", "AdvRAD"])
+    config["accelerator"] = "cuda"
+    RobustBenchmark().run(config=config, output_dir=tmp_path)
+    with (tmp_path / "leaderboard.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    assert [(row["model"], row["status"]) for row in rows] == [("Padim", "ok"), ("AdvRAD", "ok")]
+    assert all(0.0 <= float(row["robust_image_auroc"]) <= float(row["standard_image_auroc"]) + 1e-9 for row in rows)
+    assert all(row["sanity"] and row["num_test_images"] == "8" for row in rows)
 
 
 def test_grid_writes_every_output_resumes_and_merges(

@@ -55,16 +55,17 @@ def padim(datamodule: FashionMNIST, tmp_path_factory: pytest.TempPathFactory) ->
     return model
 
 
-def _engine(root: object, callbacks: list | None = None) -> Engine:
-    return Engine(default_root_dir=root, logger=False, enable_progress_bar=False, callbacks=callbacks or [])
+def _engine(root: object, callbacks: list | None = None, **kwargs: object) -> Engine:
+    return Engine(default_root_dir=root, logger=False, enable_progress_bar=False, callbacks=callbacks or [], **kwargs)
 
 
 def test_reports_logs_and_leaves_clean_metrics_unchanged(
-    padim: Padim, datamodule: FashionMNIST, tmp_path: Path
+    padim: Padim, datamodule: FashionMNIST, tmp_path: Path, device: torch.device
 ) -> None:
-    (clean,) = _engine(tmp_path / "plain").test(padim, datamodule=datamodule, verbose=False)
+    (clean,) = _engine(tmp_path / "plain", accelerator=device.type).test(padim, datamodule=datamodule, verbose=False)
     callback = RobustEval(attacks=["pgd", "apgd"], eps=[1 / 255, 4 / 255], steps=5, n_queries=40)
-    (metrics,) = _engine(tmp_path / "robust", [callback]).test(padim, datamodule=datamodule, verbose=False)
+    engine = _engine(tmp_path / "robust", [callback], accelerator=device.type)
+    (metrics,) = engine.test(padim, datamodule=datamodule, verbose=False)
 
     assert {key: value for key, value in metrics.items() if not key.startswith("robust/")} == clean
     report = callback.report
@@ -163,9 +164,9 @@ def test_clean_auroc_equals_anomalib_test_auroc_when_the_model_resizes(
     assert callback.report.eval_repeats == 1  # deterministic: scored once
 
 
-def test_randomised_advrad_is_scored_as_deployed(datamodule: FashionMNIST, tmp_path: Path) -> None:
+def test_randomised_advrad_is_scored_as_deployed(datamodule: FashionMNIST, tmp_path: Path, device: torch.device) -> None:
     """AdvRAD (tiny, briefly trained, resizing 32 -> 16 px): deployed single-draw scoring with repeats, attacked with
-    EOT, and a gradient that matches finite differences through the reconstruction."""
+    EOT, and a gradient that matches finite differences through the reconstruction; fitted and tested on ``device``."""
     from anomalib_robust import AdvRAD
 
     torch.manual_seed(0)
@@ -173,10 +174,10 @@ def test_randomised_advrad_is_scored_as_deployed(datamodule: FashionMNIST, tmp_p
         image_size=(SIZE // 2, SIZE // 2), base_channels=32, channel_mult=(1, 2), attention_resolutions=(), layers_per_block=1,
         num_timesteps=100, diffusion_step=10,
     )  # fmt: skip
-    engine = Engine(default_root_dir=tmp_path, max_steps=20, logger=False, enable_progress_bar=False)
-    engine.fit(model, datamodule=datamodule)
+    _engine(tmp_path, accelerator=device.type, max_steps=20).fit(model, datamodule=datamodule)
     callback = RobustEval(eps=8 / 255, steps=3, eot_samples=2, eval_repeats=4, n_queries=10, plots=False)
-    (metrics,) = _engine(tmp_path / "test", [callback]).test(model, datamodule=datamodule, verbose=False)
+    engine = _engine(tmp_path / "test", [callback], accelerator=device.type)
+    (metrics,) = engine.test(model, datamodule=datamodule, verbose=False)
     report = callback.report
     assert report.eval_repeats == 4 and report.clean_image_auroc_std > 0
     # anomalib's own test AUROC is one more deployed draw: within the spread of the repeats

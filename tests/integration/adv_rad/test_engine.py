@@ -34,12 +34,12 @@ def _auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def test_engine_test_reports_the_auroc_of_its_predictions(
-    advrad_checkpoint: Path, mvtec_root: Path, tmp_path: Path
+    advrad_checkpoint: Path, mvtec_root: Path, tmp_path: Path, device: torch.device
 ) -> None:
     """The image and pixel AUROC that ``Engine.test`` reports are those of the scores and maps the model predicts
     (the same seeded noise in both runs), computed independently here."""
     model = AdvRAD.load_from_checkpoint(advrad_checkpoint, noise_seed=0)
-    engine = Engine(default_root_dir=tmp_path, logger=False, enable_progress_bar=False)
+    engine = Engine(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, accelerator=device.type)
     datamodule = _datamodule(mvtec_root)
     (metrics,) = engine.test(model, datamodule=datamodule, verbose=False)
     predictions = engine.predict(model, dataloaders=datamodule.test_dataloader())

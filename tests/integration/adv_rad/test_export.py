@@ -198,13 +198,14 @@ def test_predict_on_a_torch_export_is_reproducible_with_a_seed(
     tmp_path: Path,
     mvtec_root: Path,
     monkeypatch: pytest.MonkeyPatch,
+    device: torch.device,
 ) -> None:
     model, _ = trained
     monkeypatch.setenv("TRUST_REMOTE_CODE", "1")  # TorchInferencer unpickles the whole module
     model_path = export_adv_rad(model, tmp_path, export_type="torch")
     images = mvtec_root / "disc" / "test" / "scratch"
-    first, second = (predict_exported(model_path, images, tmp_path / run, device="cpu", seed=3) for run in "ab")
-    unseeded = predict_exported(model_path, images, tmp_path / "c", device="cpu")
+    first, second = (predict_exported(model_path, images, tmp_path / run, device=device.type, seed=3) for run in "ab")
+    unseeded = predict_exported(model_path, images, tmp_path / "c", device=device.type)
     assert [prediction.score for prediction in first] == [prediction.score for prediction in second]
     assert [prediction.score for prediction in first] != [prediction.score for prediction in unseeded]
     assert all(prediction.visualization.is_file() for prediction in first)
@@ -314,10 +315,11 @@ def test_torch_export_runs_in_torch_inferencer(
     tmp_path: Path,
     mvtec_root: Path,
     monkeypatch: pytest.MonkeyPatch,
+    device: torch.device,
 ) -> None:
     model, _ = trained
     monkeypatch.setenv("TRUST_REMOTE_CODE", "1")  # TorchInferencer unpickles the whole module
-    inferencer = TorchInferencer(path=export_adv_rad(model, tmp_path, export_type="torch"), device="cpu")
+    inferencer = TorchInferencer(path=export_adv_rad(model, tmp_path, export_type="torch"), device=device.type)
     prediction = inferencer.predict(mvtec_root / "disc" / "test" / "good" / "000.png")
     assert prediction.pred_score.numel() == 1
     assert prediction.anomaly_map.shape[-2:] == (32, 32)

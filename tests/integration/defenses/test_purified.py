@@ -57,20 +57,24 @@ def _engine(tmp_path: Path, **kwargs: object) -> Engine:
     return Engine(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, **kwargs)
 
 
-def test_purified_pipeline_tests_like_an_anomalib_model(fitted: dict, tmp_path: Path) -> None:
+def test_purified_pipeline_tests_like_an_anomalib_model(fitted: dict, tmp_path: Path, device: torch.device) -> None:
     padim, datamodule = fitted["padim"], fitted["datamodule"]
-    (undefended,) = _engine(tmp_path).test(padim, datamodule=datamodule)
-    (identity,) = _engine(tmp_path).test(Purified(padim, DiffPure(fitted["adv_rad"], level=0)), datamodule=datamodule)
+    (undefended,) = _engine(tmp_path, accelerator=device.type).test(padim, datamodule=datamodule)
+    identity_pipeline = Purified(padim, DiffPure(fitted["adv_rad"], level=0))
+    (identity,) = _engine(tmp_path, accelerator=device.type).test(identity_pipeline, datamodule=datamodule)
     assert identity["image_AUROC"] == pytest.approx(undefended["image_AUROC"], abs=1e-6), "p = 0 is the identity"
     assert identity["pixel_AUROC"] == pytest.approx(undefended["pixel_AUROC"], abs=1e-4)
     purified = Purified(padim, DiffPure(fitted["adv_rad"], level=5))
     assert purified.name == "DiffPure(level=5)+Padim"
-    (metrics,) = _engine(tmp_path).test(purified, datamodule=datamodule)
+    (metrics,) = _engine(tmp_path, accelerator=device.type).test(purified, datamodule=datamodule)
     assert {"image_AUROC", "pixel_AUROC"} <= set(metrics)
-    images = next(iter(datamodule.test_dataloader())).image
-    with torch.no_grad():
-        purified.eval()
-        first, second, plain = purified.model(images), purified.model(images), padim.eval().model(images)
+    images = next(iter(datamodule.test_dataloader())).image.to(device)
+    try:
+        with torch.no_grad():
+            purified.to(device).eval()
+            first, second, plain = purified.model(images), purified.model(images), padim.eval().model(images)
+    finally:
+        purified.cpu()  # the module's shared models stay on the CPU
     assert not torch.equal(first.pred_score, plain.pred_score), "level 5 purifies the images the detector sees"
     assert not torch.equal(first.pred_score, second.pred_score), "fresh purification noise at every call"
     attack = PGD(purified, steps=1)
@@ -85,11 +89,16 @@ def test_purified_is_not_trained(fitted: dict, tmp_path: Path) -> None:
         Purified(torch.nn.Linear(2, 2), TMA(fitted["adv_rad"], depth=10, stride=5))
 
 
-def test_robust_eval_attacks_through_the_purifier_with_full_gradients_and_bpda(fitted: dict, tmp_path: Path) -> None:
+def test_robust_eval_attacks_through_the_purifier_with_full_gradients_and_bpda(
+    fitted: dict, tmp_path: Path, device: torch.device
+) -> None:
     padim, datamodule = fitted["padim"], fitted["datamodule"]
     pre_processor, training = padim.pre_processor, padim.training
     callback = RobustEval(defense=TMA(fitted["adv_rad"], depth=10, stride=5), **SETTINGS)
-    (metrics,) = _engine(tmp_path, callbacks=[callback]).test(padim, datamodule=datamodule)
+    try:
+        (metrics,) = _engine(tmp_path, callbacks=[callback], accelerator=device.type).test(padim, datamodule=datamodule)
+    finally:
+        fitted["adv_rad"].cpu()  # the evaluation moved the defense's denoiser to the tested model's device
     report = callback.report
     assert report.model == "TMA(depth=10, stride=5, eta=1.0)+Padim"
     assert report.eot_samples == 2
@@ -166,21 +175,24 @@ def test_cli_trains_agdm_guidance_and_evaluates_with_the_agdm_config(
     assert all(result["status"] == "ok" for result in report["results"])
 
 
-def test_engine_tests_the_agdm_pipeline(fitted: dict, tmp_path: Path) -> None:
+def test_engine_tests_the_agdm_pipeline(fitted: dict, tmp_path: Path, device: torch.device) -> None:
     """anomalib tests under inference mode; AGDM still computes its guidance gradients there and changes the scores."""
     guidance = AGDMGuidance(image_size=(SIZE, SIZE), base_channels=8, num_levels=2, num_timesteps=100,
                             max_noise_step=5)  # fmt: skip
     purified = Purified(fitted["padim"], AGDM(fitted["adv_rad"], guidance, depth=5, scale=1e4))
-    (metrics,) = _engine(tmp_path).test(purified, datamodule=fitted["datamodule"])
+    (metrics,) = _engine(tmp_path, accelerator=device.type).test(purified, datamodule=fitted["datamodule"])
     assert {"image_AUROC", "pixel_AUROC"} <= set(metrics)
-    images = next(iter(fitted["datamodule"].test_dataloader())).image
-    purified.eval()
-    with torch.inference_mode():
-        torch.manual_seed(0)
-        guided = purified.model(images).pred_score
-        purified.model.purifier.scale = 0.0
-        torch.manual_seed(0)
-        unguided = purified.model(images).pred_score
+    images = next(iter(fitted["datamodule"].test_dataloader())).image.to(device)
+    purified.to(device).eval()
+    try:
+        with torch.inference_mode():
+            torch.manual_seed(0)
+            guided = purified.model(images).pred_score
+            purified.model.purifier.scale = 0.0
+            torch.manual_seed(0)
+            unguided = purified.model(images).pred_score
+    finally:
+        purified.cpu()  # the module's shared models stay on the CPU
     assert not torch.allclose(guided, unguided), "the guidance moves the purified images under inference mode"
 
 

@@ -1,4 +1,5 @@
-"""PatchGuard through anomalib's Engine: fit/test metrics, checkpoint round trip, ONNX/OpenVINO export, RobustEval."""
+"""PatchGuard through anomalib's Engine: fit/test metrics, checkpoint round trip, ONNX/OpenVINO export, RobustEval; fitted,
+tested and attacked on each ``device``."""
 
 from pathlib import Path
 
@@ -31,13 +32,16 @@ TINY = {
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[PatchGuard, FashionMNIST, Path, Engine]:
+def trained(
+    tmp_path_factory: pytest.TempPathFactory, device: torch.device
+) -> tuple[PatchGuard, FashionMNIST, Path, Engine]:
+    """The tiny PatchGuard fitted on ``device`` (Lightning hands it back on the CPU), its data, checkpoint and Engine."""
     torch.manual_seed(0)
     datamodule = FashionMNIST(category="trouser", root="embedded", image_size=SIZE, num_train=16, num_test=16,
                               train_batch_size=8, eval_batch_size=8)  # fmt: skip
     model = PatchGuard(**TINY)
     engine = Engine(max_steps=3, default_root_dir=tmp_path_factory.mktemp("results"), logger=False,
-                    enable_progress_bar=False)  # fmt: skip
+                    enable_progress_bar=False, accelerator=device.type)  # fmt: skip
     engine.fit(model, datamodule=datamodule)
     return model, datamodule, Path(engine.trainer.checkpoint_callback.best_model_path), engine
 
@@ -92,6 +96,7 @@ def test_onnx_export_matches_pytorch(trained: tuple, tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize("device", ["cpu"], indirect=True)  # OpenVINO (an extra) is not on the GPU machine
 def test_openvino_export_runs_in_openvino_inferencer_and_matches_pytorch(trained: tuple, tmp_path: Path) -> None:
     model, datamodule, _, engine = trained
     model.eval()
@@ -110,11 +115,14 @@ def test_openvino_export_runs_in_openvino_inferencer_and_matches_pytorch(trained
     assert prediction.pred_label is not None
 
 
-def test_robust_eval_attacks_patch_guard(trained: tuple) -> None:
+def test_robust_eval_attacks_patch_guard(trained: tuple, device: torch.device) -> None:
     model, datamodule, _, _ = trained
-    report = RobustEval(attacks=["pgd"], eps=8 / 255, steps=2, sanity_checks=False, plots=False).evaluate(
-        model, datamodule.test_dataloader()
-    )
+    try:
+        report = RobustEval(attacks=["pgd"], eps=8 / 255, steps=2, sanity_checks=False, plots=False).evaluate(
+            model.to(device), datamodule.test_dataloader()
+        )
+    finally:
+        model.cpu()  # the other tests of the module use it on the CPU
     (result,) = report.results
     assert result.status == "ok"
     assert result.image_auroc <= report.clean_image_auroc + 1e-6

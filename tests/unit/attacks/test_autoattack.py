@@ -25,8 +25,10 @@ def test_attacks_stay_in_ball_and_push_scores(
     attack_class: type,
     settings: dict,
     norm: str,
+    device: torch.device,
 ) -> None:
-    images, labels = batch
+    detector = detector.to(device)
+    images, labels = (tensor.to(device) for tensor in batch)
     eps = 0.1 if norm == "Linf" else 1.0
     adversarial = attack_class(detector, eps=eps, norm=norm, **settings)(images, labels)
     delta = (adversarial - images).flatten(1)
