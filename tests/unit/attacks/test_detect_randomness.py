@@ -4,18 +4,17 @@ import logging
 
 import pytest
 import torch
-from conftest import ToyDetector
+from torch import nn
 
 from anomalib_robust.attacks import DetectorScore
 from anomalib_robust.attacks.eot import DEFAULT_EOT_SAMPLES
 
 
 @pytest.fixture
-def undeclared_detector() -> ToyDetector:
-    """Draws noise at every inference call, like ``stochastic_detector``, but does not declare it."""
-    detector = ToyDetector(noise=0.5)
-    del detector.model.stochastic
-    return detector
+def undeclared_detector(stochastic_detector: nn.Module) -> nn.Module:
+    """``stochastic_detector``, which draws noise at every inference call, without its declaration."""
+    del stochastic_detector.model.stochastic
+    return stochastic_detector
 
 
 def _detect(detector: DetectorScore, images: torch.Tensor) -> bool:
@@ -27,7 +26,7 @@ def _detect(detector: DetectorScore, images: torch.Tensor) -> bool:
 
 
 def test_undeclared_noise_is_detected_with_a_warning(
-    undeclared_detector: ToyDetector, batch: tuple, caplog: pytest.LogCaptureFixture
+    undeclared_detector: nn.Module, batch: tuple, caplog: pytest.LogCaptureFixture
 ) -> None:
     undeclared_detector.train()
     detector = DetectorScore(undeclared_detector)
@@ -41,14 +40,14 @@ def test_undeclared_noise_is_detected_with_a_warning(
     assert not hasattr(undeclared_detector.model, "stochastic")  # the model is left as found
 
 
-def test_detected_noise_keeps_an_explicit_eot_budget(undeclared_detector: ToyDetector, batch: tuple) -> None:
+def test_detected_noise_keeps_an_explicit_eot_budget(undeclared_detector: nn.Module, batch: tuple) -> None:
     detector = DetectorScore(undeclared_detector, eot_samples=3)
     assert _detect(detector, batch[0])
     assert (detector.stochastic, detector.eot_samples) == (True, 3)
 
 
 def test_deterministic_detector_is_not_flagged(
-    detector: ToyDetector, batch: tuple, caplog: pytest.LogCaptureFixture
+    detector: nn.Module, batch: tuple, caplog: pytest.LogCaptureFixture
 ) -> None:
     detector.model.dropout.train()  # eval mode inside prepared(): training-only noise is not inference noise
     scorer = DetectorScore(detector)
@@ -58,7 +57,7 @@ def test_deterministic_detector_is_not_flagged(
     assert not caplog.records
 
 
-def test_declared_randomised_detector_is_not_scored(stochastic_detector: ToyDetector, batch: tuple) -> None:
+def test_declared_randomised_detector_is_not_scored(stochastic_detector: nn.Module, batch: tuple) -> None:
     scorer = DetectorScore(stochastic_detector)
     calls = []
     stochastic_detector.model.register_forward_pre_hook(lambda *_: calls.append(1))
