@@ -20,10 +20,11 @@ The evaluation follows the rules that make a robust AUROC trustworthy:
 Attacks push the image score (``target="score"``, the AdvRAD paper's sec. 3) or the anomaly map (``target="map"``:
 normal pixels up, anomalous pixels down); the pixel AUROC of a score-target run is the pixel AUROC under the image
 attack, that of a map-target run the robust localisation. The sanity checks of
-:mod:`anomalib_robust.evaluation.sanity` run extra attacks and a finite-difference gradient check, within a budget
-(``sanity_budget``, a multiple of the configured runs' cost, :mod:`anomalib_robust.evaluation.budget`): the sanity
-runs attack an evenly spaced subset of the test images that keeps both classes, after the configured runs, and each
-comparison uses the configured run's AUROC on the same subset. Before attacking, the evaluator logs its plan (forward
+:mod:`anomalib_robust.evaluation.sanity` run extra attacks and two gradient checks, within a budget
+(``sanity_budget``, a multiple of the configured runs' cost, :mod:`anomalib_robust.evaluation.budget`), after the
+configured runs: the convergence run (more steps and draws, with the seeds of the configured run it is paired with) and
+the very-large-eps run attack whole batches of the test set, Square a stratified subset, and each comparison uses the
+configured runs' scores on the same images. Before attacking, the evaluator logs its plan (forward
 and backward passes per image of every run) and, after the first batch, an estimate of the wall time. With
 ``resume_dir`` every attacked batch is kept as it is computed, and an interrupted evaluation resumes with the same
 numbers (:mod:`anomalib_robust.evaluation.resume`).
@@ -211,13 +212,14 @@ class RobustEvaluator:
         eval_repeats: independent scorings of a randomised detector per reported AUROC (mean and std).
         targets: ``"score"`` (the image score), ``"map"`` (the anomaly map; needs masks), or both.
         resolution: ``"model"`` (eps at the model's input size) or ``"native"`` (the test image's size).
-        sanity_checks: also run the sanity checks (twice the steps and a very large eps with the first gradient
-            attack, Square at the largest eps unless configured, the finite-difference gradient check).
+        sanity_checks: also run the sanity checks (:mod:`~anomalib_robust.evaluation.sanity`): the convergence run
+            (:data:`CONVERGENCE_FACTOR` times the steps, and the draws of a randomised detector), PGD at a very large
+            eps from the clean image, Square at the largest eps unless configured, and the gradient checks.
         sanity_budget: the sanity checks may cost this multiple of the configured runs (attacks and scoring, in
-            forward-pass equivalents; default 1.5); they then run on an evenly spaced subset of the test images with
-            both classes, Square with one draw per query (the evaluator re-scores its result as deployed), the very
-            large eps with at most 5 steps, and Square's queries shrink only to keep 16 images. ``None``: full sanity
-            runs (every image, the attacker's EOT draws, the configured steps and queries).
+            forward-pass equivalents; default 1.5): the paired runs then attack whole batches (at least one), the
+            very large eps with at most 5 steps, and Square fewer images with its configured queries and draws (its
+            queries shrink only to keep 16 images, and a pass then reads inconclusive). ``None``: full sanity runs
+            (every image, the configured steps and queries).
         large_eps: radius of the "very large eps" check; ``None`` for 0.5 (L_inf) or ``0.5 * sqrt(C * H * W)`` (L_2).
         near_zero: AUROC the very large eps must reach for the check to pass.
         tolerance: AUROC slack of the comparisons, on top of the noise of the repeats.

@@ -97,7 +97,8 @@ class RobustReport:
     ``eval_repeats`` is the number of independent scorings behind every AUROC (1 for a deterministic detector);
     ``resolution`` says where eps is measured: ``"model"`` (the model's input size) or ``"native"`` (the test image).
     ``sanity_budget`` is the limit of the sanity runs' cost as a multiple of the configured runs' (``None``: full
-    sanity runs), ``sanity_images`` the images they ran on, and ``configured_cost`` / ``sanity_cost`` the planned
+    sanity runs), ``sanity_images`` the images of the paired runs (Square has its own, in its row), and
+    ``configured_cost`` / ``sanity_cost`` the planned
     cost of each part in forward-pass equivalents (:mod:`anomalib_robust.evaluation.budget`). ``baselines`` are the
     configured image-score runs measured on the sanity runs' images, what the sanity checks compare them with.
     """
@@ -195,8 +196,9 @@ class RobustReport:
         ratio = self.sanity_cost / self.configured_cost if self.configured_cost else math.nan
         limit = "full sanity runs" if self.sanity_budget is None else f"budget {self.sanity_budget:g}x"
         return (
-            f"Sanity runs on {self.sanity_images} of {self.num_samples} test images (both classes): planned cost "
-            f"{ratio:.2f}x the configured runs ({limit}; forward-pass equivalents, a backward pass counting 2)"
+            f"Paired sanity runs on {self.sanity_images} of {self.num_samples} test images (whole batches), Square on "
+            f"its own (see its row): planned cost {ratio:.2f}x the configured runs ({limit}; forward-pass "
+            "equivalents, a backward pass counting 2)"
         )
 
     def write(self, directory: Path) -> tuple[Path, Path]:

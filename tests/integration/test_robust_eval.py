@@ -76,11 +76,14 @@ def test_reports_logs_and_leaves_clean_metrics_unchanged(
     verdicts = {check.name: check.passed for check in report.checks}
     assert verdicts == {
         "AUROC does not increase with eps": True,
-        "AUROC does not increase with steps": True,
+        "converged: more steps and draws change nothing": True,
         "very large eps drives AUROC to near 0": True,
-        "black-box Square does not beat white-box attacks": True,
+        "black-box Square does not beat white-box attacks": None,  # the default budget leaves Square few queries
         "autograd matches finite differences": True,
+        "the gradient predicts the change at the attack's step": True,
     }
+    square = next(check for check in report.checks if check.name.startswith("black-box Square"))
+    assert "inconclusive" in square.detail
 
     directory = next((tmp_path / "robust").rglob("robust_eval")) / "linf"
     written = json.loads((directory / "report.json").read_text())
