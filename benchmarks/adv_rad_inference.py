@@ -15,7 +15,7 @@ import time
 import torch
 from rich.console import Console
 from rich.table import Table
-from roofline import COLUMNS, Roofline, count_flops
+from roofline import COLUMNS, Roofline, count_flops, synchronize
 
 from anomalib_robust.models.adv_rad.reconstruction import uniform_step_schedule
 from anomalib_robust.models.adv_rad.torch_model import AdvRADModel
@@ -25,11 +25,14 @@ PAPER = {"image_size": (256, 256)}
 
 
 def images_per_second(model: AdvRADModel, images: torch.Tensor, repeats: int) -> float:
+    """Images per second of ``repeats`` calls on ``images`` after a warm-up call (on their device, synchronised)."""
     with torch.no_grad():
         model(images[:1])  # warm-up
+        synchronize(images.device)
         start = time.perf_counter()
         for _ in range(repeats):
             model(images)
+        synchronize(images.device)
     return repeats * images.shape[0] / (time.perf_counter() - start)
 
 

@@ -7,7 +7,7 @@ shared machine affects them alike, and each reports the median step. The hybrid 
 posterior and the variational-bound term on top of the U-Net (target: an overhead below 15 % over the bare U-Net
 forward + backward). The speed-ups compare each variant with the fp32 eager step AdvRAD uses today:
 
-- ``bf16 autocast``: ``torch.autocast("cpu", dtype=torch.bfloat16)`` around the loss (Lightning's
+- ``bf16 autocast``: ``torch.autocast(<device>, dtype=torch.bfloat16)`` around the loss (Lightning's
   ``precision="bf16-mixed"``);
 - ``channels_last``: the U-Net's weights in NHWC memory format (the convolutions then run in NHWC; the images stay
   NCHW, so that ``randn_like`` draws the same diffusion noise);
@@ -46,22 +46,30 @@ FINAL_WINDOW = 50
 """Steps averaged into the final loss (one step's loss depends on its random diffusion step)."""
 
 
-def build(variant: str, image_size: int) -> tuple[AdvRADModel, torch.optim.Optimizer]:
-    """The CPU preset's torch model (same seed for every variant) and its Adam, prepared for ``variant``."""
+def build(
+    variant: str,
+    image_size: int,
+    factory: Callable[..., AdvRAD] = AdvRAD.cpu_preset,
+    device: torch.device | str = "cpu",
+    compile_backend: str = "inductor",
+) -> tuple[AdvRADModel, torch.optim.Optimizer]:
+    """The torch model of ``factory`` (the CPU preset; ``AdvRAD`` for the paper's defaults) on ``device``, from the same
+    seed for every variant, and its Adam, prepared for ``variant`` (``torch.compile`` with ``compile_backend``)."""
     torch.manual_seed(0)
-    lightning = AdvRAD.cpu_preset(image_size=(image_size, image_size), evaluator=False, visualizer=False)
-    model = lightning.model.train()
+    lightning = factory(image_size=(image_size, image_size), evaluator=False, visualizer=False)
+    model = lightning.model.to(device).train()
     if variant == "channels_last":
         model.to(memory_format=torch.channels_last)
     if variant == "torch.compile":
-        model.unet.compile()
+        model.unet.compile(backend=compile_backend)
     return model, torch.optim.Adam(model.parameters(), lr=lightning.learning_rate)
 
 
 def training_step(variant: str, model: AdvRADModel, optimizer: torch.optim.Optimizer, images: torch.Tensor) -> float:
-    """One optimiser step of the hybrid loss (what ``AdvRAD.training_step`` runs); returns the loss."""
+    """One optimiser step of the hybrid loss (what ``AdvRAD.training_step`` runs); returns the loss (which waits for
+    the step on a GPU)."""
     optimizer.zero_grad()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "bf16 autocast"):
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=variant == "bf16 autocast"):
         loss = model(images)["loss"]
     loss.backward()
     optimizer.step()
@@ -71,7 +79,7 @@ def training_step(variant: str, model: AdvRADModel, optimizer: torch.optim.Optim
 def bare_unet_step(model: AdvRADModel, optimizer: torch.optim.Optimizer, images: torch.Tensor) -> float:
     """The U-Net alone, forward + backward + Adam, at fixed random steps: the floor of any training step."""
     optimizer.zero_grad()
-    timesteps = torch.randint(0, model.schedule.num_timesteps, (images.shape[0],))
+    timesteps = torch.randint(0, model.schedule.num_timesteps, (images.shape[0],), device=images.device)
     loss = model.denoise(images * 2 - 1, timesteps).square().mean()
     loss.backward()
     optimizer.step()

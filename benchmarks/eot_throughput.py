@@ -23,7 +23,7 @@ import torch
 from purifier_setup import fitted_padim
 from rich.console import Console
 from rich.table import Table
-from roofline import Roofline, achieved_gflops, attack_flops_per_image
+from roofline import Roofline, achieved_gflops, attack_flops_per_image, synchronize
 
 from anomalib_robust import AdvRAD
 from anomalib_robust.attacks import PGD, DetectorScore
@@ -52,13 +52,15 @@ def max_batch_value(text: str) -> int | None:
 
 
 def throughput(model: torch.nn.Module, images: torch.Tensor, draws: int, max_batch: int | None, args) -> float:
-    """Best image-steps per second of EOT-PGD over ``args.repeats`` runs."""
-    labels = torch.zeros(images.shape[0], dtype=torch.long)
+    """Best image-steps per second of EOT-PGD over ``args.repeats`` runs (on the images' device, synchronised)."""
+    labels = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
     attack = PGD(DetectorScore(model, eot_samples=draws, max_batch=max_batch), eps=2 / 255, steps=args.steps)
     best = float("inf")
     for _ in range(args.repeats):
+        synchronize(images.device)
         started = time.perf_counter()
         attack(images, labels)
+        synchronize(images.device)
         best = min(best, time.perf_counter() - started)
     return images.shape[0] * args.steps / best
 

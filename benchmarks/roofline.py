@@ -6,7 +6,8 @@ memory-bound and cheap in FLOPs but not in time, which is one reason a path stay
 matrix product timed in the same run, with the same threads, so that the share reads "how much of what this machine
 delivers right now": on a shared machine the peak and the benchmark see the same load. bf16 is timed only where the
 CPU has native bf16 arithmetic (the ``avx512_bf16`` or ``amx_bf16`` flags); elsewhere PyTorch emulates it and its
-"peak" would say nothing about the hardware.
+"peak" would say nothing about the hardware. On a GPU (``device="cuda"``) the products are timed with the device
+synchronised (:func:`synchronize`), and bf16 wherever the GPU has it.
 
 The benchmark scripts import this module as a sibling (``from roofline import ...``): ``python benchmarks/x.py`` puts
 ``benchmarks/`` on ``sys.path``, as for ``attack_overhead.py``'s ``from robust_auroc_table import build``.
@@ -86,22 +87,35 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def has_native_bf16() -> bool:
-    """Whether the CPU has native bf16 arithmetic (see :data:`BF16_CPU_FLAGS`)."""
+def has_native_bf16(device: torch.device | str = "cpu") -> bool:
+    """Whether ``device`` has native bf16 arithmetic: a CPU with :data:`BF16_CPU_FLAGS`, a GPU that supports bf16."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_bf16_supported()
     return bool(cpu_flags() & set(BF16_CPU_FLAGS))
 
 
-def matmul_gflops(dtype: torch.dtype = torch.float32, size: int = 2048, seconds: float = 1.0) -> float:
-    """Best GFLOP/s of a ``size x size`` matrix product in ``dtype`` over about ``seconds`` of repeats."""
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the work queued on a GPU (nothing to wait for on a CPU), so that wall-clock time measures it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_gflops(
+    dtype: torch.dtype = torch.float32, size: int = 2048, seconds: float = 1.0, device: torch.device | str = "cpu"
+) -> float:
+    """Best GFLOP/s of a ``size x size`` matrix product in ``dtype`` on ``device`` over about ``seconds`` of repeats."""
     if size < 1 or seconds <= 0:
         msg = f"size must be >= 1 and seconds > 0, got size={size}, seconds={seconds}"
         raise ValueError(msg)
-    left, right = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    left = torch.randn(size, size, dtype=dtype, device=device)
+    right = torch.randn(size, size, dtype=dtype, device=device)
     torch.mm(left, right)  # warm-up
+    synchronize(device)
     best, deadline = float("inf"), time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         started = time.perf_counter()
         torch.mm(left, right)
+        synchronize(device)
         best = min(best, time.perf_counter() - started)
     return 2 * size**3 / best / 1e9
 
@@ -113,17 +127,21 @@ def achieved_gflops(flops_per_image: float, images_per_second: float) -> float:
 
 @dataclass(frozen=True)
 class Roofline:
-    """The machine's measured matmul peaks, in GFLOP/s, at ``threads`` threads (bf16 ``None`` without native bf16)."""
+    """The machine's measured matmul peaks, in GFLOP/s, at ``threads`` threads (bf16 ``None`` without native bf16),
+    on ``device``."""
 
     fp32: float
     bf16: float | None
     threads: int
+    device: str = "cpu"
 
     @classmethod
-    def measure(cls, size: int = 2048, seconds: float = 1.0) -> "Roofline":
-        """Time the fp32 (and, where native, bf16) matrix product now, with the current ``torch.get_num_threads()``."""
-        bf16 = matmul_gflops(torch.bfloat16, size, seconds) if has_native_bf16() else None
-        return cls(fp32=matmul_gflops(torch.float32, size, seconds), bf16=bf16, threads=torch.get_num_threads())
+    def measure(cls, size: int = 2048, seconds: float = 1.0, device: torch.device | str = "cpu") -> "Roofline":
+        """Time the fp32 (and, where native, bf16) matrix product on ``device`` now, with the current
+        ``torch.get_num_threads()``."""
+        bf16 = matmul_gflops(torch.bfloat16, size, seconds, device) if has_native_bf16(device) else None
+        fp32 = matmul_gflops(torch.float32, size, seconds, device)
+        return cls(fp32=fp32, bf16=bf16, threads=torch.get_num_threads(), device=str(device))
 
     def share(self, gflops: float) -> float:
         """Fraction of the fp32 matmul peak that ``gflops`` reaches."""
@@ -137,7 +155,8 @@ class Roofline:
     def caption(self) -> str:
         """One line naming the peaks, for under the table."""
         bf16 = f"bf16 {self.bf16:.1f} GFLOP/s" if self.bf16 is not None else "no native bf16 (emulated: not timed)"
-        return f"matmul peak, {self.threads} thread(s), measured in this run: fp32 {self.fp32:.1f} GFLOP/s, {bf16}"
+        where = f"{self.threads} thread(s)" if self.device == "cpu" else self.device
+        return f"matmul peak, {where}, measured in this run: fp32 {self.fp32:.1f} GFLOP/s, {bf16}"
 
 
 def main() -> None:
