@@ -105,7 +105,7 @@ def applies(requirement: Requirement, extras: set[str]) -> bool:
 
 
 def check(directory: Path, machine: dict[NormalizedName, Version | None]) -> tuple[list[str], list[str]]:
-    """``(problems, notes)`` of the bundle in ``directory`` against the machine's packages (see the module docstring)."""
+    """``(problems, notes)`` of the bundle in ``directory`` against the machine's packages (see the module docs)."""
     problems, notes = [], []
     supported = {*cpython_tags(PYTHON, platforms=PLATFORMS), *compatible_tags(PYTHON, f"cp{PYTHON[0]}{PYTHON[1]}",
                                                                              PLATFORMS)}  # fmt: skip

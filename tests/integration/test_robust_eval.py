@@ -167,7 +167,9 @@ def test_clean_auroc_equals_anomalib_test_auroc_when_the_model_resizes(
     assert callback.report.eval_repeats == 1  # deterministic: scored once
 
 
-def test_randomised_advrad_is_scored_as_deployed(datamodule: FashionMNIST, tmp_path: Path, device: torch.device) -> None:
+def test_randomised_advrad_is_scored_as_deployed(
+    datamodule: FashionMNIST, tmp_path: Path, device: torch.device
+) -> None:
     """AdvRAD (tiny, briefly trained, resizing 32 -> 16 px): deployed single-draw scoring with repeats, attacked with
     EOT, and a gradient that matches finite differences through the reconstruction; fitted and tested on ``device``."""
     from anomalib_robust import AdvRAD

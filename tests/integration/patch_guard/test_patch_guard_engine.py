@@ -1,5 +1,5 @@
-"""PatchGuard through anomalib's Engine: fit/test metrics, checkpoint round trip, ONNX/OpenVINO export, RobustEval; fitted,
-tested and attacked on each ``device``."""
+"""PatchGuard through anomalib's Engine: fit/test metrics, checkpoint round trip, ONNX/OpenVINO export, RobustEval;
+fitted, tested and attacked on each ``device``."""
 
 from pathlib import Path
 
@@ -35,7 +35,7 @@ TINY = {
 def trained(
     tmp_path_factory: pytest.TempPathFactory, device: torch.device
 ) -> tuple[PatchGuard, FashionMNIST, Path, Engine]:
-    """The tiny PatchGuard fitted on ``device`` (Lightning hands it back on the CPU), its data, checkpoint and Engine."""
+    """The tiny PatchGuard fitted on ``device`` (Lightning hands it back on the CPU), its data, checkpoint, Engine."""
     torch.manual_seed(0)
     datamodule = FashionMNIST(category="trouser", root="embedded", image_size=SIZE, num_train=16, num_test=16,
                               train_batch_size=8, eval_batch_size=8)  # fmt: skip
