@@ -1,4 +1,4 @@
-"""The GPU bundle's check (benchmarks/gpu/bundle.py): what ``pip install --no-deps`` on the GPU machine would not check."""
+"""The GPU bundle's check (benchmarks/gpu/bundle.py): what `pip install --no-deps` on the GPU machine does not check."""
 
 import importlib.util
 import zipfile
