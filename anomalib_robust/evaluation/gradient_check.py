@@ -81,11 +81,19 @@ DIFFERENCE_STEP = 1e-6
 ``h`` of a checked point rarely enough (at ``h = 1e-5`` a max over 96 near-equal pixels crossed one on 1 image of 5)."""
 
 DIFFERENCE_TOLERANCE = 1e-3
-"""Largest relative error of autograd against finite differences that passes (healthy detectors measure 1e-9 to
-1e-6, planted wrong gradients 0.1 to 1)."""
+"""Largest relative error of autograd against finite differences on an image (healthy detectors measure 1e-10 to
+1e-5, planted wrong gradients 0.9 to 1.2)."""
 
-STEP_RATIO_RANGE = (0.5, 2.0)
-"""Range of the median ratio of actual to predicted change along the attack's direction that passes."""
+KINKED_SHARE = 0.25
+"""The finite-difference check fails when this share of the images (and at least two, or all of them if fewer) is
+above the tolerance. One image may sit within ``h`` of a kink (a nearest neighbour or a max changing hands: Patchcore
+measured 1e-4 and 2.5e-3 on single images of healthy fits); masking shows on every image it touches."""
+
+MAX_STEP_RATIO = 2.0
+"""Largest median ratio of actual to predicted change along the attack's direction that passes. A masked share of the
+score makes the gradient predict too little (ratio 8 to 10 with 90 % detached). A ratio below 1 is curvature, not
+masking: the attack's sign step crosses nearest-neighbour switches (healthy Patchcore measured medians of 0.44, single
+images down to -0.1), and a gradient that points nowhere useful is the cosine's to see."""
 
 MIN_STEP_COSINE = 0.5
 """Smallest median cosine between predicted and actual changes over random sign steps that passes."""
@@ -281,28 +289,31 @@ def _measure(
 
 def _finite_difference_verdict(errors: torch.Tensor, directions: int) -> tuple[Verdict, float]:
     error = float(errors.max())
+    above = int((errors > DIFFERENCE_TOLERANCE).sum())
+    allowed = min(errors.numel(), max(2, math.ceil(KINKED_SHARE * errors.numel()))) - 1
     detail = (
         f"autograd vs central differences (float64, h={DIFFERENCE_STEP:g}) on {errors.numel()} images x "
-        f"{directions} random directions + the gradient's: max relative error {_percent(error)} "
-        f"(tolerance {_percent(DIFFERENCE_TOLERANCE)})"
+        f"{directions} random directions + the gradient's: max relative error {_percent(error)}, {above} images "
+        f"above the tolerance {_percent(DIFFERENCE_TOLERANCE)} (pass with at most {allowed})"
     )
-    passed = error <= DIFFERENCE_TOLERANCE
+    passed = above <= allowed
     if not passed:
         detail += "; the attacked gradient is not the score's (a detached, masked or approximated branch)"
     return Verdict(passed, detail), error
 
 
-def _attack_step_verdict(ratios: torch.Tensor, cosines: torch.Tensor, alpha: float, steps: int) -> tuple[Verdict, ...]:
+def _attack_step_verdict(
+    ratios: torch.Tensor, cosines: torch.Tensor, alpha: float, steps: int
+) -> tuple[Verdict, float, float]:
     ratio, cosine = _finite_median(ratios), _finite_median(cosines)
-    low, high = STEP_RATIO_RANGE
     summary = (
         f"predicted vs actual change at the attack's step ({alpha:.3g}) on {ratios.numel()} images: median ratio "
-        f"{ratio:.3g} along the attack's direction (pass within [{low:g}, {high:g}]), median cosine {cosine:.3g} "
-        f"over {steps} random sign steps (pass >= {MIN_STEP_COSINE:g})"
+        f"{ratio:.3g} along the attack's direction (pass <= {MAX_STEP_RATIO:g}), median cosine {cosine:.3g} over "
+        f"{steps} random sign steps (pass >= {MIN_STEP_COSINE:g})"
     )
     if math.isnan(ratio) and math.isnan(cosine):
         return Verdict(None, f"{summary}: not evaluated, the score does not change at that step"), ratio, cosine
-    passed = low <= ratio <= high and not cosine < MIN_STEP_COSINE
+    passed = not ratio > MAX_STEP_RATIO and not cosine < MIN_STEP_COSINE
     if not passed:
         summary += "; the gradient does not predict the score's change at the attack's scale (shattered or masked)"
     return Verdict(passed, summary), ratio, cosine
