@@ -64,25 +64,28 @@ def test_robust_evaluator_attacks_through_rap_with_full_gradients_and_bpda(fitte
     assert all(result.image_auroc <= report.clean_image_auroc + 1e-9 for result in report.results)
 
 
-def test_engine_tests_the_defended_pipeline(fitted: dict, tmp_path: Path) -> None:
+def test_engine_tests_the_defended_pipeline(fitted: dict, tmp_path: Path, device: torch.device) -> None:
     """anomalib's test of ``Purified(Padim, RAP)`` scores the adapter's output: its raw scores are Padim's scores of
     the one-step reconstruction, and its AUROC is the rank AUROC of its own predictions."""
     purified = Purified(fitted["padim"], RAP(fitted["adapter"]))
-    engine = Engine(default_root_dir=tmp_path, **ENGINE)
+    engine = Engine(default_root_dir=tmp_path, accelerator=device.type, **ENGINE)
     (metrics,) = engine.test(purified, datamodule=fitted["datamodule"])
     predictions = engine.predict(purified, dataloaders=fitted["datamodule"].test_dataloader())
     scores = torch.cat([batch.pred_score.flatten() for batch in predictions])
     labels = torch.cat([batch.gt_label.flatten() for batch in predictions])
     assert metrics["image_AUROC"] == pytest.approx(rank_auroc(scores, labels), abs=1e-6)
-    images = next(iter(fitted["datamodule"].test_dataloader())).image
-    purified.eval()
-    with torch.no_grad():
-        defended = purified.model(images).pred_score
-        reconstruction = purified.model.purifier(images)
-        expected = fitted["padim"].model(transform_as_tested(fitted["padim"].pre_processor, reconstruction)).pred_score
+    images = next(iter(fitted["datamodule"].test_dataloader())).image.to(device)
+    purified.to(device).eval()
+    try:
+        with torch.no_grad():
+            defended = purified.model(images).pred_score
+            reconstruction = purified.model.purifier(images)
+            tested = transform_as_tested(fitted["padim"].pre_processor, reconstruction)
+            expected = fitted["padim"].model(tested).pred_score
+            undefended = fitted["padim"].model(transform_as_tested(fitted["padim"].pre_processor, images)).pred_score
+    finally:
+        purified.cpu()  # the module's shared models stay on the CPU
     torch.testing.assert_close(defended, expected)
-    with torch.no_grad():
-        undefended = fitted["padim"].model(transform_as_tested(fitted["padim"].pre_processor, images)).pred_score
     assert not torch.allclose(defended, undefended), "the adapter must be in the tested pipeline"
 
 
