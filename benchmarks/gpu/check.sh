@@ -7,8 +7,8 @@
 # Rebuild the bundle first (`make gpu-bundle`): it holds this package's wheel as the working tree was then. The tests
 # and the measurements import the working tree's package; the wheel provides the plugin's start-up hook.
 # Writes into $OUT (results/gpu by default): cuda_tests.log, measurements.json and measurements.md. BUDGET (seconds,
-# 480 by default) bounds the whole run: the cuda tests get at most TEST_SECONDS (240) of it, the measurements the
-# rest, the leaderboard cell last with what is left. Exits with the status of the cuda tests.
+# 480 by default) bounds the whole run: the cuda tests get at most TEST_SECONDS (240) of it, the measurements the rest
+# (each step bounded in measure.py, torch.compile last with what is left). Exits with the status of the cuda tests.
 set -euo pipefail
 OUT=${OUT:-results/gpu}
 PYTHON=${PYTHON:-python3}

@@ -23,8 +23,9 @@ def test_smoke_mode_runs_every_measurement_and_writes_json_and_markdown(tmp_path
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads((tmp_path / "measurements.json").read_text())
     assert results["environment"]["device"] == "CPU" and results["matmul_peak_gflops"]["fp32"] > 0
-    assert [row["variant"] for row in results["training"]] == ["fp32 eager", "bf16 autocast", "torch.compile"]
-    assert all(row["images_per_s"] > 0 and row["gflop_per_image"] > 0 for row in results["training"])
+    training = results["training"] + results["compile"]
+    assert [row["variant"] for row in training] == ["fp32 eager", "bf16 autocast", "torch.compile"]
+    assert all(row["images_per_s"] > 0 and row["gflop_per_image"] > 0 for row in training)
     assert results["inference"]["images_per_s"] > 0
     assert [(row["detector"], row["path"], row["eot_draws"]) for row in results["attacks"]] == [
         ("AdvRAD", "batched draws", 2), ("AdvRAD", "one draw per call", 2), ("Padim", "batched draws", 1),
