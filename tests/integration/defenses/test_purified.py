@@ -102,9 +102,11 @@ def test_robust_eval_attacks_through_the_purifier_with_full_gradients_and_bpda(
     report = callback.report
     assert report.model == "TMA(depth=10, stride=5, eta=1.0)+Padim"
     assert report.eot_samples == 2
-    assert [result.attack for result in report.results] == ["EOT-PGD", "BPDA+EOT-PGD"]
+    assert [result.attack for result in report.results] == ["EOT-PGD", "BPDA+EOT-PGD", "Worst case"]
+    full, bpda, worst = report.results
     assert all(result.status == "ok" for result in report.results)
     assert all(result.image_auroc <= report.clean_image_auroc + 0.1 for result in report.results)
+    assert worst.role == "worst_case" and worst.image_auroc <= min(full.image_auroc, bpda.image_auroc) + 1e-12
     assert "robust/bpda+eot-pgd_linf_eps0.007843/image_AUROC" in metrics
     assert next(tmp_path.rglob("robust_eval/tma_depth_10_stride_5_eta_1_0_padim/linf/report.json")).is_file()
     assert padim.pre_processor is pre_processor and padim.training == training, "the tested detector is untouched"
