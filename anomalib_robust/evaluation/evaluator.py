@@ -521,8 +521,8 @@ class RobustEvaluator:
             paired_subset = whole_batches(batches, by_index, math.floor(max(share, 0.0) / per_image))
             if per_image * paired_subset.numel() > share:
                 logger.warning(
-                    "sanity_budget leaves %.0f forward-pass equivalents for the paired sanity runs, less than one batch "
-                    "of them (%d images, about %.0f per image); they run on that batch and exceed the budget",
+                    "sanity_budget leaves %.0f forward-pass equivalents for the paired sanity runs, less than one "
+                    "batch of them (%d images, about %.0f per image); they run on that batch and exceed the budget",
                     max(share, 0.0), paired_subset.numel(), per_image,
                 )  # fmt: skip
             if with_square:
@@ -636,9 +636,9 @@ class RobustEvaluator:
 
         The configured pass (``first_run == 0``) also scores the clean images and keeps the grid; the sanity passes
         number their runs from ``first_run``, so that every run has its own seeds, except the convergence run, which
-        takes those of the configured run it is paired with (the same random start, draws and scoring noise). A (batch, run) found in ``store``
-        is read instead of attacked, and one attacked now is written to it. ``on_first_batch(seconds, images)`` is
-        called once, after the first batch, if that batch was attacked now.
+        takes those of the configured run it is paired with (the same random start, draws and scoring noise). A
+        (batch, run) found in ``store`` is read instead of attacked, and one attacked now is written to it.
+        ``on_first_batch(seconds, images)`` is called once, after the first batch, if that batch was attacked now.
         """
         seen, grid, configured = _Scored(), None, first_run == 0
         started = time.perf_counter()
@@ -906,8 +906,9 @@ def _worst_cases(configured: list[_Run], scores: list[torch.Tensor | None], labe
         stacked = torch.stack([run_scores for _, run_scores in members])
         worst = torch.where(labels.bool()[:, None], stacked.min(dim=0).values, stacked.max(dim=0).values)
         first = members[0][0].result
+        budget = "per image, the worst of " + ", ".join(run.result.attack for run, _ in members)
         result = AttackResult("Worst case", first.norm, eps, role="worst_case", num_images=int(labels.numel()),
-                              budget="per image, the worst of " + ", ".join(run.result.attack for run, _ in members))  # fmt: skip
+                              budget=budget)  # fmt: skip
         result.image_auroc, result.image_auroc_std = _image_auroc(worst, labels)
         results.append(result)
     return results

@@ -90,7 +90,8 @@ def test_batches(loaders: list[DataLoader], max_samples: int | None = None) -> l
     batches, offset = [], 0
     for loader in loaders:
         selected = evenly_spaced(len(loader.dataset), max_samples)
-        batches += [[offset + selected[p] for p in batch] for batch in _positions(len(selected), loader.batch_size or 1)]
+        positions = _positions(len(selected), loader.batch_size or 1)
+        batches += [[offset + selected[position] for position in batch] for batch in positions]
         offset += len(loader.dataset)
     return batches
 
