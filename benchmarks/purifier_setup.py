@@ -45,14 +45,21 @@ def fitted_padim(datamodule: FashionMNIST, root: Path | str) -> Padim:
 
 
 def train_rap(
-    padim: Padim, datamodule: FashionMNIST, root: Path, seed: int, steps: int, epochs: int, identity_weight: float = 1.0
+    padim: Padim,
+    datamodule: FashionMNIST,
+    root: Path,
+    seed: int,
+    steps: int,
+    epochs: int,
+    identity_weight: float = 1.0,
+    task_weight: float = 0.1,
 ) -> tuple[RAP, float]:
     """One-step RAP (Alg. 2 with one U-Net call) around an adapter trained ``epochs`` epochs against ``padim`` from
     ``seed``; returns the defense and the training seconds."""
     torch.manual_seed(seed)
     adapter = RAPAdapter(detector=padim, image_size=(SIZE, SIZE), base_channels=32, channel_mult=(1, 2), steps=steps,
-                         learning_rate=1e-3, identity_weight=identity_weight, seed=seed, evaluator=False,
-                         visualizer=False)  # fmt: skip
+                         learning_rate=1e-3, identity_weight=identity_weight, task_weight=task_weight, seed=seed,
+                         evaluator=False, visualizer=False)  # fmt: skip
     started = time.perf_counter()
     Engine(default_root_dir=root, logger=False, max_epochs=epochs, limit_val_batches=0,
            enable_progress_bar=False).fit(adapter, datamodule=datamodule)  # fmt: skip

@@ -2,12 +2,14 @@
 
 The protocol of ``benchmarks/purifier_table.py`` (32 x 32 images, 200 training images, Padim with a random-init
 ResNet-18 on layer1 + layer2, fitted after ``torch.manual_seed(0)``; L_inf PGD 2/255, evenly spaced test images, no
-sanity runs), so its Padim column is reproduced here and its DiffPure/TMA columns are the comparison. For each
-adapter seed a RAP adapter (``configs/model/rap_adapter_cpu.yaml`` with ``--rap-steps`` = T) is trained against the
-fitted Padim for ``--epochs`` epochs, then ``RAP`` (one step, deterministic) + Padim is attacked with full gradients
-through the adapter and with BPDA. One-step RAP is deterministic, so each cell is scored once; the spread reported
-is over adapter seeds (training randomness: attack start noise, t draws, pseudo anomalies, U-Net init). Each finished
-(variant, seed) is cached as JSON next to ``--output``. Prints tables, never asserts.
+sanity runs), so its Padim column is reproduced here and its DiffPure/TMA columns are the comparison. For each adapter
+seed a RAP adapter (``configs/model/rap_adapter_cpu.yaml`` with ``--rap-steps`` = T) is trained against the fitted Padim
+for ``--epochs`` epochs, once per ``--task-weights`` value (the weight of the score hinges; the RAP paper's code weighs
+its cross-entropy 1) and once without the identity term at the first weight, then ``RAP`` (one step, deterministic) +
+Padim is attacked with full gradients through the adapter and with BPDA. One-step RAP is deterministic, so each cell is
+scored once; the spread reported is over adapter seeds (training randomness: attack start noise, t draws, pseudo
+anomalies, U-Net init). Each finished (variant, seed) is cached as JSON next to ``--output``. Prints tables, never
+asserts.
 
 ``--diffpure-levels`` and ``--agdm-depths`` add DiffPure(p) and AGDM(t*) rows (the AGDM paper, Alg. 1), both with the
 AdvRAD CPU preset trained here as the diffusion model (attacked with EOT, full gradients and BPDA). AGDM's guidance
@@ -17,6 +19,7 @@ p = t* is AGDM without guidance (s = 0), its ablation. For AGDM the table also g
 
 Example:
     $ nice -n 10 python benchmarks/rap_table.py --category trouser --epochs 3 --seeds 0 1 2 --max-samples 20
+    $ nice -n 10 python benchmarks/rap_table.py --task-weights 0.1 0.3 1 --seeds 0 1 2 --max-samples 20
     $ nice -n 10 python benchmarks/rap_table.py --seeds --diffpure-levels 70 --agdm-depths 70 --max-samples 20
 """
 
@@ -97,6 +100,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--rap-steps", type=int, default=5, help="T of the adapter's forward process")
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2], help="RAP adapter seeds (none: no RAP)")
+    parser.add_argument("--task-weights", nargs="+", type=float, default=[0.1],
+                        help="task_weight of the RAP adapter, one adapter per value (a sweep)")
     parser.add_argument("--steps", type=int, default=5, help="PGD steps of the evaluation")
     parser.add_argument("--max-samples", type=int, default=20)
     parser.add_argument("--num-train", type=int, default=200)
@@ -124,19 +129,22 @@ def main() -> None:
     loader = datamodule.test_dataloader()
     rows = {"Padim": [aurocs(RobustEval(**settings).evaluate(padim, loader))]}
     costs = {}
-    for variant, identity_weight in (("RAP", 1.0), ("RAP without identity term", 0.0)) if arguments.seeds else ():
+    variants = [(f"RAP, task weight {weight:g}", weight, 1.0) for weight in arguments.task_weights]
+    variants.append((f"RAP without identity term, task weight {arguments.task_weights[0]:g}",
+                     arguments.task_weights[0], 0.0))  # fmt: skip
+    for variant, task_weight, identity_weight in variants if arguments.seeds else ():
         rows[variant] = []
         for seed in arguments.seeds:
             cache = runs / (f"rap_{arguments.category}_{arguments.protocol}_T{arguments.rap_steps}_"
-                            f"e{arguments.epochs}_id{identity_weight:g}_seed{seed}_pgd{arguments.steps}_"
-                            f"n{arguments.max_samples}.json")  # fmt: skip
+                            f"e{arguments.epochs}_tw{task_weight:g}_id{identity_weight:g}_seed{seed}_"
+                            f"pgd{arguments.steps}_n{arguments.max_samples}.json")  # fmt: skip
             if cache.exists():
                 cached = json.loads(cache.read_text())
                 rows[variant].append(cached["aurocs"])
                 costs.setdefault(variant, []).append(cached["train_seconds"])
                 continue
             rap, seconds = train_rap(padim, datamodule, runs, seed, arguments.rap_steps, arguments.epochs,
-                                     identity_weight)  # fmt: skip
+                                     identity_weight, task_weight)  # fmt: skip
             row = aurocs(RobustEval(defense=rap, **settings).evaluate(padim, loader))
             images = next(iter(loader)).image[:8]
             purified = Purified(padim, rap, visualizer=False).eval()

@@ -14,12 +14,18 @@ Inference (Alg. 2) on a sub-sequence ``tau = (T, ..., 0)`` of ``inference_steps`
 - ``inference_steps = T``: Alg. 2 as written. Each step calls the adapter once, then re-runs Alg. 1 from the estimate
   for ``t - 1`` steps (eq. 9) against the defended detector: **T + T (T - 1) / 2 U-Net calls per image** (210 for T =
   20), plus as many U-Net backward passes and detector forward/backward passes (the inner attack needs gradients).
-  The re-run uses ``y = +1`` (the process the adapter learnt on normal images): test labels are unknown. It has no
-  start noise unless ``inference_noise`` (then the defense is randomised and attacked with EOT).
+  The re-run needs Alg. 1's label ``y``, which a test image does not have: it is the detector's own decision on the
+  estimate (``y = -1`` where its raw score is above the detector's image threshold, ``+1`` elsewhere;
+  :func:`~anomalib_robust.models.rap_adapter.process.decision_direction`), so the detector must have its threshold
+  (anomalib sets it in validation). It has no start noise unless ``inference_noise`` (then the defense is randomised
+  and attacked with EOT).
 
-Attacks (``RobustEval(defense=RAP(...))``): full gradients go through the adapter calls and the projections of the
-inner Alg. 1 runs, whose sign steps have a zero derivative almost everywhere, so the gradient is exact (a.e.), not an
-approximation; BPDA (``purifier_gradients: [bpda]``) replaces the whole purifier by the identity in the backward pass.
+Attacks (``RobustEval(defense=RAP(...))``): in one step the full gradient is the adapter's exact gradient. With more
+steps it goes through the adapter calls exactly and through each inner Alg. 1 run by BPDA (Athalye et al., 2018,
+"Obfuscated Gradients Give a False Sense of Security", sec. 4.1): the run's sign steps and its direction ``y`` enter
+the backward pass as constants, so the run's Jacobian is the identity up to its projections (the derivative almost
+everywhere of a piecewise-constant step, which says nothing about how the steps depend on the input). BPDA over the
+whole purifier (``purifier_gradients: [bpda]``) replaces it by the identity in the backward pass.
 
 Bad input: an untrained adapter is refused; an adapter used in front of another detector than the one it was trained
 against triggers a warning naming both (:meth:`RAP.attach`, called by ``Purified``).
@@ -49,6 +55,8 @@ from anomalib_robust.models.rap_adapter.lightning_model import (
 )
 from anomalib_robust.models.rap_adapter.process import (
     defended_objective,
+    decision_direction,
+    detector_score,
     forward_process,
     reverse_process,
     timesteps,
@@ -141,7 +149,8 @@ class RAP(DiffusionPurifier):
         self.trained_against = trained_against
         self.image_size, self.in_channels = tuple(adapter.image_size), adapter.in_channels
         self.gradient_checkpointing = gradient_checkpointing
-        self._detector: tuple[nn.Module | None, nn.Module] | None = None  # a tuple: not registered as submodules
+        # (pre-processor, torch model, post-processor) of the defended detector; a tuple: not registered as submodules
+        self._detector: tuple[nn.Module | None, nn.Module, nn.Module | None] | None = None
         self.requires_grad_(False)
         self.eval()
 
@@ -156,12 +165,13 @@ class RAP(DiffusionPurifier):
         return unet_calls(self.steps, self.inference_steps)
 
     def attach(self, detector: nn.Module) -> None:
-        """Defend ``detector`` (an ``AnomalibModule``): the inner Alg. 1 runs of Alg. 2 attack it through the adapter.
+        """Defend ``detector`` (an ``AnomalibModule``): the inner Alg. 1 runs of Alg. 2 attack it through the adapter,
+        in the direction of its decision (its post-processor's image threshold, read when the runs need it).
 
         Warns (:class:`DetectorMismatchWarning`) when it is not the detector the adapter was trained against.
         """
         model = detector.model
-        self._detector = (getattr(detector, "pre_processor", None), model)
+        self._detector = (getattr(detector, "pre_processor", None), model, getattr(detector, "post_processor", None))
         if self.trained_against is None:
             return
         fingerprint = detector_fingerprint(model)
@@ -181,15 +191,24 @@ class RAP(DiffusionPurifier):
         return self.adapter(images, t)
 
     def _attack(self, estimate: torch.Tensor, t: int) -> torch.Tensor:
-        """Alg. 1 from ``estimate`` for ``t`` steps against the attached detector behind the one-step adapter."""
+        """Alg. 1 from ``estimate`` for ``t`` steps against the attached detector behind the one-step adapter, in the
+        direction of the detector's decision on ``estimate``."""
         if self._detector is None:
             msg = (
                 f"RAP with inference_steps={self.inference_steps} re-runs Alg. 1 against the defended detector: put it "
                 "in front of one with Purified(detector, RAP(...)) (or call rap.attach(detector))."
             )
             raise RuntimeError(msg)
-        pre_processor, model = self._detector
-        direction = torch.ones(estimate.shape[0], device=estimate.device, dtype=estimate.dtype)
+        pre_processor, model, post_processor = self._detector
+        threshold = getattr(post_processor, "image_threshold", None)
+        if threshold is None or not torch.isfinite(torch.as_tensor(threshold)):
+            msg = (
+                f"RAP with inference_steps={self.inference_steps} attacks in the direction of the detector's decision, "
+                "but the detector has no image threshold: fit it with anomalib's Engine (validation sets it)."
+            )
+            raise RuntimeError(msg)
+        with torch.no_grad():
+            direction = decision_direction(detector_score(pre_processor, model, estimate), float(threshold))
         objective = defended_objective(self.adapter, self.steps, pre_processor, model, direction)
         noise = self.start_noise if self.inference_noise else 0.0
         return forward_process(objective, estimate, t, self.eps, self.step_size, noise)

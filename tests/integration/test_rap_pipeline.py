@@ -59,7 +59,7 @@ def test_robust_evaluator_attacks_through_rap_with_full_gradients_and_bpda(fitte
     report, _ = evaluator.evaluate(padim, [datamodule.test_dataloader()])
     assert report.model == "RAP(steps=2, inference_steps=1)+Padim"
     assert report.eot_samples == 1 and report.eval_repeats == 1, "one-step RAP is deterministic: no EOT, one scoring"
-    assert [result.attack for result in report.results] == ["PGD", "BPDA+PGD"]
+    assert [result.attack for result in report.results] == ["PGD", "BPDA+PGD", "Worst case"]
     assert all(result.status == "ok" for result in report.results)
     assert all(result.image_auroc <= report.clean_image_auroc + 1e-9 for result in report.results)
 
@@ -119,7 +119,7 @@ def test_cli_evaluates_with_the_rap_config(fitted: dict, tmp_path: Path, anomali
     assert "Robust evaluation of RAP(steps=2, inference_steps=1)+Padim" in output
     report = json.loads(next(tmp_path.rglob("robust_eval/rap_steps_2_inference_steps_1_padim/linf/report.json"))
                         .read_text())  # fmt: skip
-    assert [result["attack"] for result in report["results"]] == ["PGD", "BPDA+PGD"]
+    assert [result["attack"] for result in report["results"]] == ["PGD", "BPDA+PGD", "Worst case"]
 
 
 def test_robust_eval_callback_takes_rap_as_defense(fitted: dict, tmp_path: Path) -> None:

@@ -1,31 +1,37 @@
 """RAPAdapter: train the RAP adapter in front of a fitted, frozen anomalib detector (the RAP paper, Alg. 3).
 
 Paper (the RAP paper): "From Malicious to Marvelous: the Art of Adversarial Attack as Diffusion", sec. 3.4, Alg. 3.
-Every training step draws ``t ~ U{1..T}`` per image, attacks the normal training image with Alg. 1 for ``t`` steps
-against the *defended* detector (the adapter in front of the detector, sec. 3.3) and takes a gradient step on
+Every training step draws ``t ~ U{1..T}`` per image, attacks the normal training image ``x_0`` with Alg. 1 for ``t``
+steps against the *defended* detector (the adapter in front of the detector, sec. 3.3) and a pseudo anomaly ``x_a`` of
+it in the other score direction, and takes a gradient step on
 
-    ||x_0 - f~(x_t, t)||_1 + task_weight * task + identity_weight * ||x_a - f~(x^a_t, t)||_1.
+    ||x_0 - f~(x_t, t)||_1 + identity_weight * ||x_a - f~(x^a_t, t)||_1
+        + task_weight * (relu(A(f~(x_t, t)) - A(x_0)) + relu(A(x_a) - A(f~(x^a_t, t)))) / s.
 
 Adaptations to one-class anomaly detection (the paper trains a classifier's adapter with a class label):
 
-- **Task term.** The paper's ``CE(f~(x_t, t), y)`` becomes the detector's raw anomaly score on ``f~(x_t, t)`` for the
-  normal training images, as a hinge above the score of the clean image: ``relu(A(f~(x_t, t)) - A(x_0)) / s``. The
-  attack raised the score (a false alarm); the term asks the adapter to bring it back to the clean image's level and
-  no lower, because rewarding scores below that would teach the adapter to make everything look normal, defects
-  included. ``s`` (:attr:`score_scale`) is the mean absolute raw score of the clean images of the first training
-  batch, so the term is a relative score increase and ``task_weight`` means the same for detectors whose scores live
-  on different scales. The default weight 0.1 keeps the L_1 terms dominant; it is not tuned.
-- **Identity term.** An adapter trained on normal images only learns to "repair" real defects as well, and the
+- **Pseudo anomalies.** An adapter trained on normal images only learns to "repair" real defects as well, and the
   detector then misses them (the AdvRAD paper, sec. 4.2). So every step also makes pseudo anomalies ``x_a`` of the
   batch with PatchGuard's foreground self-CutPaste generator (PatchGuard, Nafez et al., CVPR 2025, supplementary
-  sec. B; :class:`~anomalib_robust.models.patch_guard.pseudo_anomaly.PseudoAnomalyGenerator`), attacks them with
-  Alg. 1 in the other score direction (``y = -1``: hide the defect), and asks the adapter to return ``x_a`` itself,
-  defect included. ``identity_weight = 0`` switches it off (to measure with and without it).
+  sec. B; :class:`~anomalib_robust.models.patch_guard.pseudo_anomaly.PseudoAnomalyGenerator`) and attacks them with
+  Alg. 1 in the other score direction (``y = -1``: hide the defect), giving ``x^a_t``.
+- **Task term.** The paper's ``CE(f~(x_t, t), y)`` covers every class; here it becomes two hinges on the detector's
+  raw anomaly score ``A`` (:func:`~anomalib_robust.models.rap_adapter.process.score_hinge`), one per side. On normal
+  images the attack raised the score (a false alarm), and the purified score must not stay above the clean image's;
+  on pseudo anomalies the attack lowered it (a miss), and the purified score must not fall below the clean anomalous
+  image's (the mirror hinge). Neither rewards going past the clean score: that would teach the adapter to make
+  everything look normal, or everything anomalous. ``s`` (:attr:`score_scale`) is the spread (standard deviation) of
+  the clean normal scores of the first training batch, so a constant shift of the detector's score changes nothing
+  and ``task_weight`` means the same for detectors whose scores live on different scales. The default weight 0.1
+  (the paper's code weighs the cross-entropy 1) keeps the L_1 terms dominant; sweep it with the ``task_weight``
+  argument (``benchmarks/rap_table.py --task-weights``).
+- **Identity term.** The adapter returns ``x_a`` itself from ``x^a_t``, defect included. ``identity_weight = 0``
+  switches it off (to measure with and without it); with both weights 0 no pseudo anomalies are made.
 - **Loss norm.** Alg. 3 writes ``||x_0 - f~||`` without a subscript and eq. (8) uses L_2; L_1 (the mean absolute
   error) is used here.
 
-Cost per training step: ``t`` forward and backward passes of (U-Net + detector) per image for the attack (twice with
-the identity term), then one U-Net forward/backward and one detector forward/backward for the loss. The detector's
+Cost per training step: ``t`` forward and backward passes of (U-Net + detector) per image for each of the two attacks,
+then two U-Net forward/backward and two detector forward/backward passes for the loss. The detector's
 weights never change; they are saved in the checkpoint with the adapter's (so that training resumes), and the
 checkpoint records the detector's name and a fingerprint of its weights, which :class:`~anomalib_robust.defenses.RAP`
 checks against the detector it defends.
@@ -69,7 +75,12 @@ from anomalib_robust.attacks.base import check_non_negative
 from anomalib_robust.attacks.detector import test_transform
 from anomalib_robust.attacks.unmasking import unmasked_gradients
 from anomalib_robust.models.patch_guard.pseudo_anomaly import PseudoAnomalyGenerator
-from anomalib_robust.models.rap_adapter.process import defended_objective, detector_score, forward_process
+from anomalib_robust.models.rap_adapter.process import (
+    defended_objective,
+    detector_score,
+    forward_process,
+    score_hinge,
+)
 from anomalib_robust.models.rap_adapter.torch_model import RAPAdapterModel
 
 logger = logging.getLogger(__name__)
@@ -152,7 +163,8 @@ class RAPAdapter(AnomalibModule):
         eps: L_inf radius of Alg. 1's ``Clamp``.
         step_size: lambda of Alg. 1.
         start_noise: c of Alg. 1, in ``[0, eps]``.
-        task_weight: weight of the task term (the detector's score on ``f~(x_t, t)``, see the module docstring).
+        task_weight: weight of the task term (the two score hinges, in units of the clean scores' spread; see the
+            module docstring).
         identity_weight: weight of the identity term on pseudo anomalies (0: off).
         pseudo_anomaly_size: smallest side of a pseudo-anomalous patch in pixels; ``None``: an eighth of the image.
         learning_rate: Adam learning rate.
@@ -211,7 +223,8 @@ class RAPAdapter(AnomalibModule):
         size = pseudo_anomaly_size or max(2, min(self.model.image_size) // 8)
         self.pseudo_anomalies = PseudoAnomalyGenerator(patch_size=size, seed=seed)
         self.register_buffer("score_scale", torch.zeros(()))
-        """Mean absolute raw score of the detector on clean training images (the task term's unit; 0 until set)."""
+        """Standard deviation of the detector's raw scores of the clean images of the first training batch (the task
+        term's unit; 0 until set, 1 when that batch has no spread)."""
 
     def save_hyperparameters(self, *args: Any, ignore: Sequence[str] | str | None = None, **kwargs: Any) -> None:
         """As Lightning's, without the detector (a checkpoint path is added back by ``__init__``)."""
@@ -248,25 +261,32 @@ class RAPAdapter(AnomalibModule):
 
     def losses(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """The terms of Alg. 3's loss on a batch of normal images ``x_0`` in [0, 1] (see the module docstring)."""
-        steps = self.model.steps
-        t = torch.randint(1, steps + 1, (images.shape[0],), device=images.device)
+        t = torch.randint(1, self.model.steps + 1, (images.shape[0],), device=images.device)
         with torch.no_grad():
             clean_scores = self._score(images)
         if not self.score_scale > 0:
-            scale = float(clean_scores.abs().mean())
-            self.score_scale.fill_(scale if scale > 0 else 1.0)
-        attacked = self._attack(images, t, 1.0)
-        estimate = self.model(attacked, t)
+            spread = float(clean_scores.std()) if clean_scores.numel() > 1 else 0.0
+            self.score_scale.fill_(spread if spread > 0 else 1.0)
+        estimate = self.model(self._attack(images, t, 1.0), t)
         losses = {"reconstruction": (estimate - images).abs().mean()}
         with unmasked_gradients():
             scores = self._score(estimate.clamp(0.0, 1.0))
-        losses["task"] = ((scores - clean_scores).relu() / self.score_scale).mean()
-        losses["loss"] = losses["reconstruction"] + self.task_weight * losses["task"]
-        if self.identity_weight > 0:
+        losses["task_normal"] = score_hinge(scores, clean_scores, 1.0, self.score_scale).mean()
+        task = losses["task_normal"]
+        if self.identity_weight > 0 or self.task_weight > 0:
             anomalous = self.pseudo_anomalies.on_bright_foreground(images)
             recovered = self.model(self._attack(anomalous, t, -1.0), t)
+            with torch.no_grad():
+                clean_anomalous_scores = self._score(anomalous)
+            with unmasked_gradients():
+                anomalous_scores = self._score(recovered.clamp(0.0, 1.0))
+            losses["task_anomalous"] = score_hinge(
+                anomalous_scores, clean_anomalous_scores, -1.0, self.score_scale
+            ).mean()
             losses["identity"] = (recovered - anomalous).abs().mean()
-            losses["loss"] = losses["loss"] + self.identity_weight * losses["identity"]
+            task = task + losses["task_anomalous"]
+        identity = losses.get("identity", 0.0)
+        losses["loss"] = losses["reconstruction"] + self.task_weight * task + self.identity_weight * identity
         return losses
 
     def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:

@@ -16,9 +16,14 @@ The RAP paper ("From Malicious to Marvelous: the Art of Adversarial Attack as Di
 - **Indexing of Alg. 1**: ``x~_0 = Clamp(x_0 + zeta)`` with ``zeta ~ Uniform(-c, c)`` (line 4-5), then for
   ``t = 1..T``: ``x_t = Clamp(x_{t-1} + lambda * sign(dL/dx at x_{t-1}))``. ``x_t`` has had exactly ``t`` gradient
   steps.
-- **Gradients through the process.** ``sign`` has a zero derivative almost everywhere, so the sign direction is a
-  constant of ``x``; the exact (a.e.) derivative of ``x_t`` w.r.t. its inputs goes through the projections only. The
-  gradient of each step is computed on a detached copy, which leaves the caller's graph as it was.
+- **The direction y at inference.** Alg. 2 re-runs Alg. 1 with the label ``y``, which a test image does not have;
+  :func:`decision_direction` takes it from the detector's own decision (its image threshold) on the current estimate.
+- **Gradients through the process.** Each step's ascent direction ``sign(dL/dx)`` is computed on a detached copy
+  (which leaves the caller's graph as it was) and enters the backward pass as a constant, so the backward pass treats
+  a run of Alg. 1 as "add a fixed perturbation, then project": BPDA (Athalye et al., 2018, "Obfuscated Gradients Give
+  a False Sense of Security", sec. 4.1) of the inner attack, whose Jacobian is the identity up to the projections.
+  ``sign`` is piecewise constant, so this is also the derivative almost everywhere, but that derivative is the
+  shattered gradient BPDA stands in for: it ignores how the attack's direction depends on its input.
 
 Example:
     >>> import torch
@@ -140,6 +145,25 @@ def detector_score(pre_processor: torch.nn.Module | None, model: torch.nn.Module
     """Raw anomaly score ``(N,)`` of a detector's torch model on [0, 1] ``images``, pre-processed as anomalib tests."""
     output = model(test_transform(pre_processor, images))
     return output.pred_score.reshape(images.shape[0], -1)[:, 0]
+
+
+def decision_direction(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``y`` of the score-direction objective from a detector's decision: ``+1`` where the raw score is at most the
+    image threshold (normal: an attack would raise it), ``-1`` above it (anomalous: an attack would lower it), as
+    anomalib's post-processor labels (``pred_score > threshold``)."""
+    return torch.where(scores > threshold, -1.0, 1.0).to(scores.dtype)
+
+
+def score_hinge(
+    scores: torch.Tensor, clean_scores: torch.Tensor, direction: torch.Tensor | float, scale: torch.Tensor | float
+) -> torch.Tensor:
+    """Per image ``relu(y (A(f~(x_t, t)) - A(x_0))) / s``: the task term of Alg. 3 for the anomaly detector.
+
+    Zero on the side of the clean score that the attack in direction ``y`` did not push towards: for normal images
+    (``y = +1``) a purified score at or below the clean one, for anomalous ones (``y = -1``) at or above it; positive,
+    in units of ``s``, past it.
+    """
+    return (direction * (scores - clean_scores)).relu() / scale
 
 
 def defended_objective(

@@ -1,6 +1,8 @@
-"""RAP (the RAP paper): the forward process (Alg. 1), the reverse process and its cost (Alg. 2), the adapter's
-training loss (Alg. 3), the purifier in front of a detector (gradients, BPDA, mismatch warning) and bad input."""
+"""RAP (the RAP paper): the forward process (Alg. 1), the reverse process, its cost and its attack direction (Alg. 2),
+the adapter's training attacks and score hinges (Alg. 3), the purifier in front of a detector (gradients, BPDA,
+mismatch warning) and bad input."""
 
+import copy
 import warnings
 from pathlib import Path
 
@@ -12,20 +14,22 @@ from anomalib.models import Padim
 
 from anomalib_robust.attacks import BPDA, DetectorScore
 from anomalib_robust.attacks.pgd import project
+from anomalib_robust.attacks.unmasking import unmasked_gradients
 from anomalib_robust.data import FashionMNIST
 from anomalib_robust.defenses import RAP, DetectorMismatchWarning, Purified
 from anomalib_robust.evaluation.gradient_check import check_gradient
 from anomalib_robust.models import RAPAdapter
 from anomalib_robust.models.rap_adapter import RAPAdapterModel
 from anomalib_robust.models.rap_adapter.process import (
+    decision_direction,
     defended_objective,
     detector_score,
     forward_process,
     reverse_process,
+    score_hinge,
     timesteps,
     unet_calls,
 )
-from anomalib_robust.models.patch_guard.pseudo_anomaly import PseudoAnomalyGenerator
 
 SIZE = 32
 TINY = {"image_size": (SIZE, SIZE), "base_channels": 32, "channel_mult": (1,), "steps": 2}
@@ -59,14 +63,36 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 class Linear(torch.nn.Module):
-    """A toy detector whose raw score is ``<w, x>``: its gradient sign is known everywhere."""
+    """A toy detector whose raw score is ``<w, x> + offset``: its gradient sign is known everywhere."""
 
-    def __init__(self, weights: torch.Tensor) -> None:
+    def __init__(self, weights: torch.Tensor, offset: float = 0.0) -> None:
         super().__init__()
-        self.weights = weights
+        self.weights, self.offset = weights, offset
 
     def forward(self, images: torch.Tensor) -> InferenceBatch:
-        return InferenceBatch(pred_score=(images * self.weights).flatten(1).sum(dim=1))
+        return InferenceBatch(pred_score=(images * self.weights).flatten(1).sum(dim=1) + self.offset)
+
+
+def _shifting_adapter(detector: Padim, shift: float, offset: float = 0.0, **arguments: object) -> RAPAdapter:
+    """A RAPAdapter in front of the mean-brightness detector (plus ``offset``) whose adapter adds ``shift`` to every
+    pixel (the U-Net's zero last convolution with bias ``shift``): ``A(f~(x, t)) = mean(clamp(x + shift))``."""
+    torch.manual_seed(0)
+    adapter = RAPAdapter(detector=detector, **{**TINY, **arguments})
+    adapter.detector_model, adapter.detector_pre_processor = Linear(torch.full((3, SIZE, SIZE), 1 / (3 * SIZE**2)),
+                                                                    offset), None  # fmt: skip
+    adapter.model.unet.conv_out.bias.data.fill_(shift)
+    return adapter
+
+
+def _non_identity(adapter: RAPAdapterModel, std: float = 0.3) -> RAPAdapterModel:
+    """``adapter`` with a random last convolution, so that the defended and the bare detector differ."""
+    torch.nn.init.normal_(adapter.unet.conv_out.weight, std=std)
+    return adapter.eval()
+
+
+def _defended_score(detector: Padim, adapter: RAPAdapterModel, images: torch.Tensor) -> torch.Tensor:
+    """``A(f~(x, T))``: the one-step defended detector's raw score."""
+    return detector_score(detector.pre_processor, detector.model, adapter(images, adapter.steps).clamp(0.0, 1.0))
 
 
 def test_forward_process_is_alg1_step_by_step() -> None:
@@ -132,36 +158,65 @@ def test_reverse_process_needs_the_attack_beyond_one_step() -> None:
         reverse_process(adapter, None, x, 2, 2)
 
 
-def test_training_loss_decreases(fitted: dict) -> None:
-    """A few Adam steps of Alg. 3 lower the loss on a fixed batch (same t, start noise and pseudo anomalies)."""
-    adapter = RAPAdapter(detector=fitted["padim"], learning_rate=1e-4, **TINY)
-    images = fitted["batch"].image[:4]
-    optimizer = adapter.configure_optimizers()
+def test_training_attacks_follow_the_defended_system(fitted: dict) -> None:
+    """With a non-identity adapter, Alg. 3's attacks step along the sign of the *defended* detector's gradient
+    (sec. 3.3: adversaries of the full robust classifier): ``y = +1`` on normal images, ``y = -1`` on pseudo
+    anomalies, which lowers their defended scores; the detector stays frozen while the adapter learns."""
+    padim, images = fitted["padim"], fitted["batch"].image[:4]
+    adapter = RAPAdapter(detector=padim, **{**TINY, "start_noise": 0.0})
+    model = _non_identity(adapter.model)
+    probe = images.clone().requires_grad_(True)
+    with unmasked_gradients():
+        (defended,) = torch.autograd.grad(_defended_score(padim, model, probe).sum(), probe)
+        (bare,) = torch.autograd.grad(detector_score(padim.pre_processor, padim.model, probe).sum(), probe)
+    assert (defended.sign() != bare.sign()).float().mean() > 0.2, "the test needs an adapter that changes the gradient"
+    one_step = torch.ones(images.shape[0], dtype=torch.long)
+    for direction in (1.0, -1.0):
+        expected = project(images + direction * model.step_size * defended.sign(), images, model.eps, "Linf")
+        torch.testing.assert_close(adapter._attack(images, one_step, direction), expected)
 
-    def loss() -> torch.Tensor:
-        torch.manual_seed(0)
-        adapter.pseudo_anomalies = PseudoAnomalyGenerator(patch_size=4, seed=0)
-        return adapter.losses(images)["loss"]
+    anomalous = adapter.pseudo_anomalies.on_bright_foreground(images)
+    attacked = adapter._attack(anomalous, torch.full_like(one_step, model.steps), -1.0)
+    with torch.no_grad():
+        before, after = _defended_score(padim, model, anomalous), _defended_score(padim, model, attacked)
+    assert (after < before).all(), (before, after)
 
-    adapter.train()
-    first = loss().item()
-    for _ in range(6):
-        optimizer.zero_grad()
-        loss().backward()
-        optimizer.step()
-    assert loss().item() < 0.95 * first  # 0.038 -> 0.034 when written: the task term falls first
+    adapter.losses(images)["loss"].backward()
     assert all(parameter.grad is None for parameter in adapter.detector_model.parameters()), "the detector is frozen"
+    assert adapter.model.unet.conv_out.weight.grad.abs().sum() > 0
 
 
-def test_identity_term_is_switchable(fitted: dict) -> None:
-    torch.manual_seed(0)
-    images = fitted["batch"].image[:2]
-    with_identity = RAPAdapter(detector=fitted["padim"], **TINY).losses(images)
-    without = RAPAdapter(detector=fitted["padim"], identity_weight=0, **TINY).losses(images)
-    assert "identity" in with_identity and "identity" not in without
-    torch.testing.assert_close(
-        with_identity["loss"], with_identity["reconstruction"] + 0.1 * with_identity["task"] + with_identity["identity"]
-    )
+def test_score_hinge_is_zero_on_the_right_side_of_the_clean_score() -> None:
+    """``relu(y (A(f~) - A(x_0))) / s``: y = +1 penalises a purified score above the clean one, y = -1 one below it."""
+    clean, scale = torch.tensor([1.0, 1.0]), 0.5
+    below, above = torch.tensor([0.4, 1.0]), torch.tensor([1.5, 3.0])
+    assert score_hinge(below, clean, 1.0, scale).eq(0).all() and score_hinge(above, clean, -1.0, scale).eq(0).all()
+    torch.testing.assert_close(score_hinge(above, clean, 1.0, scale), torch.tensor([1.0, 4.0]))
+    torch.testing.assert_close(score_hinge(below, clean, -1.0, scale), torch.tensor([1.2, 0.0]))
+
+
+@pytest.mark.parametrize("shift", [0.3, -0.3])
+def test_each_loss_hinge_is_zero_on_the_right_side_and_positive_on_the_wrong_side(fitted: dict, shift: float) -> None:
+    """An adapter that brightens every image raises the purified scores of the mean-brightness detector above the
+    clean ones: the normal hinge is positive and the pseudo-anomaly (mirror) hinge zero; one that darkens them the
+    other way round. Each holds whatever the attack did, since the shift exceeds eps."""
+    losses = _shifting_adapter(fitted["padim"], shift).losses(fitted["batch"].image[:4])
+    wrong, right = ("task_normal", "task_anomalous") if shift > 0 else ("task_anomalous", "task_normal")
+    assert losses[right] == 0 and losses[wrong] > 0, losses
+
+
+def test_loss_is_invariant_to_a_constant_shift_of_the_score(fitted: dict) -> None:
+    """The score terms are in units of the clean scores' spread: adding 100 to every score changes no term (float64,
+    so that rounding the scores near 100 does not hide the comparison)."""
+    images = fitted["batch"].image[:4].double()
+    reference, shifted = (_shifting_adapter(fitted["padim"], 0.3, offset=offset).double() for offset in (0.0, 100.0))
+    terms = {}
+    for name, adapter in (("reference", reference), ("shifted", shifted)):
+        torch.manual_seed(0)
+        terms[name] = {key: value.detach() for key, value in adapter.losses(images).items()}
+    assert terms["reference"]["task_normal"] > 0
+    torch.testing.assert_close(terms["shifted"], terms["reference"])
+    torch.testing.assert_close(shifted.score_scale, reference.score_scale)
 
 
 def test_full_gradients_match_finite_differences_and_bpda_is_the_identity(fitted: dict) -> None:
@@ -183,12 +238,48 @@ def test_full_gradients_match_finite_differences_and_bpda_is_the_identity(fitted
     assert full.abs().sum() > 0 and not torch.allclose(full, weights)
 
 
-def test_full_gradients_reach_the_input_through_alg2(fitted: dict) -> None:
+def test_alg2_attacks_in_the_direction_of_the_detectors_decision(fitted: dict) -> None:
+    """The inner Alg. 1 runs of Alg. 2 lower the defended score of images the detector calls anomalous (score above
+    its threshold) and raise it for the others; without a threshold they refuse to guess."""
+    padim = copy.deepcopy(fitted["padim"])
+    adapter = _non_identity(RAPAdapterModel(**TINY))
+    adapter.trained_steps.fill_(1)
+    rap = RAP(adapter, inference_steps=2)
+    Purified(padim, rap)
+    estimate = fitted["batch"].image
+    with torch.no_grad():
+        scores = detector_score(padim.pre_processor, padim.model, estimate)
+    padim.post_processor._image_threshold.fill_(scores.median())
+    direction = decision_direction(scores, float(scores.median()))
+    assert (direction == 1).any() and (direction == -1).any()
+    attacked = rap._attack(estimate, 1)
+    with torch.no_grad():
+        change = _defended_score(padim, rap.adapter, attacked) - _defended_score(padim, rap.adapter, estimate)
+    assert (change * direction > 0).all(), (change, direction)
+    padim.post_processor._image_threshold.fill_(float("nan"))
+    padim.post_processor._pixel_threshold.fill_(float("nan"))
+    with pytest.raises(RuntimeError, match="the detector has no image threshold"):
+        rap._attack(estimate, 1)
+
+
+def test_alg2_gradient_is_bpda_through_the_inner_attack(fitted: dict) -> None:
+    """With more than one reverse step, the full gradient goes exactly through the adapter calls and through each inner
+    Alg. 1 run as through the identity (its steps are constants of the backward pass): away from the [0, 1] box it
+    equals the gradient of ``f~(x0_hat + stop_gradient(x_t - x0_hat), t)``."""
     rap = RAP(fitted["adapter"], inference_steps=2)
     Purified(fitted["padim"], rap)
-    images = fitted["batch"].image[:1].clone().requires_grad_(True)
-    (gradient,) = torch.autograd.grad(rap(images).sum(), images)
-    assert torch.isfinite(gradient).all() and gradient.abs().sum() > 0
+    rap.adapter = _non_identity(rap.adapter, std=0.003)
+    torch.manual_seed(0)
+    images = (0.3 + 0.4 * torch.rand(2, 3, SIZE, SIZE)).requires_grad_(True)
+    weights = torch.randn_like(images)
+    (full,) = torch.autograd.grad((rap(images) * weights).sum(), images)
+    estimate = rap.adapter(images, 2)
+    assert 0 < estimate.min() and estimate.max() < 1, "the identity holds away from the box"
+    attacked = rap._attack(estimate, 1)
+    assert 0 < attacked.min() and attacked.max() < 1
+    surrogate = rap.adapter(estimate + (attacked - estimate).detach(), 1).clamp(0.0, 1.0)
+    (expected,) = torch.autograd.grad((surrogate * weights).sum(), images)
+    torch.testing.assert_close(full, expected)
 
 
 def test_checkpoint_round_trip(fitted: dict, tmp_path: Path) -> None:
