@@ -2,8 +2,9 @@
 
 For every class and protocol: Padim (random-init ResNet-18) undefended, ``DiffPure(p) + Padim`` for every level p,
 ``TMA + Padim``, ``RAP + Padim`` (the RAP paper, Alg. 2 in its one-step mode, the adapter trained here against the
-fitted Padim, :func:`purifier_setup.train_rap`), ``AGDM(t*) + Padim`` for every depth t* (the AGDM paper, Alg. 1,
-its guidance network trained here, :func:`purifier_setup.trained_guidance`), and AdvRAD (CPU preset, one-shot), each
+fitted Padim, :func:`purifier_setup.train_rap`), ``AGDM(t*) + Padim`` for every depth t* and guidance ratio (the
+AGDM paper, Alg. 1, each step's guidance shift over its noise, ``--agdm-ratios``; its guidance network trained here,
+:func:`purifier_setup.trained_guidance`), and AdvRAD (CPU preset, one-shot), each
 as "robust (standard)" image AUROC in percent under L_inf PGD 2/255 with EOT, attacking through the purifier with
 full gradients (memory bounded by gradient checkpointing) and with BPDA (identity backward). Full-gradient attacks
 through chains longer than ``--full-max-level`` U-Net calls are not run (shown as "-"): their cost grows with p, and
@@ -23,6 +24,7 @@ Example:
     $ python benchmarks/purifier_table.py --classes trouser --levels 5 25 50 100 200 --max-samples 40
     $ python benchmarks/purifier_table.py --denoiser-root results/benchmarks/runs --eot-samples 4 --steps 5
     $ python benchmarks/purifier_table.py --levels 70 --agdm-depths 70 --rap-epochs 50 --max-samples 100
+    $ python benchmarks/purifier_table.py --levels 70 --agdm-depths 70 --agdm-ratios 0.1 0.5 1 --rap-epochs 0
 """
 
 import argparse
@@ -41,7 +43,9 @@ from anomalib_robust import AdvRAD, RobustEval
 from anomalib_robust.attacks import DetectorScore
 from anomalib_robust.data import CLASS_NAMES, FashionMNIST
 from anomalib_robust.defenses import AGDM, TMA, DiffPure, Purified
+from anomalib_robust.defenses.agdm import GUIDANCE_RATIO
 from anomalib_robust.evaluation.report import RobustReport, format_auroc, write_atomic
+from anomalib_robust.models.agdm_guidance.torch_model import ARCHITECTURE
 
 
 def denoiser(category: str, root: Path | None, epochs: int, runs: Path) -> AdvRAD:
@@ -87,7 +91,8 @@ def main() -> None:
     parser.add_argument("--rap-steps", type=int, default=5, help="T of the adapter's forward process (Alg. 1)")
     parser.add_argument("--rap-seed", type=int, default=0)
     parser.add_argument("--agdm-depths", nargs="*", type=int, default=[70], help="AGDM t* (the AGDM paper's 70)")
-    parser.add_argument("--agdm-scale", type=float, default=1.0, help="s of AGDM (the paper's 1.0)")
+    parser.add_argument("--agdm-ratios", nargs="+", type=float, default=[GUIDANCE_RATIO],
+                        help="AGDM's guidance shift over the step's noise (sets s per step), one column per value")
     parser.add_argument("--guidance-epochs", type=int, default=10, help="AGDM guidance network training epochs")
     parser.add_argument("--full-max-level", type=int, default=50, help="longest chain attacked with full gradients")
     parser.add_argument("--steps", type=int, default=10)
@@ -116,13 +121,14 @@ def main() -> None:
     attack_key = (f"steps{arguments.steps}_eot{arguments.eot_samples}_r{arguments.eval_repeats}_"
                   f"n{arguments.max_samples}")  # fmt: skip
     rap = ["RAP"] if arguments.rap_epochs > 0 else []
-    agdm_names = {f"AGDM t*={depth}": depth for depth in arguments.agdm_depths}
+    agdm_names = {f"AGDM t*={depth} ratio={ratio:g}": (depth, ratio)
+                  for depth in arguments.agdm_depths for ratio in arguments.agdm_ratios}  # fmt: skip
     systems = ["Padim", *(f"DiffPure p={level}" for level in arguments.levels), "TMA", *rap, *agdm_names, "AdvRAD"]
     cache_keys = {name: name.replace(" ", "").replace("*", "").replace("=", "") for name in systems}
     if rap:
         cache_keys["RAP"] += f"_T{arguments.rap_steps}_e{arguments.rap_epochs}_seed{arguments.rap_seed}"
     for name in agdm_names:
-        cache_keys[name] += f"_s{arguments.agdm_scale:g}_g{arguments.guidance_epochs}"
+        cache_keys[name] += f"_g{arguments.guidance_epochs}_a{ARCHITECTURE}"
     results: dict[tuple[str, str], dict[str, dict]] = {}
     costs: dict[str, dict] = {}
     for category in arguments.classes:
@@ -176,7 +182,7 @@ def main() -> None:
 
 def defense_of(name: str, arguments: argparse.Namespace, adv_rad: AdvRAD, padim: torch.nn.Module,
                datamodule: FashionMNIST, runs: Path, category: str, trained: dict[str, object],
-               agdm_names: dict[str, int]) -> tuple[object | None, float | None]:  # fmt: skip
+               agdm_names: dict[str, tuple[int, float]]) -> tuple[object | None, float | None]:  # fmt: skip
     """The purifier of the system called ``name`` (``None`` for Padim and AdvRAD) and the seconds this run spent
     training it (``None`` when nothing was trained for it). RAP's adapter and AGDM's guidance network are trained once
     per class, against the class's Padim and on its normal training images."""
@@ -191,10 +197,11 @@ def defense_of(name: str, arguments: argparse.Namespace, adv_rad: AdvRAD, padim:
         return trained["rap"]
     if name in agdm_names:
         if "guidance" not in trained:
-            path = runs / f"agdm_guidance_{category}_e{arguments.guidance_epochs}.ckpt"
+            path = runs / f"agdm_guidance_v{ARCHITECTURE}_{category}_e{arguments.guidance_epochs}.ckpt"
             trained["guidance"] = trained_guidance(datamodule, path, arguments.guidance_epochs)
         network, seconds = trained["guidance"]
-        return AGDM(adv_rad, network, depth=agdm_names[name], scale=arguments.agdm_scale), seconds
+        depth, ratio = agdm_names[name]
+        return AGDM(adv_rad, network, depth=depth, guidance_ratio=ratio), seconds
     return None, None
 
 

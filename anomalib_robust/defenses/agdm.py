@@ -6,24 +6,35 @@ the gradient of a robust network's guidance (sec. 3.1):
 
     x_{t-1} ~ N(mu + s Sigma grad_{x_t} log p(y | x_t) - s Sigma grad_{x_t} D(f_phi(x'), f_phi(x_t)), Sigma)
 
-The diffusion model is the AdvRAD U-Net that DiffPure uses, unchanged; f_phi is
-:class:`~anomalib_robust.models.AGDMGuidance` (``anomalib train --model AGDMGuidance``), a normal-vs-pseudo-anomaly
-classifier trained with eq. (6); D is the KL divergence of its outputs. Defaults are the paper's (sec. 5.1): t* = 70,
-s = 1.0 (lambda = 6 is f_phi's training weight).
+The consistency term is the gradient of eq. (4). The diffusion model is the AdvRAD U-Net that DiffPure uses,
+unchanged; f_phi is :class:`~anomalib_robust.models.AGDMGuidance` (``anomalib train --model AGDMGuidance``), a
+per-patch normal-vs-pseudo-anomaly classifier conditioned on the diffusion step and trained with eq. (6); D is the
+squared distance of its spatial features (:mod:`anomalib_robust.models.agdm_guidance.torch_model`), the input's
+taken at step 0 (``f_phi(x', 0)``) and the sample's at its step (``f_phi(x_t, t)``). t* = 70 is the paper's
+(sec. 5.1).
 
 Adapted to one-class anomaly detection:
 
+- **The guidance scale comes from a ratio** (``guidance_ratio``, default 0.5): at every step ``s_t`` is set so that
+  the guidance moves the reverse mean by ``guidance_ratio`` times the norm of the step's noise
+  (:func:`~anomalib_robust.defenses.chains.guidance_shift`), where the paper fixes ``s = 1``. With a fixed ``s`` the
+  shift depends on the scale of f_phi's gradient: an earlier version of this purifier, with a two-logit f_phi and
+  ``s = 1``, moved each step by 2.2e-8 of its noise, so it was DiffPure. The ratio is part of the purifier's name
+  (``AGDM(depth=70, guidance_ratio=0.5)``), so every reported result says how strong its guidance was.
+
 - **No label guidance by default** (``label_guidance=False``): an anomaly detector's test image has no class, and
   guiding towards "normal" would erase the real defects the detector must find. With ``label_guidance=True`` the
-  ``y`` term uses f_phi's "normal" logit (``log p(normal | x_t)``), for users who accept that trade.
-- **The consistency term stays**: it pulls each sample towards the input's f_phi output, defect or not, which is what
-  keeps a defect that f_phi sees from being repaired.
+  ``y`` term uses f_phi's "normal" logits (``log p(normal | x_t)``, averaged over the patches), for users who accept
+  that trade.
+- **The consistency term stays**: it pulls each sample towards the input's f_phi features, defect or not, which is
+  what keeps a defect that f_phi sees from being repaired.
 
 Cost per image: t* U-Net calls, t* forward and backward passes of f_phi and one forward pass on ``x'``. Attacks
 (``RobustEval(defense=AGDM(...))``) use EOT (the chain draws fresh noise) with full gradients through every step:
 each U-Net call is recomputed in the backward pass (``gradient_checkpointing``), and each guidance gradient is built
-with ``create_graph`` so that the attack differentiates through the guidance too (f_phi's second derivatives; f_phi
-uses SiLU). BPDA (``purifier_gradients: [bpda]``) replaces the whole purifier by the identity in the backward pass.
+with ``create_graph`` so that the attack differentiates through the guidance and through ``s_t`` too (f_phi's second
+derivatives; f_phi uses SiLU). BPDA (``purifier_gradients: [bpda]``) replaces the whole purifier by the identity in
+the backward pass.
 
 Example:
     >>> from anomalib_robust.defenses import AGDM, Purified
@@ -46,6 +57,9 @@ from anomalib_robust.models.adv_rad.diffusion import DiffusionSchedule
 from anomalib_robust.models.adv_rad.torch_model import AdvRADModel
 from anomalib_robust.models.agdm_guidance import AGDMGuidance, GuidanceNetworkModel
 from anomalib_robust.models.agdm_guidance.torch_model import NORMAL, consistency_divergence
+
+GUIDANCE_RATIO = 0.5
+"""Default norm of the guidance shift of every reverse step, in units of the norm of the step's noise."""
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +99,8 @@ class AGDM(DiffusionPurifier):
             ``AdvRADModel`` (as DiffPure's).
         guidance: the trained robust guidance network: an AGDMGuidance checkpoint path or ``AGDMGuidance``.
         depth: t* in ``[1, T]``.
-        scale: s, the guidance scale (>= 0; 0 is DiffPure at level t*).
+        guidance_ratio: norm of every step's guidance shift over the norm of the step's noise (>= 0; 0 is DiffPure
+            at level t*); sets the guidance scale ``s_t`` of each step (module docstring).
         label_guidance: add ``s Sigma grad log p(normal | x_t)`` (off: see the module docstring).
         gradient_checkpointing: see :class:`~anomalib_robust.defenses.DiffusionPurifier`.
         clip_denoised: see :class:`~anomalib_robust.defenses.DiffusionPurifier`.
@@ -96,7 +111,7 @@ class AGDM(DiffusionPurifier):
         denoiser: str | Path | AdvRAD | AdvRADModel,
         guidance: str | Path | AGDMGuidance,
         depth: int = 70,
-        scale: float = 1.0,
+        guidance_ratio: float = GUIDANCE_RATIO,
         label_guidance: bool = False,
         gradient_checkpointing: bool = True,
         clip_denoised: bool = False,
@@ -106,7 +121,7 @@ class AGDM(DiffusionPurifier):
             msg = f"depth (t* of Alg. 1) must be in [1, T = {self.schedule.num_timesteps}], got 0 (no purification)."
             raise ValueError(msg)
         self.depth = depth
-        self.scale = check_non_negative("scale", scale)
+        self.guidance_ratio = check_non_negative("guidance_ratio", guidance_ratio)
         self.label_guidance = bool(label_guidance)
         trained = load_guidance(guidance)
         self.network: GuidanceNetworkModel = trained.model
@@ -139,12 +154,18 @@ class AGDM(DiffusionPurifier):
         """t* U-Net calls per image (plus t* forward/backward passes of the guidance network)."""
         return self.depth
 
-    def log_guidance(self, reference_logits: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
-        """Per image: ``-D(f(x'), f(x_t))`` (+ ``log p(normal | x_t)`` with ``label_guidance``); ``x_t`` in [-1, 1]."""
-        logits = self.network.logits((xt + 1) / 2)
-        log_guidance = -consistency_divergence(reference_logits, logits)
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """``f_phi(x', 0)``: the guidance network's features of the input ``x`` in [-1, 1], a clean image (step 0)."""
+        return self.network.features((x + 1) / 2, torch.zeros(len(x), dtype=torch.long, device=x.device))
+
+    def log_guidance(self, reference: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Per image: ``-D(f(x', 0), f(x_t, t))`` (+ the patches' mean ``log p(normal | x_t)`` with
+        ``label_guidance``); ``x_t`` in [-1, 1] at U-Net step ``t`` (the network counts steps from 0 = clean)."""
+        features = self.network.features((xt + 1) / 2, t + 1)
+        log_guidance = -consistency_divergence(reference, features)
         if self.label_guidance:
-            log_guidance = log_guidance + logits.log_softmax(dim=1)[:, NORMAL]
+            log_probabilities = self.network.head(features).log_softmax(dim=1)[:, NORMAL]
+            log_guidance = log_guidance + log_probabilities.flatten(1).mean(dim=1)
         return log_guidance
 
     def chain(self, x: torch.Tensor) -> torch.Tensor:
@@ -152,18 +173,17 @@ class AGDM(DiffusionPurifier):
         with torch.inference_mode(False):
             x = x.clone() if x.is_inference() else x
             attacked = torch.is_grad_enabled() and x.requires_grad  # the attack differentiates the guidance too
-            reference_logits = self.network.logits((x + 1) / 2)
+            reference = self.reference(x)
 
             def guidance(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                del t  # f_phi is not time-conditioned (AGDMGuidance trains it on all steps up to t*)
                 with torch.enable_grad():
                     probe = xt if attacked else xt.detach().requires_grad_(True)
-                    log_guidance = self.log_guidance(reference_logits, probe).sum()
+                    log_guidance = self.log_guidance(reference, probe, t).sum()
                     return torch.autograd.grad(log_guidance, probe, create_graph=attacked)[0]
 
-            return guided_ddpm_purification(self.denoise, self.schedule, x, self.depth, guidance, self.scale,
+            return guided_ddpm_purification(self.denoise, self.schedule, x, self.depth, guidance, self.guidance_ratio,
                                             clip_denoised=self.clip_denoised)  # fmt: skip
 
     def extra_repr(self) -> str:
         label = ", label_guidance=True" if self.label_guidance else ""
-        return f"depth={self.depth}, scale={self.scale}{label}"
+        return f"depth={self.depth}, guidance_ratio={self.guidance_ratio}{label}"

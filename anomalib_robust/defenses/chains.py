@@ -16,9 +16,10 @@ call, :data:`~anomalib_robust.models.adv_rad.reconstruction.Denoiser`) and a
 
   with ``abar_0 = 1``, so the last step returns ``x0_hat``; ``T* / stride`` U-Net evaluations.
 - :func:`guided_ddpm_purification` (AGDM paper, Lin et al., Alg. 1): DiffPure's chain with every reverse mean shifted
-  by a guidance gradient, ``x_{t-1} ~ N(mu + s Sigma g(x_t), Sigma)``, with ``Sigma`` the learned variance; the last
-  step returns the shifted mean (no noise), as guided samplers do (Dhariwal & Nichol, 2021). With ``g = 0`` it is
-  :func:`ddpm_purification` draw for draw.
+  by a guidance gradient, ``x_{t-1} ~ N(mu + s_t Sigma g(x_t), Sigma)``, with ``Sigma`` the learned variance and the
+  scale ``s_t`` set at every step so that the shift is a given fraction of the step's noise
+  (:func:`guidance_shift`); the last step returns the shifted mean (no noise), as guided samplers do (Dhariwal &
+  Nichol, 2021). With ratio 0 it is :func:`ddpm_purification` draw for draw.
 
 Steps are counted as in the papers, 1..T (the U-Net is conditioned on ``step - 1``); level 0 returns the input. With
 ``clip_denoised`` both chains clamp every predicted ``x0_hat`` to [-1, 1] (as ``improved-diffusion``'s samplers; see
@@ -143,22 +144,39 @@ Guidance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``(x_t, t) -> g``: the gradient with respect to ``x_t`` of the log-guidance (AGDM paper, eq. 2-5)."""
 
 
+def guidance_shift(gradient: torch.Tensor, log_variance: torch.Tensor, ratio: float) -> torch.Tensor:
+    """The shift ``s_t Sigma g`` of a guided reverse mean (AGDM paper, Alg. 1), with ``s_t`` chosen per image so that
+    ``||s_t Sigma g|| = ratio * ||sqrt(Sigma)||``, the norm of the step's noise ``sqrt(Sigma) z`` (up to the draw of
+    ``z``; ``E||z||^2`` is the pixel count); zero where ``g`` is.
+
+    The AGDM paper fixes ``s`` (1.0, sec. 5.1), so how far the guidance moves a step depends on the scale of the
+    guidance network's gradient, which nothing ties to the diffusion model's noise: a fixed ``s`` can leave the chain
+    untouched or drown it. ``ratio`` says how strong the guidance is in units of the step's own noise, whatever the
+    network; ``s_t = ratio * ||sqrt(Sigma)|| / ||Sigma g||``.
+    """
+    shift = log_variance.exp() * gradient
+    noise = (0.5 * log_variance).exp().flatten(1).norm(dim=1)
+    scale = ratio * noise / shift.flatten(1).norm(dim=1).clamp_min(torch.finfo(shift.dtype).tiny)
+    return scale.view(-1, *([1] * (shift.ndim - 1))) * shift
+
+
 def guided_ddpm_purification(
     denoiser: Denoiser,
     schedule: DiffusionSchedule,
     x: torch.Tensor,
     level: int,
     guidance: Guidance,
-    scale: float,
+    ratio: float,
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     clip_denoised: bool = False,
 ) -> torch.Tensor:
     """AGDM (AGDM paper, Alg. 1): diffuse ``x`` to step ``level`` (eq. 7), then reverse with guided means.
 
-    Each step ``t = level, ..., 1`` samples ``x_{t-1} ~ N(mu + scale * Sigma * guidance(x_t, t), Sigma)``, where
-    ``mu, Sigma`` are the U-Net's reverse-step mean and learned variance; the step to 0 returns the guided mean. The
-    guidance sees ``t`` as the U-Net does (``step - 1``).
+    Each step ``t = level, ..., 1`` samples ``x_{t-1} ~ N(mu + s_t * Sigma * guidance(x_t, t), Sigma)``, where
+    ``mu, Sigma`` are the U-Net's reverse-step mean and learned variance and ``s_t`` makes the shift ``ratio`` times
+    the step's noise (:func:`guidance_shift`); the step to 0 returns the guided mean. The guidance sees ``t`` as the
+    U-Net does (``step - 1``).
     """
     check_level("level", level, schedule.num_timesteps)
     if level == 0:
@@ -172,7 +190,10 @@ def guided_ddpm_purification(
     def guided_step(xt: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         t = timesteps(step)
         prediction = p_mean_variance(schedule, denoiser(xt, t), xt, t, clip_denoised)
-        return prediction.mean + scale * prediction.log_variance.exp() * guidance(xt, t), prediction.log_variance
+        if not ratio:
+            return prediction.mean, prediction.log_variance
+        shift = guidance_shift(guidance(xt, t), prediction.log_variance, ratio)
+        return prediction.mean + shift, prediction.log_variance
 
     xt = q_sample(schedule, x, timesteps(level), noise)
     for step in range(level, 1, -1):

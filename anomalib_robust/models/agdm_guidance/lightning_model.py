@@ -4,22 +4,28 @@ The AGDM paper (Lin et al., "Robust Diffusion Models for Adversarial Purificatio
 classifier, with eq. (6): a clean accuracy term plus ``lambda`` times the worst-case divergence of its outputs in an
 eps-ball (TRADES). Adapted to one-class anomaly detection, where the training images have no class label:
 
-- **Clean term: normal vs pseudo-anomalous.** f_phi is a two-class classifier trained with the cross-entropy to tell
-  the normal training images from pseudo anomalies made from them with PatchGuard's foreground self-CutPaste
-  generator (PatchGuard, Nafez et al., CVPR 2025, supplementary sec. B;
-  :class:`~anomalib_robust.models.patch_guard.pseudo_anomaly.PseudoAnomalyGenerator`). This is a self-supervised task
-  whose features are sensitive to local defects. That matters for the guidance: the consistency term of Alg. 1 pulls
-  the purified image towards the input's f_phi output, and an f_phi that sees defects keeps them, where a
-  purifier alone repairs them (the AdvRAD paper, sec. 4.2). A reconstruction or contrastive term would give
-  features blind to the defects the detector must still find.
-- **Robust term: TRADES on the same images**, D = KL of the two-class outputs (:mod:`.loss`), weighted by
-  ``robust_weight`` = lambda = 6 (the AGDM paper, sec. 5.1).
-- **Diffused inputs.** Alg. 1 evaluates f_phi on the samples ``x_t`` of the reverse chain, so every training image is
-  diffused to a random step in ``[0, max_noise_step]`` (default 70, the paper's t*) on the AdvRAD diffusion model's
-  noise schedule (``beta_schedule``, ``num_timesteps``; AdvRAD's defaults).
+- **Clean term: normal vs pseudo-anomalous patches.** f_phi classifies every patch of its feature map, trained with
+  the cross-entropy to tell the patches of the normal training images from the pasted patches of pseudo anomalies
+  made from them with PatchGuard's foreground self-CutPaste generator (PatchGuard, Nafez et al., CVPR 2025,
+  supplementary sec. B; :class:`~anomalib_robust.models.patch_guard.pseudo_anomaly.PseudoAnomalyGenerator`). This is
+  a self-supervised task whose features are sensitive to local defects. That matters for the guidance: the
+  consistency term of Alg. 1 (eq. 4) pulls the purified image towards the input's f_phi features, and an f_phi that
+  sees defects keeps them, where a purifier alone repairs them (the AdvRAD paper, sec. 4.2). A reconstruction or
+  contrastive term would give features blind to the defects the detector must still find.
+- **Robust term: TRADES on the same images**, D = the squared distance of the spatial features that the guidance
+  differentiates (:mod:`.loss`), weighted by ``robust_weight`` = lambda = 6 (the AGDM paper, sec. 5.1).
+- **Diffused inputs, step-conditioned network.** Alg. 1 evaluates f_phi on the samples ``x_t`` of the reverse chain,
+  so every training image is diffused to a random step in ``[0, max_noise_step]`` (default 70, the paper's t*) on the
+  AdvRAD diffusion model's noise schedule (``beta_schedule``, ``num_timesteps``; AdvRAD's defaults), and f_phi is
+  told the step.
 
-Validation and test score images with the network itself (the log-odds of "pseudo-anomalous"), so ``anomalib train``
-reports how well f_phi separates real defects: a diagnostic of the guidance, not a detector this package recommends.
+Checkpoints carry the network's architecture version
+(:data:`~anomalib_robust.models.agdm_guidance.torch_model.ARCHITECTURE`); loading one of the earlier two-logit,
+unconditioned network fails with an error that says so.
+
+Validation and test score images with the network itself (the largest per-patch log-odds of "pseudo-anomalous"),
+so ``anomalib train`` reports how well f_phi separates real defects: a diagnostic of the guidance, not a detector this
+package recommends.
 Use it with ``AGDM("adv_rad.ckpt", guidance="agdm_guidance.ckpt")`` in front of any detector.
 
 Cost per training step: ``attack_steps + 2`` forward and ``attack_steps + 1`` backward passes of f_phi on twice the
@@ -55,12 +61,15 @@ from torchvision.transforms.v2 import Resize
 from anomalib_robust.attacks.base import check_count, check_non_negative, check_positive
 from anomalib_robust.models.adv_rad.diffusion import DiffusionSchedule
 from anomalib_robust.models.agdm_guidance.loss import diffuse, trades_perturbation
-from anomalib_robust.models.agdm_guidance.torch_model import GuidanceNetworkModel, consistency_divergence
+from anomalib_robust.models.agdm_guidance.torch_model import ARCHITECTURE, GuidanceNetworkModel, consistency_divergence
 from anomalib_robust.models.components import CheckpointArchitectureMixin, ScoringStepsMixin
 from anomalib_robust.models.patch_guard.pseudo_anomaly import PseudoAnomalyGenerator
 
 CPU_PRESET = {"image_size": (32, 32), "base_channels": 16, "num_levels": 3, "attack_steps": 3}
 """A 32 x 32 variant (~0.1 M parameters) that trains in a minute on a CPU; 3 TRADES steps instead of 10."""
+
+ARCHITECTURE_KEY = "agdm_guidance_architecture"
+"""The checkpoint entry that holds the network's architecture version (absent: version 1)."""
 
 
 class AGDMGuidance(CheckpointArchitectureMixin, ScoringStepsMixin, AnomalibModule):
@@ -135,26 +144,31 @@ class AGDMGuidance(CheckpointArchitectureMixin, ScoringStepsMixin, AnomalibModul
 
     @classmethod
     def configure_evaluator(cls) -> Evaluator:
-        """Image AUROC and F1 of the network's scores (it gives no anomaly map)."""
+        """Image AUROC and F1 of the network's scores."""
         return Evaluator(test_metrics=[AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
                                        F1Score(fields=["pred_label", "gt_label"], prefix="image_")])  # fmt: skip
 
     def losses(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The terms of eq. (6) on normal images in [0, 1] and their pseudo anomalies (module docstring)."""
+        """The terms of eq. (6) on normal images in [0, 1] and their pseudo anomalies (module docstring).
+
+        A patch of the feature map is pseudo-anomalous where the pasted region overlaps it.
+        """
         anomalous = self.pseudo_anomalies.on_bright_foreground(images)
         inputs = torch.cat([images, anomalous])
-        labels = torch.cat([torch.zeros(len(images)), torch.ones(len(anomalous))]).long().to(images.device)
         steps = torch.randint(0, self.hparams["max_noise_step"] + 1, (len(inputs),), device=images.device)
         noise = torch.randn_like(inputs)
 
-        def classify(batch: torch.Tensor) -> torch.Tensor:
-            return self.model.logits(diffuse(self.schedule, batch, steps, noise))
+        def embed(batch: torch.Tensor) -> torch.Tensor:
+            return self.model.features(diffuse(self.schedule, batch, steps, noise), steps)
 
-        logits = classify(inputs)
-        adversarial = trades_perturbation(classify, inputs, logits, self.hparams["eps"],
+        features = embed(inputs)
+        logits = self.model.head(features)
+        pasted = (inputs != torch.cat([images, images])).any(dim=1, keepdim=True).float()
+        labels = F.adaptive_max_pool2d(pasted, logits.shape[-2:])[:, 0].long()
+        adversarial = trades_perturbation(embed, inputs, features, self.hparams["eps"],
                                           self.hparams["attack_steps"], self.hparams["step_size"])  # fmt: skip
         losses = {"classification": F.cross_entropy(logits, labels),
-                  "consistency": consistency_divergence(logits, classify(adversarial)).mean()}  # fmt: skip
+                  "consistency": consistency_divergence(features, embed(adversarial)).mean()}  # fmt: skip
         losses["loss"] = losses["classification"] + self.hparams["robust_weight"] * losses["consistency"]
         return losses
 
@@ -167,6 +181,28 @@ class AGDMGuidance(CheckpointArchitectureMixin, ScoringStepsMixin, AnomalibModul
         self.log_dict({f"train_loss_{name}": value for name, value in losses.items() if name != "loss"},
                       on_epoch=True, batch_size=size)  # fmt: skip
         return {"loss": losses["loss"]}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Save the network's architecture version with the weights."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[ARCHITECTURE_KEY] = ARCHITECTURE
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another architecture version, naming what changed.
+
+        Raises:
+            ValueError: for a checkpoint of the earlier network (version 1) or of an unknown version.
+        """
+        version = checkpoint.get(ARCHITECTURE_KEY, 1)
+        if version != ARCHITECTURE:
+            msg = (
+                f"AGDMGuidance checkpoint has guidance-network architecture {version}, this version needs "
+                f"{ARCHITECTURE}: version 2 replaced the two-class classifier after global pooling (whose KL guidance "
+                "vanished) by per-patch logits and spatial features, conditioned on the diffusion step. Retrain it "
+                "with `anomalib train --model AGDMGuidance`."
+            )
+            raise ValueError(msg)
+        super().on_load_checkpoint(checkpoint)
 
     def _predict(self, batch: Batch) -> Batch:
         return batch.update(**self.model(batch.image)._asdict())

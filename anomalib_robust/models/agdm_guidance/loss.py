@@ -1,14 +1,16 @@
 """The robust guidance training of the AGDM paper (Lin et al., sec. 3.2, eq. 6), for a one-class guidance network.
 
 Eq. (6): ``min_phi E[ L(f_phi(x), y) + lambda * max_{||delta|| <= eps} D(f_phi(x), f_phi(x + delta)) ]``, the
-TRADES objective (Zhang et al., 2019) with D the KL divergence of the outputs (AGDM paper, appendix B, eq. 21). The
-inner maximum is TRADES' attack: a start 0.001-Gaussian close to ``x``, then sign-gradient steps on D, each
-projected onto the L_inf ball and the [0, 1] box.
+TRADES objective (Zhang et al., 2019). The AGDM paper takes D as the KL divergence of the outputs (appendix B, eq. 21);
+here D is the one the guidance uses, the squared distance of f_phi's spatial features
+(:func:`~anomalib_robust.models.agdm_guidance.torch_model.consistency_divergence`), so that training makes robust
+exactly what Alg. 1 differentiates. The inner maximum is TRADES' attack: a start 0.001-Gaussian close to ``x``, then
+sign-gradient steps on D, each projected onto the L_inf ball and the [0, 1] box.
 
-f_phi is evaluated in Alg. 1 on the diffused samples ``x_t`` (``t <= t*``), not on clean images, so the classifier
+f_phi is evaluated in Alg. 1 on the diffused samples ``x_t`` (``t <= t*``), not on clean images, so the network
 sees its training images diffused to a random step ``t ~ U{0, ..., max_noise_step}`` with eq. (7) of the AGDM paper
-(``t = 0``: the clean image); the perturbation ``delta`` is added before the diffusion, where the attacker of the
-defended detector adds it, and the clean and perturbed images share the diffusion noise.
+(``t = 0``: the clean image), and is told ``t``; the perturbation ``delta`` is added before the diffusion, where the
+attacker of the defended detector adds it, and the clean and perturbed images share the diffusion noise and step.
 """
 
 from collections.abc import Callable
@@ -34,20 +36,21 @@ def diffuse(schedule: DiffusionSchedule, images: torch.Tensor, steps: torch.Tens
 
 
 def trades_perturbation(
-    classify: Callable[[torch.Tensor], torch.Tensor],
+    embed: Callable[[torch.Tensor], torch.Tensor],
     images: torch.Tensor,
-    clean_logits: torch.Tensor,
+    clean_features: torch.Tensor,
     eps: float,
     steps: int,
     step_size: float,
 ) -> torch.Tensor:
-    """TRADES' inner maximum of D(f(x), f(x + delta)) over the L_inf ball of radius ``eps`` (the images, detached)."""
-    images, reference = images.detach(), clean_logits.detach()
+    """TRADES' inner maximum of D(f(x), f(x + delta)) over the L_inf ball of radius ``eps`` (the images, detached);
+    ``embed`` maps images to f_phi's features, ``clean_features`` are those of ``images``."""
+    images, reference = images.detach(), clean_features.detach()
     adversarial = project(images + TRADES_START_STD * torch.randn_like(images), images, eps, "Linf")
     for _ in range(steps):
         adversarial = adversarial.detach().requires_grad_(True)
         with torch.enable_grad():
-            divergence = consistency_divergence(reference, classify(adversarial)).sum()
+            divergence = consistency_divergence(reference, embed(adversarial)).sum()
             (gradient,) = torch.autograd.grad(divergence, adversarial)
         adversarial = project(ascent_step(adversarial.detach(), gradient, step_size, "Linf"), images, eps, "Linf")
     return adversarial.detach()

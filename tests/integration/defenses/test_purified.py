@@ -171,17 +171,19 @@ def test_cli_trains_agdm_guidance_and_evaluates_with_the_agdm_config(
         ],
         cwd=tmp_path,
     )  # fmt: skip
-    assert "Robust evaluation of AGDM(depth=4, scale=1.0)+Padim" in output
-    report = json.loads(next(tmp_path.rglob("robust_eval/agdm_depth_4_scale_1_0_padim/linf/report.json")).read_text())
-    assert [result["attack"] for result in report["results"]] == ["EOT-PGD", "BPDA+EOT-PGD"]
+    assert "Robust evaluation of AGDM(depth=4, guidance_ratio=0.5)+Padim" in output
+    (path,) = tmp_path.rglob("robust_eval/agdm_depth_4_guidance_ratio_0_5_padim/linf/report.json")
+    report = json.loads(path.read_text())
+    assert [result["attack"] for result in report["results"]] == ["EOT-PGD", "BPDA+EOT-PGD", "Worst case"]
     assert all(result["status"] == "ok" for result in report["results"])
 
 
 def test_engine_tests_the_agdm_pipeline(fitted: dict, tmp_path: Path, device: torch.device) -> None:
-    """anomalib tests under inference mode; AGDM still computes its guidance gradients there and changes the scores."""
+    """anomalib tests under inference mode; AGDM still computes its guidance gradients there and, at its default
+    guidance ratio, changes the scores."""
     guidance = AGDMGuidance(image_size=(SIZE, SIZE), base_channels=8, num_levels=2, num_timesteps=100,
                             max_noise_step=5)  # fmt: skip
-    purified = Purified(fitted["padim"], AGDM(fitted["adv_rad"], guidance, depth=5, scale=1e4))
+    purified = Purified(fitted["padim"], AGDM(fitted["adv_rad"], guidance, depth=5))
     (metrics,) = _engine(tmp_path, accelerator=device.type).test(purified, datamodule=fitted["datamodule"])
     assert {"image_AUROC", "pixel_AUROC"} <= set(metrics)
     images = next(iter(fitted["datamodule"].test_dataloader())).image.to(device)
@@ -190,7 +192,7 @@ def test_engine_tests_the_agdm_pipeline(fitted: dict, tmp_path: Path, device: to
         with torch.inference_mode():
             torch.manual_seed(0)
             guided = purified.model(images).pred_score
-            purified.model.purifier.scale = 0.0
+            purified.model.purifier.guidance_ratio = 0.0
             torch.manual_seed(0)
             unguided = purified.model(images).pred_score
     finally:
@@ -204,6 +206,6 @@ def test_diffpure_sweep_example(run_example: Callable[..., str], tmp_path: Path)
                          "--eot-samples", "2", "--max-samples", "6", "--num-train", "16", "--num-test", "12",
                          "--results", "results", cwd=tmp_path)  # fmt: skip
     for system in ("DiffPure(level=0)+Padim", "DiffPure(level=2)+Padim", "TMA(depth=4, stride=2, eta=1.0)+Padim",
-                   "AGDM(depth=3, scale=1.0)+Padim"):  # fmt: skip
+                   "AGDM(depth=3, guidance_ratio=0.5)+Padim"):  # fmt: skip
         assert system in output
     assert len(list((tmp_path / "results").rglob("report.json"))) == 6

@@ -1,5 +1,6 @@
-"""AGDM (the AGDM paper, Lin et al.): the guided chain (Alg. 1) against DiffPure and a closed form, the guidance's
-effect, gradients through the guidance, the guidance network's training (eq. 6) and bad input."""
+"""AGDM (the AGDM paper, Lin et al.): the guided chain (Alg. 1) against DiffPure and a closed form, the size of the
+default guidance shift against the step's noise, the guidance's effect on the purified features (eq. 4), gradients
+through the guidance, the guidance network's training (eq. 6), its checkpoints and bad input."""
 
 import copy
 from pathlib import Path
@@ -10,11 +11,13 @@ from anomalib.engine import Engine
 from shared_artifacts import TINY_ADVRAD
 
 from anomalib_robust.data import FashionMNIST
-from anomalib_robust.defenses import AGDM, DiffPure
-from anomalib_robust.defenses.chains import guided_ddpm_purification
+from anomalib_robust.defenses import AGDM, DiffPure, chains
+from anomalib_robust.defenses.agdm import GUIDANCE_RATIO
+from anomalib_robust.defenses.chains import guidance_shift, guided_ddpm_purification
 from anomalib_robust.models import AGDMGuidance
 from anomalib_robust.models.adv_rad.diffusion import DiffusionSchedule, q_sample
 from anomalib_robust.models.adv_rad.torch_model import AdvRADModel
+from anomalib_robust.models.agdm_guidance.lightning_model import ARCHITECTURE_KEY
 from anomalib_robust.models.agdm_guidance.loss import diffuse, trades_perturbation
 from anomalib_robust.models.agdm_guidance.torch_model import NORMAL, consistency_divergence
 
@@ -40,18 +43,19 @@ def _seeded(purifier: torch.nn.Module, images: torch.Tensor, seed: int = 1) -> t
     return purifier(images)
 
 
-def test_scale_zero_is_diffpure_draw_for_draw(denoiser: AdvRADModel, guidance: AGDMGuidance) -> None:
+def test_ratio_zero_is_diffpure_draw_for_draw(denoiser: AdvRADModel, guidance: AGDMGuidance) -> None:
     images = torch.rand(2, 3, SIZE, SIZE)
     with torch.no_grad():
         diffpure = _seeded(DiffPure(denoiser, level=10), images)
-        unguided = _seeded(AGDM(denoiser, guidance, depth=10, scale=0.0), images)
-        guided = _seeded(AGDM(denoiser, guidance, depth=10, scale=1e4), images)
+        unguided = _seeded(AGDM(denoiser, guidance, depth=10, guidance_ratio=0.0), images)
+        guided = _seeded(AGDM(denoiser, guidance, depth=10), images)
     torch.testing.assert_close(unguided, diffpure, atol=1e-5, rtol=0)
-    assert (guided - diffpure).abs().max() > 1e-3, "a large scale must move the purified images"
+    assert (guided - diffpure).abs().max() > 1e-2, "the default guidance must move the purified images"
 
 
 def test_one_guided_step_is_the_shifted_mean() -> None:
-    """Level 1 with an oracle denoiser (true noise, v = 0): x_0 = x + s * Sigma_1 * g, Sigma_1 the learned variance."""
+    """Level 1 with an oracle denoiser (true noise, v = 0): x_0 = x + s_1 * Sigma_1 * g, Sigma_1 the learned variance
+    and s_1 such that the shift's norm is the ratio times the norm of the step's noise, sqrt(Sigma_1 * pixels)."""
     schedule = DiffusionSchedule.from_name("linear", 100)
     x, noise, g = torch.rand(1, 3, 4, 4) * 2 - 1, torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4)
     alpha_bar = schedule.alphas_cumprod[0]
@@ -59,36 +63,61 @@ def test_one_guided_step_is_the_shifted_mean() -> None:
     def oracle(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return torch.cat([(xt - alpha_bar.sqrt() * x) / (1 - alpha_bar).sqrt(), torch.zeros_like(xt)], dim=1)
 
-    out = guided_ddpm_purification(oracle, schedule, x, 1, lambda xt, t: g, scale=3.0, noise=noise)
+    out = guided_ddpm_purification(oracle, schedule, x, 1, lambda xt, t: g, ratio=0.3, noise=noise)
     variance = (0.5 * schedule.betas[0].log() + 0.5 * schedule.posterior_log_variance[0]).exp()
-    torch.testing.assert_close(out, x + 3.0 * variance * g, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, x + 0.3 * (variance * g.numel()).sqrt() * g / g.norm(), atol=1e-5, rtol=1e-5)
 
 
-def test_guidance_pulls_the_output_towards_the_inputs_guidance_output(
+def test_default_guidance_moves_every_reverse_step_by_half_its_noise(
+    denoiser: AdvRADModel, guidance: AGDMGuidance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Measured on the chain: every step's guided mean minus its unguided mean, over the norm of the step's noise
+    sqrt(Sigma) (per image), is the default guidance_ratio, 0.5. The earlier two-logit guidance at the paper's s = 1
+    moved a step by 2.2e-8 of its noise."""
+    ratios = []
+
+    def measured(gradient: torch.Tensor, log_variance: torch.Tensor, ratio: float) -> torch.Tensor:
+        shift = guidance_shift(gradient, log_variance, ratio)
+        noise = (0.5 * log_variance).exp().flatten(1).norm(dim=1)
+        ratios.append(shift.flatten(1).norm(dim=1) / noise)
+        return shift
+
+    monkeypatch.setattr(chains, "guidance_shift", measured)
+    purifier = AGDM(denoiser, guidance, depth=10)
+    with torch.no_grad():
+        _seeded(purifier, torch.rand(4, 3, SIZE, SIZE))
+    assert purifier.guidance_ratio == GUIDANCE_RATIO == 0.5 and len(ratios) == 10, "one shift per reverse step"
+    torch.testing.assert_close(torch.stack(ratios), torch.full((10, 4), 0.5), atol=1e-4, rtol=0)
+
+
+def test_default_guidance_pulls_the_purified_features_towards_the_inputs(
     denoiser: AdvRADModel, guidance: AGDMGuidance
 ) -> None:
-    """The consistency term lowers D(f(x'), f(purified)); the label term raises log p(normal | purified)."""
+    """The consistency term (eq. 4) lowers D(f(x', 0), f(purified, 0)) of every image to under half its unguided
+    value (measured: 0.13 against 0.78 on average); the label term raises log p(normal | purified)."""
     images = torch.rand(8, 3, SIZE, SIZE)
-    network = guidance.model
+    purifiers = {"none": AGDM(denoiser, guidance, depth=10, guidance_ratio=0.0),
+                 "consistency": AGDM(denoiser, guidance, depth=10),
+                 "label": AGDM(denoiser, guidance, depth=10, label_guidance=True)}  # fmt: skip
+    network, clean = guidance.model, torch.zeros(len(images), dtype=torch.long)
     with torch.no_grad():
-        reference = network.logits(images)
-        outputs = {name: _seeded(AGDM(denoiser, guidance, depth=10, **arguments), images)
-                   for name, arguments in {"none": {"scale": 0.0}, "consistency": {"scale": 1e4},
-                                           "label": {"scale": 1e4, "label_guidance": True}}.items()}  # fmt: skip
-        divergence = {name: consistency_divergence(reference, network.logits(out)).mean()
+        reference = network.features(images, clean)
+        outputs = {name: _seeded(purifier, images) for name, purifier in purifiers.items()}
+        divergence = {name: consistency_divergence(reference, network.features(out, clean))
                       for name, out in outputs.items()}  # fmt: skip
-        normal = {name: network.logits(out).log_softmax(dim=1)[:, NORMAL].mean() for name, out in outputs.items()}
-    assert divergence["consistency"] < 0.7 * divergence["none"]
+        normal = {name: network.logits(out, clean).log_softmax(dim=1)[:, NORMAL].mean()
+                  for name, out in outputs.items()}  # fmt: skip
+    assert (divergence["consistency"] < 0.5 * divergence["none"]).all()
     assert normal["label"] > normal["consistency"] + 1e-3
 
 
 def test_full_gradients_match_finite_differences_through_the_guidance(
     denoiser: AdvRADModel, guidance: AGDMGuidance
 ) -> None:
-    """In float64 with common random numbers, autograd's directional derivative equals the central difference. At this
-    scale the guidance's own derivative is ~8 % of the gradient: an attack that took the guidance gradient as a
-    constant (no ``create_graph``) fails this check."""
-    purifier = AGDM(copy.deepcopy(denoiser), guidance, depth=10, scale=1e4).double()
+    """In float64 with common random numbers, autograd's directional derivative equals the central difference. At the
+    default ratio the guidance's own derivative is about half the gradient (46 % of its norm): an attack that took
+    the guidance gradient as a constant (no ``create_graph``) fails this check."""
+    purifier = AGDM(copy.deepcopy(denoiser), guidance, depth=10).double()
     images = torch.rand(1, 3, SIZE, SIZE, dtype=torch.float64) * 0.8 + 0.1
     direction = torch.randn_like(images)
     direction /= direction.norm()
@@ -117,7 +146,7 @@ def test_purifies_in_inference_mode_at_its_stated_cost(denoiser: AdvRADModel, gu
     assert first.shape == images.shape and 0 <= first.min() and first.max() <= 1
     assert not torch.equal(first, second), "fresh diffusion noise at every call"
     assert len(calls) == 2 * purifier.unet_evaluations == 14
-    assert purifier.stochastic and purifier.extra_repr() == "depth=7, scale=1.0"
+    assert purifier.stochastic and purifier.extra_repr() == "depth=7, guidance_ratio=0.5"
 
 
 def test_diffuse_and_the_trades_perturbation() -> None:
@@ -130,17 +159,22 @@ def test_diffuse_and_the_trades_perturbation() -> None:
     torch.testing.assert_close(diffused[1:], expected)
     torch.manual_seed(0)
     network = AGDMGuidance(image_size=(8, 8), in_channels=1, base_channels=8, num_levels=2).model
-    clean_logits = network.logits(images)
+
+    def embed(batch: torch.Tensor) -> torch.Tensor:
+        return network.features(batch, steps)
+
+    clean_features = embed(images)
     eps = 8 / 255
-    adversarial = trades_perturbation(network.logits, images, clean_logits, eps, steps=5, step_size=2 / 255)
+    adversarial = trades_perturbation(embed, images, clean_features, eps, steps=5, step_size=2 / 255)
     assert (adversarial - images).abs().max() <= eps + 1e-6 and adversarial.min() >= 0 and adversarial.max() <= 1
-    start = consistency_divergence(clean_logits, network.logits(images + 1e-3 * torch.randn_like(images)))
-    assert (consistency_divergence(clean_logits, network.logits(adversarial)) > start).all()
+    start = consistency_divergence(clean_features, embed(images + 1e-3 * torch.randn_like(images)))
+    assert (consistency_divergence(clean_features, embed(adversarial)) > start).all()
 
 
 def test_guidance_network_trains_and_round_trips(tmp_path: Path, denoiser: AdvRADModel) -> None:
     """eq. (6) on the embedded Fashion-MNIST: the loss falls over 12 steps; the checkpoint rebuilds the network's
-    architecture and the purifier loads it from the path."""
+    architecture and the purifier loads it from the path; a checkpoint of the earlier architecture (no version
+    entry) fails, saying what changed."""
     torch.manual_seed(0)
     datamodule = FashionMNIST(root="embedded", image_size=32, num_train=32, num_test=8, train_batch_size=8,
                               eval_batch_size=8)  # fmt: skip
@@ -157,10 +191,15 @@ def test_guidance_network_trains_and_round_trips(tmp_path: Path, denoiser: AdvRA
     assert after["loss"] < before["loss"] and set(after) == {"classification", "consistency", "loss"}
     engine.trainer.save_checkpoint(tmp_path / "guidance.ckpt")
     loaded = AGDMGuidance.load_from_checkpoint(tmp_path / "guidance.ckpt")
-    images = torch.rand(2, 3, SIZE, SIZE)
-    torch.testing.assert_close(loaded.model.logits(images), model.model.logits(images))
+    images, steps = torch.rand(2, 3, SIZE, SIZE), torch.tensor([0, 7])
+    torch.testing.assert_close(loaded.model.logits(images, steps), model.model.logits(images, steps))
     purifier = AGDM(denoiser, tmp_path / "guidance.ckpt", depth=5)
-    torch.testing.assert_close(purifier.network.logits(images), model.model.logits(images))
+    torch.testing.assert_close(purifier.network.features(images, steps), model.model.features(images, steps))
+    checkpoint = torch.load(tmp_path / "guidance.ckpt", weights_only=False)
+    del checkpoint[ARCHITECTURE_KEY]
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    with pytest.raises(ValueError, match="architecture 1, this version needs 2: version 2 replaced the two-class"):
+        AGDM(denoiser, tmp_path / "old.ckpt")
 
 
 @pytest.mark.parametrize(
@@ -168,7 +207,7 @@ def test_guidance_network_trains_and_round_trips(tmp_path: Path, denoiser: AdvRA
     [
         ({"depth": 101}, ValueError, "depth must be an integer diffusion step with 0 <= depth <= T = 100"),
         ({"depth": 0}, ValueError, r"depth \(t\* of Alg. 1\) must be in \[1, T = 100\], got 0"),
-        ({"scale": -1.0}, ValueError, "scale must be a finite number >= 0, got -1.0"),
+        ({"guidance_ratio": -1.0}, ValueError, "guidance_ratio must be a finite number >= 0, got -1.0"),
         ({"guidance": "missing.ckpt"}, FileNotFoundError, "guidance checkpoint 'missing.ckpt' does not exist"),
         ({"guidance": torch.nn.Linear(2, 2)}, TypeError, "guidance must be an AGDMGuidance checkpoint path"),
     ],
