@@ -13,9 +13,9 @@ asserts.
 
 ``--diffpure-levels`` and ``--agdm-depths`` add DiffPure(p) and AGDM(t*) rows (the AGDM paper, Alg. 1), both with the
 AdvRAD CPU preset trained here as the diffusion model (attacked with EOT, full gradients and BPDA). AGDM's guidance
-network is ``AGDMGuidance.cpu_preset()`` trained ``--guidance-epochs`` epochs on the same normal images; DiffPure at
-p = t* is AGDM without guidance (s = 0), its ablation. For AGDM the table also gives the size of the guidance shift
-``s Sigma grad`` against the step's noise ``sqrt(Sigma) z`` (mean ratio of their norms over the chain).
+network is ``AGDMGuidance.cpu_preset()`` trained ``--guidance-epochs`` epochs on the same normal images; one AGDM
+row per ``--agdm-ratios`` value (the guidance shift of every reverse step over the step's noise, in the row's name);
+DiffPure at p = t* is AGDM without guidance (ratio 0), its ablation.
 
 Example:
     $ nice -n 10 python benchmarks/rap_table.py --category trouser --epochs 3 --seeds 0 1 2 --max-samples 20
@@ -37,9 +37,10 @@ from purifier_setup import SIZE, fitted_padim, train_rap, trained_guidance
 from anomalib_robust import AdvRAD, RobustEval
 from anomalib_robust.data import CLASS_NAMES, FashionMNIST
 from anomalib_robust.defenses import AGDM, DiffPure, Purified
+from anomalib_robust.defenses.agdm import GUIDANCE_RATIO
 from anomalib_robust.evaluation.report import format_auroc, write_atomic
 from anomalib_robust.models import AGDMGuidance
-from anomalib_robust.models.adv_rad.diffusion import p_mean_variance, q_sample
+from anomalib_robust.models.agdm_guidance.torch_model import ARCHITECTURE
 
 
 def aurocs(report: object) -> dict[str, float]:
@@ -62,35 +63,13 @@ def summary(rows: list[dict[str, float]], key: str) -> str:
 
 
 def purifier_cost(purified: Purified, images: torch.Tensor) -> dict[str, float]:
-    """U-Net calls and milliseconds per image of one scoring pass (and AGDM's :func:`guidance_to_noise`)."""
+    """U-Net calls and milliseconds per image of one scoring pass."""
     purifier = purified.model.purifier
     with torch.no_grad():
         started = time.perf_counter()
         purified.model(images)
         milliseconds = 1000 * (time.perf_counter() - started) / images.shape[0]
-    cost = {"unet_calls": purifier.unet_evaluations, "ms": milliseconds}
-    if isinstance(purifier, AGDM):
-        cost["guidance_ratio"] = guidance_to_noise(purifier, images)
-    return cost
-
-
-def guidance_to_noise(purifier: AGDM, images: torch.Tensor) -> float:
-    """Mean over the steps t = t*, ..., 1 and the images of ``||s Sigma_t g_t|| / ||sqrt(Sigma_t) z||``: how far
-    AGDM's guidance moves a reverse step (Alg. 1) against the step's own noise, at ``x_t`` diffused from the image
-    (eq. 7), with the U-Net's learned Sigma_t and ``||z||`` the square root of the pixel count."""
-    x = images * 2 - 1
-    with torch.no_grad():
-        reference = purifier.network.logits(images)
-    ratios = []
-    for step in range(purifier.depth, 0, -1):
-        t = torch.full((x.shape[0],), step - 1, dtype=torch.long)
-        xt = q_sample(purifier.schedule, x, t, torch.randn_like(x)).requires_grad_(True)
-        (gradient,) = torch.autograd.grad(purifier.log_guidance(reference, xt).sum(), xt)
-        with torch.no_grad():
-            variance = p_mean_variance(purifier.schedule, purifier.unet(xt, t).sample, xt, t).log_variance.exp()
-        shift = (purifier.scale * variance * gradient).flatten(1).norm(dim=1)
-        ratios.append(shift / (variance.sqrt().flatten(1).norm(dim=1)))
-    return float(torch.stack(ratios).mean())
+    return {"unet_calls": purifier.unet_evaluations, "ms": milliseconds}
 
 
 def main() -> None:
@@ -109,7 +88,8 @@ def main() -> None:
     parser.add_argument("--diffpure-levels", nargs="*", type=int, default=[],
                         help="also DiffPure(p) + Padim, with the AdvRAD CPU preset trained here as the denoiser")
     parser.add_argument("--agdm-depths", nargs="*", type=int, default=[], help="also AGDM(t*) + Padim")
-    parser.add_argument("--agdm-scale", type=float, default=1.0, help="s of AGDM (the paper's 1.0)")
+    parser.add_argument("--agdm-ratios", nargs="+", type=float, default=[GUIDANCE_RATIO],
+                        help="AGDM's guidance shift over the step's noise (sets s per step), one row per value")
     parser.add_argument("--guidance-epochs", type=int, default=10)
     parser.add_argument("--advrad-epochs", type=int, default=60)
     parser.add_argument("--eot-samples", type=int, default=2, help="the attacker's EOT draws against DiffPure")
@@ -176,7 +156,8 @@ def main() -> None:
                 print(f"AdvRAD trained in {time.perf_counter() - started:.0f} s", flush=True)
         return diffusion["adv_rad"]
 
-    guidance_path = runs / f"agdm_guidance_{arguments.category}_{arguments.protocol}_e{arguments.guidance_epochs}.ckpt"
+    guidance_path = runs / (f"agdm_guidance_v{ARCHITECTURE}_{arguments.category}_{arguments.protocol}_"
+                            f"e{arguments.guidance_epochs}.ckpt")  # fmt: skip
 
     def guidance() -> AGDMGuidance:
         """AGDM's guidance network of this class (trained once, then its checkpoint)."""
@@ -185,11 +166,12 @@ def main() -> None:
     purifiers = {f"DiffPure p={level}": (f"diffpure_p{level}", lambda level=level: DiffPure(denoiser(), level=level))
                  for level in arguments.diffpure_levels}  # fmt: skip
     purifiers |= {
-        f"AGDM t*={depth}, s={arguments.agdm_scale:g}": (
-            f"agdm_t{depth}_s{arguments.agdm_scale:g}_g{arguments.guidance_epochs}",
-            lambda depth=depth: AGDM(denoiser(), guidance(), depth=depth, scale=arguments.agdm_scale),
+        f"AGDM t*={depth}, ratio={ratio:g}": (
+            f"agdm_t{depth}_r{ratio:g}_g{arguments.guidance_epochs}_a{ARCHITECTURE}",
+            lambda depth=depth, ratio=ratio: AGDM(denoiser(), guidance(), depth=depth, guidance_ratio=ratio),
         )
         for depth in arguments.agdm_depths
+        for ratio in arguments.agdm_ratios
     }
     for name, (key, build) in purifiers.items():
         cache = runs / (f"{key}_{arguments.category}_{arguments.protocol}_e{arguments.advrad_epochs}_"
@@ -219,8 +201,7 @@ def main() -> None:
         lines.append(f"\nOne-step RAP + Padim: 1 U-Net call, {costs['ms']:.1f} ms per image (scoring pass of 8).")
     for name in purifiers:
         row = rows[name][0]
-        shift = f", guidance shift / step noise {row['guidance_ratio']:.2g}" if "guidance_ratio" in row else ""
-        lines.append(f"{name} + Padim: {row['unet_calls']} U-Net calls, {row['ms']:.0f} ms per image{shift}.")
+        lines.append(f"{name} + Padim: {row['unet_calls']} U-Net calls, {row['ms']:.0f} ms per image.")
     text = "\n".join(lines)
     print(text)
     arguments.output.parent.mkdir(parents=True, exist_ok=True)
