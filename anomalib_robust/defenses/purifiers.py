@@ -171,14 +171,19 @@ class DiffPure(DiffusionPurifier):
 class TMA(DiffusionPurifier):
     """Threat-model-agnostic purification (TMA paper, Blau et al., Alg. 2): stochastic DDIM from ``T*``.
 
-    Diffuse to ``depth`` = T*, then DDIM along ``(T*, T* - stride, ..., stride, 0)`` with noise ``sigma_t`` set by
-    ``eta`` (:func:`~anomalib_robust.defenses.chains.ddim_purification`). The TMA paper uses T* = 140 and stride 10 (14
-    U-Net calls) and does not give sigma_t numerically; ``eta = 1`` (the DDPM posterior variance on the sub-sequence)
-    is the default here.
+    Diffuse to ``depth`` = T*, then DDIM along ``(T*, T* - stride, ..., stride, 0)`` (eq. 4) with noise ``sigma_t``
+    set by ``eta`` (:func:`~anomalib_robust.defenses.chains.ddim_purification`). The TMA paper does not give sigma_t
+    numerically; ``eta = 1``, the default here, makes it the DDPM posterior standard deviation ``sqrt(beta_tilde)`` of
+    the schedule respaced to the sub-sequence.
+
+    T* = 140 with stride 10 (14 U-Net calls) is the TMA paper's CIFAR-10 setting (sec. 4). The depth trades removing
+    the attack against keeping the image (sec. 4.3, Fig. 4; on CIFAR-10-C it prefers T* in [30, 90]), and the best
+    value depends on the data and the diffusion model: sweep ``depth`` as DiffPure's ``level`` (``init_args.depth`` of
+    the defense in ``configs/callbacks/robust_eval_diffpure.yaml``, whose header shows TMA).
 
     Args:
         denoiser: AdvRAD checkpoint path, ``AdvRAD`` or ``AdvRADModel`` trained on the normal images.
-        depth: T* in ``[0, T]`` (0: identity).
+        depth: T* in ``[0, T]`` (0: identity); the paper's CIFAR-10 setting 140 by default.
         stride: gap between consecutive steps of the sub-sequence; must divide ``depth``.
         eta: DDIM stochasticity, >= 0.
         gradient_checkpointing: see :class:`DiffusionPurifier`.

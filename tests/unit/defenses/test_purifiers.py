@@ -76,6 +76,33 @@ def test_deterministic_ddim_two_steps_matches_the_closed_form() -> None:
     torch.testing.assert_close(out, x0, atol=1e-4, rtol=1e-4)
 
 
+def test_tma_step_noise_is_the_ddpm_posterior_std_of_the_respaced_schedule(denoiser: AdvRADModel) -> None:
+    """With eta = 1, sigma_t of eq. (4) (TMA paper, Alg. 2) is sqrt(beta_tilde) of the schedule respaced to tau
+    (Nichol & Dhariwal 2021, sec. 4; DDPM's posterior variance, Ho et al. 2020, eq. 7). Checked by Monte Carlo on
+    tau = (T*, s, 0) with a constant noise predictor eps_theta = c and the diffusion noise fixed: the chain returns
+    ``x0_hat + ((sqrt(1 - abar_s - sigma^2) - sqrt(1 - abar_s)) c + sigma z) / sqrt(abar_s)``, whose mean tests the
+    sigma in the step's eps coefficient and whose variance tests the sigma of its noise."""
+    purifier = TMA(denoiser, depth=40, stride=20, eta=1.0)
+    schedule, step, following = purifier.schedule, purifier.depth, purifier.depth - purifier.stride
+    sigma = schedule.respaced([following - 1, step - 1]).posterior_variance[1].double().sqrt()
+    abar_t, abar_s = (schedule.alphas_cumprod[index - 1].double() for index in (step, following))
+    c = 2.0
+
+    def constant(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        del t
+        return torch.full((xt.shape[0], 2 * xt.shape[1], *xt.shape[2:]), c)  # [eps, v]
+
+    x = torch.rand(64, 3, SIZE, SIZE) * 2 - 1
+    noise = torch.randn_like(x)
+    out = ddim_purification(constant, schedule, x, purifier.depth, purifier.stride, purifier.eta, noise=noise)
+    x0_hat = x.double() + ((1 - abar_t) / abar_t).sqrt() * (noise.double() - c)
+    residual = (out.double() - x0_hat) * abar_s.sqrt()
+    offset = ((1 - abar_s - sigma**2).sqrt() - (1 - abar_s).sqrt()) * c
+    standard_error = sigma / residual.numel() ** 0.5
+    assert abs(residual.mean() - offset) < 4 * standard_error, (residual.mean(), offset)
+    torch.testing.assert_close(residual.var(), sigma**2, rtol=0.03, atol=0)
+
+
 @pytest.mark.parametrize(
     ("purifier_class", "arguments", "calls"),
     [(TMA, {"depth": 60, "stride": 10}, 6), (DiffPure, {"level": 25}, 25), (DiffPure, {"level": 0}, 0)],
