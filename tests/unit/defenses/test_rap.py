@@ -73,13 +73,13 @@ class Linear(torch.nn.Module):
         return InferenceBatch(pred_score=(images * self.weights).flatten(1).sum(dim=1) + self.offset)
 
 
-def _shifting_adapter(detector: Padim, shift: float, offset: float = 0.0, **arguments: object) -> RAPAdapter:
+def _shifting_adapter(detector: Padim, shift: float, offset: float = 0.0) -> RAPAdapter:
     """A RAPAdapter in front of the mean-brightness detector (plus ``offset``) whose adapter adds ``shift`` to every
     pixel (the U-Net's zero last convolution with bias ``shift``): ``A(f~(x, t)) = mean(clamp(x + shift))``."""
     torch.manual_seed(0)
-    adapter = RAPAdapter(detector=detector, **{**TINY, **arguments})
-    adapter.detector_model, adapter.detector_pre_processor = Linear(torch.full((3, SIZE, SIZE), 1 / (3 * SIZE**2)),
-                                                                    offset), None  # fmt: skip
+    adapter = RAPAdapter(detector=detector, **TINY)
+    adapter.detector_model = Linear(torch.full((3, SIZE, SIZE), 1 / (3 * SIZE**2)), offset)
+    adapter.detector_pre_processor = None
     adapter.model.unet.conv_out.bias.data.fill_(shift)
     return adapter
 
