@@ -4,12 +4,12 @@ The protocol of ``benchmarks/purifier_table.py`` (32 x 32 images, 200 training i
 ResNet-18 on layer1 + layer2, fitted after ``torch.manual_seed(0)``; L_inf PGD 2/255, evenly spaced test images, no
 sanity runs), so its Padim column is reproduced here and its DiffPure/TMA columns are the comparison. For each adapter
 seed a RAP adapter (``configs/model/rap_adapter_cpu.yaml`` with ``--rap-steps`` = T) is trained against the fitted Padim
-for ``--epochs`` epochs, once per ``--task-weights`` value (the weight of the score hinges; the RAP paper's code weighs
-its cross-entropy 1) and once without the identity term at the first weight, then ``RAP`` (one step, deterministic) +
-Padim is attacked with full gradients through the adapter and with BPDA. One-step RAP is deterministic, so each cell is
-scored once; the spread reported is over adapter seeds (training randomness: attack start noise, t draws, pseudo
-anomalies, U-Net init). Each finished (variant, seed) is cached as JSON next to ``--output``. Prints tables, never
-asserts.
+for ``--epochs`` epochs, once per ``--task-weights`` value (the weight of the score hinges; Alg. 3 adds its
+cross-entropy with weight 1) and once without the identity term at the first weight, then ``RAP`` (one step,
+deterministic) + Padim is attacked with full gradients through the adapter and with BPDA. One-step RAP is deterministic,
+so each cell is scored once; the spread reported is over adapter seeds (training randomness: attack start noise, t
+draws, pseudo anomalies, U-Net init). Each finished (variant, seed) is cached as JSON next to ``--output``. Prints
+tables, never asserts.
 
 ``--diffpure-levels`` and ``--agdm-depths`` add DiffPure(p) and AGDM(t*) rows (the AGDM paper, Alg. 1), both with the
 AdvRAD CPU preset trained here as the diffusion model (attacked with EOT, full gradients and BPDA). AGDM's guidance

@@ -22,19 +22,19 @@ Adaptations to one-class anomaly detection (the paper trains a classifier's adap
   image's (the mirror hinge). Neither rewards going past the clean score: that would teach the adapter to make
   everything look normal, or everything anomalous. ``s`` (:attr:`score_scale`) is the spread (standard deviation) of
   the clean normal scores of the first training batch, so a constant shift of the detector's score changes nothing
-  and ``task_weight`` means the same for detectors whose scores live on different scales. The default weight 0.1
-  (the paper's code weighs the cross-entropy 1) keeps the L_1 terms dominant; sweep it with the ``task_weight``
-  argument (``benchmarks/rap_table.py --task-weights``).
+  and ``task_weight`` means the same for detectors whose scores live on different scales. The default weight 0.1 is
+  not tuned (Alg. 3 adds the cross-entropy with weight 1); sweep it with the ``task_weight`` argument
+  (``benchmarks/rap_table.py --task-weights``).
 - **Identity term.** The adapter returns ``x_a`` itself from ``x^a_t``, defect included. ``identity_weight = 0``
   switches it off (to measure with and without it); with both weights 0 no pseudo anomalies are made.
 - **Loss norm.** Alg. 3 writes ``||x_0 - f~||`` without a subscript and eq. (8) uses L_2; L_1 (the mean absolute
   error) is used here.
 
 Cost per training step: ``t`` forward and backward passes of (U-Net + detector) per image for each of the two attacks,
-then two U-Net forward/backward and two detector forward/backward passes for the loss. The detector's
-weights never change; they are saved in the checkpoint with the adapter's (so that training resumes), and the
-checkpoint records the detector's name and a fingerprint of its weights, which :class:`~anomalib_robust.defenses.RAP`
-checks against the detector it defends.
+then two U-Net forward/backward and two detector forward/backward passes for the loss. The detector's weights never
+change; they are saved in the checkpoint with the adapter's (so that training resumes), and the checkpoint records the
+detector's name and a fingerprint of its weights, which :class:`~anomalib_robust.defenses.RAP` checks against the
+detector it defends.
 
 Validation and test score the defended detector, ``A(f~(x, T))`` (one-step RAP), so ``anomalib train`` reports the
 standard AUROC of the defended pipeline. Robust AUROC: ``RobustEval(defense=RAP("rap.ckpt"))`` on the detector.
