@@ -20,8 +20,10 @@ Adapted to one-class anomaly detection:
   (:func:`~anomalib_robust.defenses.chains.guidance_shift`), where the paper fixes ``s = 1``. With a fixed ``s`` the
   shift depends on the scale of f_phi's gradient: an earlier version of this purifier, with a two-logit f_phi and
   ``s = 1``, moved each step by 2.2e-8 of its noise, so it was DiffPure. The ratio is part of the purifier's name
-  (``AGDM(depth=70, guidance_ratio=0.5)``), so every reported result says how strong its guidance was.
-
+  (``AGDM(depth=70, guidance_ratio=0.5)``), so every reported result says how strong its guidance was. 0.5 is not
+  tuned for robustness (``benchmarks/purifier_table.py --agdm-ratios`` sweeps it): it is large enough that the
+  purified image's features measurably approach the input's (``tests/unit/defenses/test_agdm.py``) and leaves the
+  step's own noise the larger term.
 - **No label guidance by default** (``label_guidance=False``): an anomaly detector's test image has no class, and
   guiding towards "normal" would erase the real defects the detector must find. With ``label_guidance=True`` the
   ``y`` term uses f_phi's "normal" logits (``log p(normal | x_t)``, averaged over the patches), for users who accept
