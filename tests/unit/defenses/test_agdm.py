@@ -19,7 +19,7 @@ from anomalib_robust.models.adv_rad.diffusion import DiffusionSchedule, q_sample
 from anomalib_robust.models.adv_rad.torch_model import AdvRADModel
 from anomalib_robust.models.agdm_guidance.lightning_model import ARCHITECTURE_KEY
 from anomalib_robust.models.agdm_guidance.loss import diffuse, trades_perturbation
-from anomalib_robust.models.agdm_guidance.torch_model import NORMAL, consistency_divergence
+from anomalib_robust.models.agdm_guidance.torch_model import NORMAL, PSEUDO_ANOMALOUS, consistency_divergence
 
 SIZE = 16
 TINY_GUIDANCE = {"image_size": (SIZE, SIZE), "base_channels": 8, "num_levels": 2, "max_noise_step": 20,
@@ -147,6 +147,19 @@ def test_purifies_in_inference_mode_at_its_stated_cost(denoiser: AdvRADModel, gu
     assert not torch.equal(first, second), "fresh diffusion noise at every call"
     assert len(calls) == 2 * purifier.unet_evaluations == 14
     assert purifier.stochastic and purifier.extra_repr() == "depth=7, guidance_ratio=0.5"
+
+
+def test_guidance_network_is_step_conditioned_and_scores_patches(guidance: AGDMGuidance) -> None:
+    """f_phi's features depend on the diffusion step; as a detector it maps the per-patch log-odds of "pseudo-anomalous"
+    at step 0 to the image and scores an image by their maximum."""
+    network, images = guidance.model, torch.rand(2, 3, SIZE, SIZE)
+    steps = torch.zeros(2, dtype=torch.long)
+    assert not torch.allclose(network.features(images, steps), network.features(images, steps + 10))
+    logits = network.logits(images, steps)
+    assert logits.shape == (2, 2, SIZE // 2, SIZE // 2), "per-patch logits, not two pooled ones"
+    prediction = network(images)
+    torch.testing.assert_close(prediction.pred_score, (logits[:, PSEUDO_ANOMALOUS] - logits[:, NORMAL]).flatten(1).amax(dim=1))
+    assert prediction.anomaly_map.shape == (2, SIZE, SIZE)
 
 
 def test_diffuse_and_the_trades_perturbation() -> None:
