@@ -158,7 +158,8 @@ def test_guidance_network_is_step_conditioned_and_scores_patches(guidance: AGDMG
     logits = network.logits(images, steps)
     assert logits.shape == (2, 2, SIZE // 2, SIZE // 2), "per-patch logits, not two pooled ones"
     prediction = network(images)
-    torch.testing.assert_close(prediction.pred_score, (logits[:, PSEUDO_ANOMALOUS] - logits[:, NORMAL]).flatten(1).amax(dim=1))
+    log_odds = logits[:, PSEUDO_ANOMALOUS] - logits[:, NORMAL]
+    torch.testing.assert_close(prediction.pred_score, log_odds.flatten(1).amax(dim=1))
     assert prediction.anomaly_map.shape == (2, SIZE, SIZE)
 
 
