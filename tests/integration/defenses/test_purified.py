@@ -138,7 +138,7 @@ def test_cli_with_the_diffpure_config(fitted: dict, tmp_path: Path, anomalib_cli
     )  # fmt: skip
     assert "Robust evaluation of DiffPure(level=3)+Padim" in output
     report = json.loads(next(tmp_path.rglob("robust_eval/diffpure_level_3_padim/linf/report.json")).read_text())
-    assert [result["attack"] for result in report["results"]] == ["EOT-PGD", "BPDA+EOT-PGD"]
+    assert [result["attack"] for result in report["results"]] == ["EOT-PGD", "BPDA+EOT-PGD", "Worst case"]
 
 
 def test_cli_trains_agdm_guidance_and_evaluates_with_the_agdm_config(
