@@ -23,7 +23,8 @@ A backward pass is counted as :data:`BACKWARD_COST` forward passes, and a float6
 
 The sanity budget: the sanity runs together (their attacks, their scoring and the gradient checks) may cost
 ``sanity_budget`` times the configured runs (attacks and scoring) on the whole test set. What is left after the
-gradient checks goes half to the paired runs, half to Square:
+gradient checks goes half to the paired runs, half to Square (Square keeps its half when one batch of the paired runs
+costs more than theirs):
 
 - the paired runs (the convergence run with more steps and draws, and the very-large-eps run) attack whole batches of
   the configured runs (:func:`whole_batches`), so that the convergence run starts from the same random start as the

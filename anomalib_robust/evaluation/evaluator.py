@@ -528,7 +528,7 @@ class RobustEvaluator:
             if with_square:
                 fixed = square_passes(detector, 0, restarts).cost + repeats
                 per_query = square_passes(detector, 1, restarts).cost + repeats - fixed
-                rest = allowance - per_image * paired_subset.numel()
+                rest = allowance - min(per_image * paired_subset.numel(), share)  # Square keeps at least its half
                 square_images, queries = fit_square(rest, total, per_query, fixed, queries)
         groups = [_SanityGroup(paired, paired_subset)]
         if with_square:
