@@ -1,8 +1,8 @@
 """Which code computed a result: the package versions, the git commit of the checkout and its uncommitted changes.
 
 The robust evaluation's resume store (:mod:`~anomalib_robust.evaluation.resume`) and the leaderboard's caches of cells
-and fitted models key on :func:`code_identity`, so that a result computed by other code is computed again, and every
-leaderboard entry records it. The commit is read from the ``.git`` directory (``HEAD``, the ref it names, or
+and fitted models key on :func:`loaded_code_identity`, so that a result computed by other code is computed again,
+and every leaderboard entry records it. The commit is read from the ``.git`` directory (``HEAD``, the ref it names, or
 ``packed-refs``) without running git; the uncommitted changes need git (``git diff HEAD``).
 
 Example:
@@ -11,6 +11,7 @@ Example:
     ['git_commit', 'git_diff', 'git_dirty', 'versions']
 """
 
+import functools
 import hashlib
 import platform
 import subprocess
@@ -100,3 +101,14 @@ def code_identity() -> dict:
         "git_dirty": None if changes is None else bool(changes),
         "git_diff": hashlib.sha256(changes).hexdigest()[:16] if changes else None,
     }
+
+
+@functools.cache
+def loaded_code_identity() -> dict:
+    """:func:`code_identity` as of its first call in this process, which is what the caches key on.
+
+    Python does not reload a module edited after it was imported, so a long run (a leaderboard of an hour) keeps
+    running the code it started with; calling :func:`code_identity` per result would attribute results to commits made
+    while it ran (measured: a reduced-leaderboard run recorded a commit made 40 minutes after it started).
+    """
+    return code_identity()

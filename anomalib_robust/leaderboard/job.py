@@ -6,7 +6,8 @@ one job per GPU in parallel (the runner passes ``task_id``, the job trains on ``
 on one datamodule (category); each of its threat models is a cell, evaluated by
 :class:`~anomalib_robust.evaluation.RobustEvaluator` with the YAML's ``robust_eval`` arguments and cached on disk
 (:mod:`anomalib_robust.leaderboard.cache`) under a key of its whole configuration and of the code
-(:func:`~anomalib_robust.evaluation.provenance.code_identity`: package versions, git commit and uncommitted changes).
+(:func:`~anomalib_robust.evaluation.provenance.loaded_code_identity`: package versions, git commit and uncommitted
+changes).
 When every cell of a job is cached the model is not even fitted. Fitted models are kept too, in
 ``<output_dir>/models``: a model entry (class, init args, Engine arguments) fitted on the same data from the same seed
 by the same code is fitted once, so a job interrupted during its attacks does not fit again, and a purifier's denoiser
@@ -37,7 +38,7 @@ from lightning import seed_everything
 from torch import nn
 
 from anomalib_robust.evaluation import RobustEvaluator
-from anomalib_robust.evaluation.provenance import code_identity
+from anomalib_robust.evaluation.provenance import loaded_code_identity
 from anomalib_robust.evaluation.report import RobustReport, format_eps, write_atomic
 from anomalib_robust.leaderboard.cache import CellCache, cell_key
 from anomalib_robust.leaderboard.config import CellGroup, ThreatModel, data_label, jsonable, model_label
@@ -141,7 +142,7 @@ class RobustBenchmarkJob(Job):
         return cell_key({
             "model": group.model, "data": group.data, "seed": group.seed, "trainer": self._trainer(group.model),
             "threat_model": threat.to_dict(), "evaluator": self.evaluator, "random_init": self.random_init,
-            "code": code_identity(),
+            "code": loaded_code_identity(),
         })  # fmt: skip
 
     def _base_record(self, threat: ThreatModel, key: str) -> dict:
@@ -150,7 +151,8 @@ class RobustBenchmarkJob(Job):
             "cell": key, "model": model_label(self.group.model), "data": data, "category": category,
             "seed": self.group.seed, "threat_model": threat.to_dict(), "model_config": jsonable(self.group.model),
             "data_config": jsonable(self.group.data), "trainer": self._trainer(self.group.model),
-            "evaluator": jsonable(self.evaluator), "status": "ok", "error": "", "cached": False, **code_identity(),
+            "evaluator": jsonable(self.evaluator), "status": "ok", "error": "", "cached": False,
+            **loaded_code_identity(),
         }  # fmt: skip
 
     def _fitted_path(self, entry: dict) -> Path:
@@ -159,7 +161,7 @@ class RobustBenchmarkJob(Job):
         fitted = {key: value for key, value in entry.items() if key not in {"name", "defense"}}
         key = cell_key({
             "model": fitted, "trainer": self._trainer(entry), "data": self.group.data, "seed": self.group.seed,
-            "random_init": self.random_init, "code": code_identity(),
+            "random_init": self.random_init, "code": loaded_code_identity(),
         })  # fmt: skip
         return self.output_dir / "models" / f"{key}.ckpt"
 

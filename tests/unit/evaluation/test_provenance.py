@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from anomalib_robust.evaluation import provenance
-from anomalib_robust.evaluation.provenance import code_identity, git_commit, uncommitted_changes
+from anomalib_robust.evaluation.provenance import code_identity, git_commit, loaded_code_identity, uncommitted_changes
 
 needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 
@@ -70,3 +70,9 @@ def test_other_uncommitted_changes_are_other_code(monkeypatch: pytest.MonkeyPatc
         monkeypatch.setattr(provenance, "uncommitted_changes", lambda changes=changes: changes)
         digests.add(code_identity()["git_diff"])
     assert len(digests) == 2
+
+
+def test_the_caches_key_on_the_code_this_process_loaded() -> None:
+    """Edits and commits after the first call do not change what a running process says it runs."""
+    assert loaded_code_identity() is loaded_code_identity()
+    assert loaded_code_identity()["git_commit"] == git_commit()

@@ -155,13 +155,13 @@ def test_other_code_is_another_store(test_set: ToyTestSet, tmp_path: Path, monke
     detector = ToyDetector(noise=0.1)
     directory = evaluator._store(detector, [loader(test_set)]).directory
     assert evaluator._store(detector, [loader(test_set)]).directory == directory
-    identity = resume.code_identity()
+    identity = resume.loaded_code_identity()
     for other in (
         {**identity, "git_commit": "0" * 40},
         {**identity, "git_dirty": True, "git_diff": "0123456789abcdef"},
         {**identity, "versions": {**identity["versions"], "torch": "0.0.1"}},
     ):
-        monkeypatch.setattr(resume, "code_identity", lambda other=other: other)
+        monkeypatch.setattr(resume, "loaded_code_identity", lambda other=other: other)
         assert evaluator._store(detector, [loader(test_set)]).directory != directory, other
 
 

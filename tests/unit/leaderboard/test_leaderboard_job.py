@@ -96,7 +96,7 @@ def test_other_code_is_another_cell_and_another_fit(monkeypatch: pytest.MonkeyPa
         {**identity, "git_dirty": True, "git_diff": "0123456789abcdef"},
         {**identity, "versions": {**identity["versions"], "anomalib": "0.0.1"}},
     ):
-        monkeypatch.setattr("anomalib_robust.leaderboard.job.code_identity", lambda other=other: other)
+        monkeypatch.setattr("anomalib_robust.leaderboard.job.loaded_code_identity", lambda other=other: other)
         assert tiny._key(threat) != key and tiny._fitted_path(entry) != fitted, other
         assert tiny._base_record(threat, key)["git_commit"] == other["git_commit"]
 
