@@ -11,8 +11,8 @@ Stored batches are only reused by the same evaluation: they sit under a fingerpr
 changes an attack or a score, the model's weights and its configuration (every module's scalar attributes, e.g.
 DiffPure's level, and every pre-processor's transform, e.g. its resize and normalisation), the test set (its size and
 first item) and the code (:func:`~anomalib_robust.evaluation.provenance.loaded_code_identity`: package versions,
-git commit and uncommitted changes), and each file also records a digest of its batch (images, labels, masks). Anything else is
-computed again, and so is a stored file that cannot be read (with a warning).
+git commit and uncommitted changes), and each file also records a digest of its batch (images, labels, masks).
+Anything else is computed again, and so is a stored file that cannot be read (with a warning).
 
 Example:
     >>> evaluator = RobustEvaluator(eps=[2 / 255], resume_dir="runs/robust_eval_partial")  # doctest: +SKIP
