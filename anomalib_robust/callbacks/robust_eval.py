@@ -67,8 +67,8 @@ class RobustEval(Callback):
             on the test image before the pre-processor resizes it.
         sanity_checks: also run the sanity checks and report their verdicts.
         sanity_budget: the sanity runs may cost this multiple of the configured runs (default 1.5: the paired runs on
-            whole batches, Square on fewer images with its configured queries and draws, the very large eps with at
-            most 5 steps); ``None`` for full sanity runs on every image. The report states each check's budget.
+            whole batches, Square on fewer images with its configured queries and draws, the very large eps with 10
+            steps); ``None`` for full sanity runs on every image. The report states each check's budget.
         large_eps: radius of the "very large eps" check; ``None`` for 0.5 (L_inf) or ``0.5 * sqrt(C * H * W)`` (L_2).
         near_zero: AUROC the very large eps must reach for the check to pass.
         tolerance: AUROC slack of the comparisons, on top of the noise of the repeats.
