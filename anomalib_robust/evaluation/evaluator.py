@@ -352,7 +352,7 @@ class RobustEvaluator:
                 batches = test_batches(loaders, self.max_samples)
                 groups = self._sanity_runs(detectors[0], loaders, configured, repeats, indices, labels, batches)
             sanity = [run for group in groups for run in group.runs]
-            checked = _stratified_images(indices, labels, GRADIENT_CHECK_IMAGES)
+            checked = stratified_subset(indices, labels, GRADIENT_CHECK_IMAGES)
             gradient = gradient_check_passes(checked.numel(), GRADIENT_CHECK_DIRECTIONS, GRADIENT_CHECK_STEPS)
             plan = EvaluationPlan(
                 detector.name, [run.result for run in configured + sanity], repeats, indices.numel(),
@@ -368,9 +368,9 @@ class RobustEvaluator:
                 TimeElapsedColumn(),
                 disable=not show_progress,
             ) as progress:
-                batches = len(configured) * sum(map(len, shards))
-                batches += sum(len(group.runs) * sum(map(len, group.shards)) for group in groups)
-                bar = (progress, progress.add_task(detector.name, total=batches))
+                steps = len(configured) * sum(map(len, shards))
+                steps += sum(len(group.runs) * sum(map(len, group.shards)) for group in groups)
+                bar = (progress, progress.add_task(detector.name, total=steps))
                 estimate = plan.estimator(world_size, progress if show_progress else None)
                 clean, grid = self._attack_pass(detector, shards, configured, repeats, device, bar, store, 0, estimate)
                 number = len(configured)
@@ -783,11 +783,6 @@ class RobustEvaluator:
             SanityCheck(name, verdict.passed, verdict.detail, budget)
             for name, verdict, budget in zip(names, verdicts, budgets, strict=True)
         ]
-
-
-def _stratified_images(indices: torch.Tensor, labels: torch.Tensor, count: int) -> torch.Tensor:
-    """``count`` of the test images ``indices``, evenly spaced within each class (both kept, in proportion)."""
-    return stratified_subset(indices, labels, min(count, indices.numel()))
 
 
 def _test_set(shards: list[DataLoader]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -108,7 +108,7 @@ def test_grid_writes_every_output_resumes_and_merges(
     def killed_after_one_batch(*args: object) -> object:  # (run, images, labels, masks, seed)
         if attack_seeds and interrupt:
             raise KeyboardInterrupt
-        attack_seeds.append(args[-1])
+        attack_seeds.append((args[0].result.role, args[-1]))  # the convergence run shares its paired run's seed
         return attack_batch(*args)
 
     monkeypatch.setattr(Engine, "fit", no_refit)
