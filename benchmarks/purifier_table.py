@@ -1,8 +1,8 @@
 """Purifiers in front of Padim vs AdvRAD on Fashion-MNIST, in the shape of the AdvRAD paper's Table 7.
 
 For every class and protocol: Padim (random-init ResNet-18) undefended, ``DiffPure(p) + Padim`` for every level p,
-``TMA + Padim``, ``RAP + Padim`` (the RAP paper, Alg. 2 in its one-step mode, the adapter trained here against the
-fitted Padim, :func:`purifier_setup.train_rap`), ``AGDM(t*) + Padim`` for every depth t* and guidance ratio (the
+``TMA(T*) + Padim`` for every depth T* (``--tma-depths``; the TMA paper's 140 is its CIFAR-10 setting),
+``RAP + Padim`` (the RAP paper, Alg. 2 in its one-step mode, the adapter trained here against the fitted Padim, :func:`purifier_setup.train_rap`), ``AGDM(t*) + Padim`` for every depth t* and guidance ratio (the
 AGDM paper, Alg. 1, each step's guidance shift over its noise, ``--agdm-ratios``; its guidance network trained here,
 :func:`purifier_setup.trained_guidance`), and AdvRAD (CPU preset, one-shot), each
 as "robust (standard)" image AUROC in percent under L_inf PGD 2/255 with EOT, attacking through the purifier with
@@ -25,6 +25,7 @@ Example:
     $ python benchmarks/purifier_table.py --denoiser-root results/benchmarks/runs --eot-samples 4 --steps 5
     $ python benchmarks/purifier_table.py --levels 70 --agdm-depths 70 --rap-epochs 50 --max-samples 100
     $ python benchmarks/purifier_table.py --levels 70 --agdm-depths 70 --agdm-ratios 0.1 0.5 1 --rap-epochs 0
+    $ python benchmarks/purifier_table.py --levels 25 --tma-depths 30 60 90 140 --rap-epochs 0 --agdm-depths
 """
 
 import argparse
@@ -85,7 +86,7 @@ def main() -> None:
     parser.add_argument("--classes", nargs="+", default=["trouser", "sneaker", "bag"], choices=CLASS_NAMES)
     parser.add_argument("--protocols", nargs="+", default=["defect", "semantic"], choices=["defect", "semantic"])
     parser.add_argument("--levels", nargs="*", type=int, default=[5, 25, 50, 100, 200], help="DiffPure levels p")
-    parser.add_argument("--tma-depth", type=int, default=140)
+    parser.add_argument("--tma-depths", nargs="*", type=int, default=[140], help="TMA T*, one column per value")
     parser.add_argument("--tma-stride", type=int, default=10)
     parser.add_argument("--rap-epochs", type=int, default=10, help="RAP adapter training epochs (0: no RAP column)")
     parser.add_argument("--rap-steps", type=int, default=5, help="T of the adapter's forward process (Alg. 1)")
@@ -123,7 +124,8 @@ def main() -> None:
     rap = ["RAP"] if arguments.rap_epochs > 0 else []
     agdm_names = {f"AGDM t*={depth} ratio={ratio:g}": (depth, ratio)
                   for depth in arguments.agdm_depths for ratio in arguments.agdm_ratios}  # fmt: skip
-    systems = ["Padim", *(f"DiffPure p={level}" for level in arguments.levels), "TMA", *rap, *agdm_names, "AdvRAD"]
+    systems = ["Padim", *(f"DiffPure p={level}" for level in arguments.levels),
+               *(f"TMA T*={depth}" for depth in arguments.tma_depths), *rap, *agdm_names, "AdvRAD"]  # fmt: skip
     cache_keys = {name: name.replace(" ", "").replace("*", "").replace("=", "") for name in systems}
     if rap:
         cache_keys["RAP"] += f"_T{arguments.rap_steps}_e{arguments.rap_epochs}_seed{arguments.rap_seed}"
@@ -188,8 +190,8 @@ def defense_of(name: str, arguments: argparse.Namespace, adv_rad: AdvRAD, padim:
     per class, against the class's Padim and on its normal training images."""
     if name.startswith("DiffPure"):
         return DiffPure(adv_rad, level=int(name.split("=")[1])), None
-    if name == "TMA":
-        return TMA(adv_rad, depth=arguments.tma_depth, stride=arguments.tma_stride), None
+    if name.startswith("TMA"):
+        return TMA(adv_rad, depth=int(name.split("=")[1]), stride=arguments.tma_stride), None
     if name == "RAP":
         if "rap" not in trained:
             trained["rap"] = train_rap(padim, datamodule, runs, arguments.rap_seed, arguments.rap_steps,
