@@ -2,8 +2,9 @@
 
 For every class and protocol: Padim (random-init ResNet-18) undefended, ``DiffPure(p) + Padim`` for every level p,
 ``TMA(T*) + Padim`` for every depth T* (``--tma-depths``; the TMA paper's 140 is its CIFAR-10 setting),
-``RAP + Padim`` (the RAP paper, Alg. 2 in its one-step mode, the adapter trained here against the fitted Padim, :func:`purifier_setup.train_rap`), ``AGDM(t*) + Padim`` for every depth t* and guidance ratio (the
-AGDM paper, Alg. 1, each step's guidance shift over its noise, ``--agdm-ratios``; its guidance network trained here,
+``RAP + Padim`` (the RAP paper, Alg. 2 in its one-step mode, the adapter trained here against the fitted Padim,
+:func:`purifier_setup.train_rap`), ``AGDM(t*) + Padim`` for every depth t* and guidance ratio (the AGDM paper, Alg. 1,
+each step's guidance shift over its noise, ``--agdm-ratios``; its guidance network trained here,
 :func:`purifier_setup.trained_guidance`), and AdvRAD (CPU preset, one-shot), each
 as "robust (standard)" image AUROC in percent under L_inf PGD 2/255 with EOT, attacking through the purifier with
 full gradients (memory bounded by gradient checkpointing) and with BPDA (identity backward). Full-gradient attacks
