@@ -14,7 +14,7 @@ from evaluation_toys import CountingModel, ToyDetector, ToyTestSet, loader
 from rich.console import Console
 from torch.utils.data import Dataset
 
-from anomalib_robust.evaluation import RobustEvaluator
+from anomalib_robust.evaluation import RobustEvaluator, RobustReport
 from anomalib_robust.evaluation import evaluator as evaluator_module
 from anomalib_robust.evaluation.budget import (
     MIN_SANITY_IMAGES,
@@ -26,6 +26,9 @@ from anomalib_robust.evaluation.budget import (
     stratified_subset,
     whole_batches,
 )
+from anomalib_robust.evaluation.metrics import PairedDifference
+from anomalib_robust.evaluation.report import AttackResult
+from anomalib_robust.evaluation.sanity import Convergence, sanity_checks
 from anomalib_robust.evaluation.evaluator import (
     GRADIENT_CHECK_DIRECTIONS,
     GRADIENT_CHECK_IMAGES,
@@ -199,3 +202,31 @@ def test_a_budget_too_small_runs_the_smallest_sanity_runs_and_warns(caplog: pyte
     assert square.num_images == min(MIN_SANITY_IMAGES, report.num_samples)
     assert report.sanity_cost / report.configured_cost > 1e-3
     assert all(check.passed is not None for check in report.checks if not check.name.startswith("black-box"))
+
+
+def test_an_attack_that_has_not_converged_is_reported_as_such() -> None:
+    """A step size fixed at a quarter of eps: one step leaves the brightness score's AUROC at 100 %, two steps (the
+    convergence run) lower it by about 37 points, far beyond the paired interval. The check fails, the configured run
+    is marked unconverged, and the report says so next to its number."""
+    dataset = ToyTestSet(count=40)
+    evaluator = RobustEvaluator(attacks=["pgd"], eps=0.04, steps=1, alpha=0.01, n_queries=20, num_grid_images=0,
+                                sanity_budget=None)  # fmt: skip
+    report, _ = evaluator.evaluate(ToyDetector(), [loader(dataset, batch_size=8)])
+    check = next(check for check in report.checks if check.name.startswith("converged"))
+    configured = report.results[0]
+    assert check.passed is False and "not converged" in check.detail and "steps >= 2" in check.detail
+    assert configured.converged is False and report.gradient_masking_suspected
+    console = Console(record=True, width=250)
+    console.print(report.table())
+    assert "not converged (see the sanity checks)" in console.export_text()
+
+
+def test_more_steps_that_raise_auroc_are_a_broken_attack() -> None:
+    report = RobustReport("Toy", "Linf", 1, 20, clean_image_auroc=0.9)
+    fewer = AttackResult("PGD", "Linf", 0.01, steps=10, image_auroc=0.3, num_images=20)
+    more = AttackResult("PGD", "Linf", 0.01, steps=20, image_auroc=0.5, num_images=20, role="sanity")
+    raised = Convergence(fewer, more, PairedDifference(0.2, 0.1, 0.3, 0.95))
+    inside = Convergence(fewer, more, PairedDifference(0.01, -0.05, 0.08, 0.95))
+    (_, broken), (_, fine) = (sanity_checks(report, 0.1, 0.02, convergence=c) for c in (raised, inside))
+    assert broken.passed is False and "broken" in broken.detail
+    assert fine.passed is True and raised.converged(0.02) and raised.broken(0.02)
