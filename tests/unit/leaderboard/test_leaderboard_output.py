@@ -38,6 +38,15 @@ def test_a_zero_spread_over_repeats_is_shown_and_one_scoring_has_none(make_cell)
     assert "| 90.0 | 40.0 |" in deterministic_line
 
 
+def test_an_unconverged_cell_is_marked_not_ranked_as_converged(make_cell) -> None:
+    unconverged = AttackResult("EOT-PGD", "Linf", 2 / 255, steps=2, image_auroc=0.4, converged=False)
+    converged = AttackResult("EOT-PGD", "Linf", 2 / 255, steps=2, image_auroc=0.3, converged=True)
+    table = rows([make_cell(results=[unconverged]), make_cell(model="Stfpm", results=[converged])])
+    assert [row["converged"] for row in table] == [False, True]
+    first, second = markdown(table).splitlines()[2:]
+    assert "40.0 ± 0.0 (not converged)" in first and "not converged" not in second
+
+
 def test_sanity_runs_are_not_rows(make_cell) -> None:
     sanity = AttackResult("Square", "Linf", 2 / 255, image_auroc=0.5, role="sanity")
     attack = AttackResult("EOT-PGD", "Linf", 2 / 255, image_auroc=0.3)
