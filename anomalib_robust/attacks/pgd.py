@@ -66,15 +66,19 @@ def project(adversarial: torch.Tensor, images: torch.Tensor, eps: float, norm: s
     return (images + delta).clamp(0.0, 1.0)
 
 
+def random_offset(images: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    """An offset to a uniformly random point of the L_inf ball, or a random point of the L_2 ball, around ``images``
+    (torch's global RNG; not yet projected onto the [0, 1] box)."""
+    if norm == "Linf":
+        return torch.empty_like(images).uniform_(-eps, eps)
+    direction = torch.randn_like(images)
+    radius = eps * torch.rand(images.shape[0], 1, 1, 1, device=images.device, dtype=images.dtype)
+    return direction / _per_sample_norm(direction) * radius
+
+
 def random_start(images: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
     """A uniformly random point of the L_inf ball, or a random point of the L_2 ball, around ``images``."""
-    if norm == "Linf":
-        delta = torch.empty_like(images).uniform_(-eps, eps)
-    else:
-        direction = torch.randn_like(images)
-        radius = eps * torch.rand(images.shape[0], 1, 1, 1, device=images.device, dtype=images.dtype)
-        delta = direction / _per_sample_norm(direction) * radius
-    return project(images + delta, images, eps, norm)
+    return project(images + random_offset(images, eps, norm), images, eps, norm)
 
 
 def ascent_step(

@@ -74,6 +74,7 @@ from torch import nn
 from anomalib_robust.attacks.base import check_norm
 from anomalib_robust.attacks.detector import DetectorScore, NotDifferentiableError
 from anomalib_robust.attacks.objective import check_labels
+from anomalib_robust.attacks.pgd import random_offset
 
 DIFFERENCE_STEP = 1e-6
 """Finite-difference step ``h`` (L_2 length of the step, float64): truncation ``O(h^2)`` and round-off
@@ -183,17 +184,14 @@ def _common_random_numbers(device: torch.device) -> Iterator[None]:
         yield
 
 
-def attack_start_points(images: torch.Tensor, eps: float, norm: str, generator: torch.Generator) -> torch.Tensor:
-    """PGD's random start around ``images`` (uniform in the L_inf ball, a random point of the L_2 ball), reflected into
-    [0, 1] rather than clipped, so that no pixel sits exactly on the box edge; each pixel stays within its ball."""
-    shape = images.shape
-    if norm == "Linf":
-        delta = (2 * torch.rand(shape, generator=generator, dtype=torch.float64) - 1) * eps
-    else:
-        direction = torch.randn(shape, generator=generator, dtype=torch.float64)
-        radius = eps * torch.rand((shape[0], 1, 1, 1), generator=generator, dtype=torch.float64)
-        delta = direction / direction.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * radius
-    points = images + delta.to(images)
+def attack_start_points(images: torch.Tensor, eps: float, norm: str, seed: int) -> torch.Tensor:
+    """PGD's random start around ``images`` (:func:`~anomalib_robust.attacks.pgd.random_offset`, drawn on the CPU in
+    float64 from ``seed``), reflected into [0, 1] rather than clipped, so that no pixel sits exactly on the box edge;
+    each pixel stays within its ball."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        offset = random_offset(images.detach().cpu().double(), eps, norm)
+    points = images + offset.to(images)
     return 1 - (1 - points.abs()).abs()  # reflect at 0, then at 1
 
 
@@ -220,9 +218,8 @@ def _cosine(predicted: torch.Tensor, actual: torch.Tensor) -> torch.Tensor:
 def _ratio(actual: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
     """Per image, ``actual / predicted``: ``inf`` where the gradient predicts no change but the score moves, ``nan``
     where neither changes."""
-    moves = actual.abs() > CHANGE_FLOOR
-    ratio = actual / predicted.where(predicted.abs() > CHANGE_FLOOR, torch.nan)
-    return torch.where(predicted.abs() > CHANGE_FLOOR, ratio, torch.where(moves, torch.inf, torch.nan))
+    unpredicted = torch.where(actual.abs() > CHANGE_FLOOR, torch.inf, torch.nan)
+    return torch.where(predicted.abs() > CHANGE_FLOOR, actual / predicted, unpredicted)
 
 
 def _finite_median(values: torch.Tensor) -> float:
@@ -364,8 +361,8 @@ def check_gradient(
     if count == 0:
         missing = Verdict(None, "no images to check gradients on")
         return GradientCheck(missing, missing, 0)
+    points = attack_start_points(images.detach().double(), eps, norm, seed)
     generator = torch.Generator().manual_seed(seed)
-    points = attack_start_points(images.detach().double().cpu(), eps, norm, generator).to(images.device)
     directions = _unit(torch.randn((num_directions, *images.shape), generator=generator, dtype=torch.float64))
     signs = torch.randint(0, 2, (num_steps, *images.shape), generator=generator, dtype=torch.float64) * 2 - 1
     if norm == "L2":
@@ -377,7 +374,7 @@ def check_gradient(
     except NotDifferentiableError:
         raise
     except (RuntimeError, TypeError, NotImplementedError) as error:
-        skipped = Verdict(None, f"not evaluated: {detector.name} does not run in float64 ({error})")
+        skipped = Verdict(None, f"not evaluated: {detector.name} failed in float64 ({type(error).__name__}: {error})")
         return GradientCheck(skipped, skipped, count)
     if not measured.finite:
         skipped = Verdict(None, "not evaluated: the score is not finite at the checked points")

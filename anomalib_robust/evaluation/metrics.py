@@ -100,6 +100,12 @@ def _pairwise_wins(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor
     return (anomalous > normal).double() + 0.5 * (anomalous == normal).double()
 
 
+def _resample_counts(size: int, resamples: int, generator: torch.Generator) -> torch.Tensor:
+    """``(resamples, size)``: how often each of ``size`` items is drawn in each resample with replacement."""
+    picks = torch.randint(0, size, (resamples, size), generator=generator)
+    return torch.zeros(resamples, size, dtype=torch.float64).scatter_add_(1, picks, torch.ones_like(picks).double())
+
+
 def paired_auroc_difference(
     first: torch.Tensor,
     second: torch.Tensor,
@@ -136,9 +142,7 @@ def paired_auroc_difference(
         raise ValueError(msg)
     wins = _pairwise_wins(second, positive).mean(dim=0) - _pairwise_wins(first, positive).mean(dim=0)
     generator = torch.Generator().manual_seed(seed)
-    picks = [torch.randint(0, size, (resamples, size), generator=generator) for size in (anomalous, normal)]
-    counts = [torch.zeros(resamples, size, dtype=torch.float64).scatter_add_(1, pick, torch.ones_like(pick,
-              dtype=torch.float64)) for pick, size in zip(picks, (anomalous, normal), strict=True)]  # fmt: skip
+    counts = [_resample_counts(size, resamples, generator) for size in (anomalous, normal)]
     resampled = torch.einsum("ba,an,bn->b", counts[0], wins, counts[1]) / (anomalous * normal)
     tail = (1 - level) / 2
     low, high = torch.quantile(resampled, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
