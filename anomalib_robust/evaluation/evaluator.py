@@ -854,7 +854,7 @@ def _comparisons(
     bootstrap of the AUROC difference; Square with the configured gradient runs on Square's images (or, when Square is
     configured, the configured runs on every image)."""
     total = int(gathered.labels.numel())
-    baselines, comparisons = [], {"baselines": [], "convergence": None, "large_eps": None, "square": None}
+    baselines, comparisons = [], {"convergence": None, "large_eps": None, "square": None}
     for group in groups:
         in_group = torch.isin(gathered.indices, group.subset)
         on_group = [
