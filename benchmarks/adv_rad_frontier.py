@@ -36,6 +36,7 @@ import matplotlib as mpl
 mpl.use("Agg")
 import matplotlib.pyplot as plt
 import torch
+from anomalib.data import Folder
 from anomalib.engine import Engine
 from rich.console import Console
 from rich.table import Table
@@ -45,6 +46,7 @@ from anomalib_robust import AdvRAD
 from anomalib_robust.callbacks import SelectDiffusionStep
 from anomalib_robust.callbacks.diffusion_step import attack_label, candidate_table, measure_setting
 from anomalib_robust.data import FashionMNIST
+from anomalib_robust.data.texture import TEXTURES, texture_datamodule
 from anomalib_robust.evaluation import RobustEvaluator
 from anomalib_robust.evaluation.report import format_auroc, write_atomic
 from anomalib_robust.models.adv_rad.lightning_model import read_as_test_images
@@ -53,8 +55,15 @@ from anomalib_robust.models.adv_rad.selection import DiffusionStepCandidate, hel
 PAPER_DIFFUSION_STEP = 100
 
 
-def datamodule(args: argparse.Namespace, category: str, protocol: str) -> FashionMNIST:
-    """The Fashion-MNIST datamodule of ``protocol`` (the training images are the same for both)."""
+def datamodule(args: argparse.Namespace, category: str, protocol: str) -> FashionMNIST | Folder:
+    """The Fashion-MNIST datamodule of ``protocol`` (the training images are the same for both), or a texture's
+    (``brick``, ``grass``, ``gravel``: :mod:`anomalib_robust.data.texture`, whose anomalies are defects)."""
+    if category in TEXTURES:
+        if protocol != "defect":
+            msg = f"--protocol: the {category} texture has the defect protocol only, got {protocol!r}"
+            raise SystemExit(msg)
+        return texture_datamodule(category, root=args.output / "textures", num_train=args.num_train,
+                                  num_test=args.num_test)  # fmt: skip
     return FashionMNIST(
         category=category, protocol=protocol, image_size=32, num_train=args.num_train, num_test=args.num_test,
         train_batch_size=16, eval_batch_size=16,
@@ -79,7 +88,7 @@ def trained_model(args: argparse.Namespace, category: str) -> tuple[AdvRAD, str]
         logger=False,
         enable_progress_bar=False,
         default_root_dir=args.output / "runs",
-        callbacks=[SelectDiffusionStep(diffusion_steps=args.select_steps)],
+        callbacks=[SelectDiffusionStep(args.select_steps, args.select_filter_sizes)],
     )
     started = time.perf_counter()
     engine.fit(model, datamodule=datamodule(args, category, args.protocol[0]))
@@ -145,7 +154,7 @@ def diffusion_step_argument(value: str) -> str:
 def frontier_table(category: str, protocol: str, model_key: str, label: str, repeats: int,
                    rows: list[tuple[str, DiffusionStepCandidate]], marked: dict[str, str]) -> Table:  # fmt: skip
     table = Table(
-        title=f"AdvRAD frontier, Fashion-MNIST {category}, {protocol} protocol, {model_key}; "
+        title=f"AdvRAD frontier, {category}, {protocol} protocol, {model_key}; "
         f"{label}, image AUROC % (mean ± std over {repeats} deployed scorings)"
     )
     for column in ("k", "mean filter", "noise draws", "standard", "robust", "seconds", ""):
@@ -194,13 +203,16 @@ def _aurocs(cell: DiffusionStepCandidate, repeats: int) -> tuple[str, str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", type=Path, help="a trained AdvRAD checkpoint; without it the CPU preset is trained")
-    parser.add_argument("--category", nargs="+", default=["trouser"], help="one class with --ckpt, else several")
+    parser.add_argument("--category", nargs="+", default=["trouser"],
+                        help="Fashion-MNIST classes or textures (brick, grass, gravel); one with --ckpt")  # fmt: skip
     parser.add_argument("--protocol", nargs="+", default=["defect"], choices=["defect", "semantic"])
     parser.add_argument("--num-train", type=int, default=200)
     parser.add_argument("--num-test", type=int, default=100, help="test and validation images together")
     parser.add_argument("--epochs", type=int, default=75, help="training epochs without --ckpt (batch 16)")
     parser.add_argument("--select-steps", type=int, nargs="+", default=[25, 50, 100, 200],
                         help="candidate k of the automatic choice (without --ckpt)")  # fmt: skip
+    parser.add_argument("--select-filter-sizes", type=int, nargs="+", default=[3, 5],
+                        help="candidate mean filter sizes of the automatic choice (without --ckpt)")  # fmt: skip
     parser.add_argument("--diffusion-steps", type=diffusion_step_argument, nargs="+",
                         default=["25", "50", "100", "200"],
                         help="k values; 'auto' is the automatic choice (its k and mean filter)")  # fmt: skip

@@ -13,8 +13,10 @@ and the paper's k = 100 is not the best on every data set. The callback measures
    :class:`~anomalib_robust.evaluation.RobustEvaluator` scores the held-out images, half of them with a synthetic
    defect from anomalib's Perlin generator (:class:`~anomalib_robust.models.adv_rad.selection.HeldOutDefects`),
    clean and under a cheap EOT-PGD, as deployed and ``eval_repeats`` times.
-3. The highest robust AUROC wins among the candidates whose standard AUROC is within ``margin`` of the best one
-   (:func:`~anomalib_robust.models.adv_rad.selection.choose_candidate`). The model keeps the choice
+3. Among the candidates whose standard AUROC is within ``margin`` of the best one, the most robust one leads; every
+   candidate that a paired comparison on the same held-out images cannot separate from it (the 95 % bootstrap
+   interval of the robust AUROC difference holds 0) is tied with it, and the smallest k of the tied wins
+   (:func:`choose_candidate`). The model keeps the choice
    (``AdvRAD.diffusion_step_choice``, saved in its checkpoints, so ``anomalib test`` and export use it), the loggers
    get ``diffusion_step_selection/...`` metrics, and the console a table of the candidates.
 
@@ -54,6 +56,7 @@ from rich.table import Table
 from torch.utils.data import DataLoader
 
 from anomalib_robust.evaluation.evaluator import RobustEvaluator
+from anomalib_robust.evaluation.metrics import paired_auroc_difference
 from anomalib_robust.evaluation.report import format_auroc, format_eps
 from anomalib_robust.models.adv_rad import AdvRAD
 from anomalib_robust.models.adv_rad.lightning_model import read_as_test_images
@@ -62,7 +65,6 @@ from anomalib_robust.models.adv_rad.selection import (
     DiffusionStepChoice,
     HeldOutDefects,
     check_candidates,
-    choose_candidate,
     held_out_split,
 )
 
@@ -92,6 +94,7 @@ def measure_setting(
     if len(attacks) != 1:
         msg = f"measure_setting needs an evaluator with one attack and one eps, got {len(attacks)} attack runs"
         raise ValueError(msg)
+    scores = report.image_scores
     return DiffusionStepCandidate(
         diffusion_step=diffusion_step,
         mean_filter_size=mean_filter_size,
@@ -101,7 +104,47 @@ def measure_setting(
         robust=attacks[0].image_auroc,
         robust_std=attacks[0].image_auroc_std,
         seconds=time.perf_counter() - started,
+        labels=scores.labels.tolist(),
+        standard_scores=scores.clean.tolist(),
+        robust_scores=scores.attacked[attacks[0].key].tolist(),
     )
+
+
+def choose_candidate(
+    candidates: Sequence[DiffusionStepCandidate], margin: float, level: float = 0.95, seed: int = 0
+) -> tuple[DiffusionStepCandidate, list[int]]:
+    """The chosen candidate and the indices of those tied with the most robust one.
+
+    Eligible are the candidates whose standard AUROC is at least the best one's minus ``margin``; the most robust of
+    them leads (ties: higher standard AUROC, then smaller k). A candidate is tied with the leader when the paired
+    bootstrap interval (``level``) of their robust AUROC difference on the same images and scorings holds 0
+    (:func:`~anomalib_robust.evaluation.metrics.paired_auroc_difference`; candidates without per-image scores are
+    tied with none). Of the tied, the smallest k wins, then the higher standard AUROC: the held-out images cannot
+    tell those apart on robustness, and a smaller k keeps more of the image, so small defects show (measured in
+    docs/benchmarks.md, "Choosing k: a held-out estimate that tells the candidates apart").
+    """
+    if not candidates:
+        msg = "choose_candidate needs at least one candidate"
+        raise ValueError(msg)
+    if not 0 <= margin <= 1:
+        msg = f"margin must be an AUROC difference in [0, 1], got {margin!r}"
+        raise ValueError(msg)
+    best_standard = max(candidate.standard for candidate in candidates)
+    eligible = [candidate for candidate in candidates if candidate.standard >= best_standard - margin]
+    leader = max(eligible, key=lambda c: (c.robust, c.standard, -c.diffusion_step, -c.mean_filter_size))
+    tied = [c for c in eligible if c is leader or _inseparable(leader, c, level, seed)]
+    chosen = min(tied, key=lambda c: (c.diffusion_step, -c.standard, c.mean_filter_size))
+    return chosen, [index for index, candidate in enumerate(candidates) if any(candidate is c for c in tied)]
+
+
+def _inseparable(first: DiffusionStepCandidate, second: DiffusionStepCandidate, level: float, seed: int) -> bool:
+    """Whether the paired interval of the two candidates' robust AUROC difference holds 0 (``False`` without
+    per-image scores on the same images)."""
+    if first.robust_scores is None or second.robust_scores is None or first.labels != second.labels:
+        return False
+    difference = paired_auroc_difference(first.robust_scores, second.robust_scores, first.labels, level=level,
+                                         seed=seed)  # fmt: skip
+    return not difference.excludes(0.0)
 
 
 def choose_diffusion_step(
@@ -133,7 +176,7 @@ def choose_diffusion_step(
         measure_setting(model, evaluator, [loader], normal_images, k, s, rank=rank, world_size=world_size)
         for k, s in itertools.product(diffusion_steps, mean_filter_sizes)
     ]
-    chosen = choose_candidate(candidates, margin)
+    chosen, tied = choose_candidate(candidates, margin, seed=seed)
     model.set_inference(chosen.diffusion_step, chosen.mean_filter_size, normal_images=normal_images)
     defective = sum(int(item.gt_label) for item in held_out.items)
     model.diffusion_step_choice = DiffusionStepChoice(
@@ -147,6 +190,7 @@ def choose_diffusion_step(
         seed=seed,
         seconds=time.perf_counter() - started,
         eval_repeats=evaluator.eval_repeats,
+        tied=tied,
     )
     return model.diffusion_step_choice
 
@@ -302,7 +346,7 @@ class SelectDiffusionStep(Callback):
 
 
 def candidate_table(choice: DiffusionStepChoice) -> Table:
-    """The candidates as a rich table, the chosen row marked."""
+    """The candidates as a rich table, the chosen row marked, and those tied with the most robust one."""
     table = Table(
         title=f"AdvRAD: choice of k on {choice.num_normal} normal + {choice.num_defective} defective held-out "
         f"training images ({choice.attack}); image AUROC %, mean ± std over scorings"
@@ -316,7 +360,7 @@ def candidate_table(choice: DiffusionStepChoice) -> Table:
             format_auroc(candidate.standard, candidate.standard_std, choice.eval_repeats),
             format_auroc(candidate.robust, candidate.robust_std, choice.eval_repeats),
             f"{candidate.seconds:.1f}",
-            "<-" if index == choice.chosen else "",
+            "<-" if index == choice.chosen else ("tied" if index in (choice.tied or ()) else ""),
         )
     return table
 

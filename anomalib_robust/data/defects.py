@@ -36,13 +36,18 @@ MIN_CONTRAST = 0.1
 """Smallest mean absolute change of intensity (on a 0-1 scale) over the defect's pixels."""
 
 FOREGROUND_LEVEL = 25
-"""Pixels brighter than this (of 255) belong to the object (Fashion-MNIST backgrounds are black)."""
+"""Pixels brighter than this (of 255) belong to the object (Fashion-MNIST backgrounds are black); also how far (of
+255) a pixel must differ from a flat background to belong to the object in :func:`object_region`."""
+
+FLAT_BORDER = 10
+"""Largest median absolute deviation (of 255) of the border pixels for :func:`object_region` to read the border as a
+flat background around an object; a texture's border is not flat."""
 
 BLEND_FACTOR = (0.5, 1.0)
 """Range of the generator's blend factor: how much the noise texture replaces the image inside the blob."""
 
 RADII = (0.2, 0.16, 0.12, 0.09, 0.06, 0.0)
-"""Disc radii tried, as fractions of the image side, largest first, until the defect is at most :data:`MAX_AREA`."""
+"""Disc radii tried, as fractions of the image side, largest first, until the defect is at most ``max_area``."""
 
 MAX_ATTEMPTS = 200
 
@@ -50,12 +55,41 @@ MIN_SIZE = 32
 """Smallest image side: the generator's Perlin noise draws grid scales up to 32."""
 
 
-def add_small_defect(image: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def object_region(image: torch.Tensor) -> torch.Tensor:
+    """Where an object is, without assuming a dark background: ``bool`` ``[H, W]`` of a ``uint8`` ``[1, H, W]`` image.
+
+    When the one-pixel border is flat (median absolute deviation at most :data:`FLAT_BORDER`), it is taken as the
+    background (its median, dark or light), and the object is every pixel that differs from it by more than
+    :data:`FOREGROUND_LEVEL`: a garment on black (Fashion-MNIST), a screw or a pill on a light table (MVTec AD).
+    Otherwise the image is a texture (or an object filling the frame) and the whole image is the region.
+    """
+    channel = image[0].float()
+    border = torch.cat([channel[0], channel[-1], channel[1:-1, 0], channel[1:-1, -1]])
+    background = border.median()
+    if (border - background).abs().median() > FLAT_BORDER:
+        return torch.ones_like(channel, dtype=torch.bool)
+    return (channel - background).abs() > FOREGROUND_LEVEL
+
+
+def add_small_defect(
+    image: torch.Tensor,
+    seed: int,
+    region: torch.Tensor | None = None,
+    blend_factor: tuple[float, float] = BLEND_FACTOR,
+    min_contrast: float = MIN_CONTRAST,
+    max_area: float = MAX_AREA,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Paint one small defect on a grayscale object image.
 
     Args:
         image: ``uint8`` tensor ``[1, H, W]``.
         seed: Seed of every random draw.
+        region: ``bool`` ``[H, W]``, where the defect may lie. ``None`` gives the Fashion-MNIST rule (pixels brighter
+            than :data:`FOREGROUND_LEVEL`; the test images of the ``defect`` protocol); :func:`object_region` is the
+            rule for other data. A region under ``2 * MIN_AREA`` of the image is replaced by the whole image.
+        blend_factor: Range of the generator's blend factor (lower: fainter defects).
+        min_contrast: Smallest mean absolute change of intensity over the defect's pixels (0-1 scale).
+        max_area: Largest defect, as a fraction of the image area (at least :data:`MIN_AREA`).
 
     Returns:
         The defective image (``uint8`` ``[1, H, W]``, equal to ``image`` outside the mask) and the defect mask
@@ -68,15 +102,21 @@ def add_small_defect(image: torch.Tensor, seed: int) -> tuple[torch.Tensor, torc
     if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 1 or min(image.shape[1:]) < MIN_SIZE:
         msg = f"image must be a uint8 tensor [1, H, W] with H, W >= {MIN_SIZE}; got {image.dtype} {tuple(image.shape)}."
         raise ValueError(msg)
+    if not MIN_AREA <= max_area <= 1:
+        msg = f"max_area must be a fraction of the image in [{MIN_AREA}, 1], got {max_area!r}."
+        raise ValueError(msg)
     height, width = image.shape[-2:]
     pixels = image.float().div(255)
-    region = image[0] > FOREGROUND_LEVEL
+    region = image[0] > FOREGROUND_LEVEL if region is None else region.to(torch.bool)
+    if tuple(region.shape) != (height, width):
+        msg = f"region must be a [H, W] mask of the image's size ({height}, {width}), got {tuple(region.shape)}."
+        raise ValueError(msg)
     if region.float().mean() < 2 * MIN_AREA:  # (almost) no object: anywhere will do
         region = torch.ones_like(region)
     rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        generator = PerlinAnomalyGenerator(probability=1.0, blend_factor=BLEND_FACTOR)
+        generator = PerlinAnomalyGenerator(probability=1.0, blend_factor=blend_factor)
         for _ in range(MAX_ATTEMPTS):
             augmented, blob = generator(pixels.expand(3, -1, -1))
             candidates = (blob[0] > 0) & region
@@ -87,13 +127,11 @@ def add_small_defect(image: torch.Tensor, seed: int) -> tuple[torch.Tensor, torc
             distance2 = (rows - centre_row) ** 2 + (cols - centre_col) ** 2
             for radius in RADII:
                 mask = candidates & (distance2 <= (radius * max(height, width)) ** 2)
-                if mask.float().mean() <= MAX_AREA:
+                if mask.float().mean() <= max_area:
                     break
             defective = torch.where(mask, augmented.mean(0), pixels[0]).clamp(0, 1).mul(255).round().to(torch.uint8)
             contrast = (defective[mask].float() - image[0][mask].float()).abs().mean() / 255
-            if mask.float().mean() >= MIN_AREA and contrast >= MIN_CONTRAST:
+            if mask.float().mean() >= MIN_AREA and contrast >= min_contrast:
                 return defective.unsqueeze(0), mask
-    msg = (
-        f"no defect of {MIN_AREA:.0%}-{MAX_AREA:.0%} of the image with contrast {MIN_CONTRAST} in {MAX_ATTEMPTS} draws."
-    )
+    msg = f"no defect of {MIN_AREA:.0%}-{max_area:.0%} of the image with contrast {min_contrast} in {MAX_ATTEMPTS} draws."
     raise RuntimeError(msg)

@@ -72,7 +72,14 @@ from anomalib_robust.evaluation.budget import (
 )
 from anomalib_robust.evaluation.gradient_check import check_gradient
 from anomalib_robust.evaluation.metrics import mean_and_std, paired_auroc_difference, pixel_auroc, rank_auroc
-from anomalib_robust.evaluation.report import AttackResult, RobustReport, SanityCheck, format_budget, format_eps
+from anomalib_robust.evaluation.report import (
+    AttackResult,
+    ImageScores,
+    RobustReport,
+    SanityCheck,
+    format_budget,
+    format_eps,
+)
 from anomalib_robust.evaluation.resume import (
     BatchStore,
     batch_digest,
@@ -454,6 +461,10 @@ class RobustEvaluator:
                 run.result.pixel_auroc, run.result.pixel_auroc_std = _pixel_auroc(run_maps, masks)
             report.results.append(run.result)
         report.results += _worst_cases(configured, per_run[::2], labels)
+        report.image_scores = ImageScores(labels, scores, {
+            run.result.key: run_scores for run, run_scores in zip(configured, per_run[::2], strict=True)
+            if run.result.status == "ok" and run.result.target == "score"
+        })  # fmt: skip
         for group in groups:
             group.indices, group.labels, *group_scores = gather_by_index(
                 group.seen.indices, group.seen.indices, group.seen.labels, *(run.scores for run in group.runs)

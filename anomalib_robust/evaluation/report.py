@@ -18,8 +18,10 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+
+import torch
 
 from rich.markup import escape
 from rich.table import Table
@@ -91,6 +93,18 @@ class SanityCheck:
 
 
 @dataclass
+class ImageScores:
+    """Every test image's raw image scores, ``(N, R)`` over ``R`` deployed scorings, in the order of ``labels``: what a
+    paired comparison of two runs or two systems on the same images needs
+    (:func:`~anomalib_robust.evaluation.metrics.paired_auroc_difference`)."""
+
+    labels: torch.Tensor
+    clean: torch.Tensor
+    attacked: dict[str, torch.Tensor] = field(default_factory=dict)
+    """By :attr:`AttackResult.key`, the configured image-score runs that could be carried out."""
+
+
+@dataclass
 class RobustReport:
     """Standard and robust AUROC of one detector under one norm, with sanity checks.
 
@@ -120,6 +134,8 @@ class RobustReport:
     results: list[AttackResult] = field(default_factory=list)
     checks: list[SanityCheck] = field(default_factory=list)
     baselines: list[AttackResult] = field(default_factory=list)
+    image_scores: ImageScores | None = field(default=None, repr=False, compare=False)
+    """The configured runs' per-image scores (not written by :meth:`to_dict`)."""
 
     @property
     def gradient_masking_suspected(self) -> bool:
@@ -128,7 +144,8 @@ class RobustReport:
 
     def to_dict(self) -> dict:
         """JSON-ready dictionary (results carry their metric key)."""
-        report = asdict(self)
+        report = asdict(replace(self, image_scores=None))
+        del report["image_scores"]
         for result, row in zip(self.results, report["results"], strict=True):
             row["key"] = result.key
         report["gradient_masking_suspected"] = self.gradient_masking_suspected

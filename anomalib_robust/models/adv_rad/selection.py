@@ -9,22 +9,12 @@ This module holds what the choice needs besides the attack itself, which lives i
 :class:`anomalib_robust.callbacks.SelectDiffusionStep` (models do not import the evaluation):
 
 - :func:`held_out_split`: a seeded fraction of the training images, kept out of training;
-- :class:`HeldOutDefects`: those images, half of them with a small synthetic defect made with anomalib's Perlin
-  generator (:func:`anomalib_robust.data.defects.add_small_defect`, as the Fashion-MNIST ``defect`` protocol makes
-  its test anomalies);
-- :func:`choose_candidate`: the rule, the highest robust AUROC among the candidates whose standard AUROC is within
-  ``margin`` of the best one;
+- :class:`HeldOutDefects`: those images, clean and with each of two kinds of small, often faint defects (anomalib's
+  Perlin generator, :func:`anomalib_robust.data.defects.add_small_defect`, and a self-CutPaste patch) on the object;
 - :class:`DiffusionStepChoice`: the candidates' numbers and the choice, stored in the model's checkpoints.
 
-Example:
-    >>> candidates = [
-    ...     DiffusionStepCandidate(50, 5, standard=0.83, robust=0.65),
-    ...     DiffusionStepCandidate(100, 5, standard=0.80, robust=0.70),
-    ...     DiffusionStepCandidate(200, 5, standard=0.64, robust=0.72),
-    ... ]
-    >>> chosen = choose_candidate(candidates, margin=0.05)
-    >>> chosen.diffusion_step, chosen.mean_filter_size
-    (100, 5)
+The rule that picks a candidate, with its paired comparisons, is
+:func:`anomalib_robust.callbacks.diffusion_step.choose_candidate`.
 """
 
 import copy
@@ -33,12 +23,14 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from anomalib.data import ImageBatch, ImageItem
 from anomalib.data.datasets.base.image import AnomalibDataset
 from torch.utils.data import Dataset
 
-from anomalib_robust.data.defects import add_small_defect
+from anomalib_robust.data.defects import add_small_defect, object_region
 from anomalib_robust.models.adv_rad.reconstruction import check_diffusion_step
+from anomalib_robust.models.patch_guard.pseudo_anomaly import PseudoAnomalyGenerator
 
 CHECKPOINT_KEY = "adv_rad_diffusion_step_choice"
 """Where a checkpoint keeps the :class:`DiffusionStepChoice` (``DiffusionStepChoice.to_dict()``)."""
@@ -56,6 +48,12 @@ class DiffusionStepCandidate:
     robust_std: float = 0.0
     num_noise_draws: int = 1
     seconds: float = 0.0
+    labels: list[int] | None = None
+    """The evaluated images' labels (1: defective), in the order of the scores below."""
+    standard_scores: list[list[float]] | None = None
+    """Per image, the raw clean scores of every deployed scoring, for paired comparisons between candidates."""
+    robust_scores: list[list[float]] | None = None
+    """Per image, the raw scores of the attacked image in every deployed scoring."""
 
 
 @dataclass
@@ -78,6 +76,9 @@ class DiffusionStepChoice:
     seed: int = 0
     seconds: float = 0.0
     eval_repeats: int = 1
+    tied: list[int] | None = None
+    """The candidates the paired comparison could not separate from the most robust one (indices; ``None`` when the
+    choice was made without per-image scores)."""
 
     @property
     def diffusion_step(self) -> int:
@@ -107,8 +108,8 @@ class DiffusionStepChoice:
             for c in self.candidates
         )
         return (
-            f"k = {self.diffusion_step}, mean filter {self.mean_filter_size} (highest robust AUROC with standard AUROC "
-            f"within {100 * self.margin:g} points of the best; {self.attack}, {self.num_normal} normal and "
+            f"k = {self.diffusion_step}, mean filter {self.mean_filter_size} (the smallest k of the candidates as robust "
+            f"as the most robust one with standard AUROC within {100 * self.margin:g} points of the best; {self.attack}, {self.num_normal} normal and "
             f"{self.num_defective} defective held-out training images; standard/robust %: {cells})"
         )
 
@@ -134,22 +135,6 @@ def check_candidates(
     return steps, sizes
 
 
-def choose_candidate(candidates: Sequence[DiffusionStepCandidate], margin: float) -> DiffusionStepCandidate:
-    """The highest robust AUROC among the candidates whose standard AUROC is at least the best one's minus ``margin``.
-
-    Ties go to the higher standard AUROC, then to the smaller k (the least noise).
-    """
-    if not candidates:
-        msg = "choose_candidate needs at least one candidate"
-        raise ValueError(msg)
-    if not 0 <= margin <= 1:
-        msg = f"margin must be an AUROC difference in [0, 1], got {margin!r}"
-        raise ValueError(msg)
-    best_standard = max(candidate.standard for candidate in candidates)
-    eligible = [candidate for candidate in candidates if candidate.standard >= best_standard - margin]
-    return max(eligible, key=lambda c: (c.robust, c.standard, -c.diffusion_step, -c.mean_filter_size))
-
-
 def held_out_split(dataset: AnomalibDataset, fraction: float, seed: int) -> tuple[AnomalibDataset, AnomalibDataset]:
     """``(training, held_out)``: a seeded ``fraction`` of ``dataset``'s images, at least 2, kept out of training."""
     if not 0 < fraction < 1:
@@ -167,30 +152,91 @@ def held_out_split(dataset: AnomalibDataset, fraction: float, seed: int) -> tupl
     return dataset.subsample(sorted(order[count:])), dataset.subsample(sorted(order[:count]))
 
 
+HELD_OUT_PERLIN = {"blend_factor": (0.15, 0.6), "min_contrast": 0.04, "max_area": 0.025}
+"""The held-out Perlin defects: fainter and smaller than the Fashion-MNIST ``defect`` protocol's test defects (blend
+0.5-1, contrast at least 0.1, up to 4 % of the image), so that the candidates do not all detect them and their AUROCs
+spread apart."""
+
+CUTPASTE_MIN_SIDE = 4
+"""Smallest side, in pixels, of a held-out CutPaste box. The pasted patch (rotated, then cut to the object) must
+cover at least half of such a box."""
+
+CUTPASTE_MAX_SIDE = 0.25
+"""Largest side of a held-out CutPaste box, as a fraction of the image side (at most 6 % of the image)."""
+
+CUTPASTE_ATTEMPTS = 30
+
+
+def paint_cutpaste(image: torch.Tensor, region: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A small self-CutPaste patch inside ``region`` (CutPaste paper, Li et al., CVPR 2021, sec. 3.1, as PatchGuard's
+    pseudo anomalies make it: :class:`~anomalib_robust.models.patch_guard.pseudo_anomaly.PseudoAnomalyGenerator`).
+
+    ``image`` is ``(C, H, W)`` in [0, 1]; returns the image and its ``bool`` mask. The patch is redrawn (next seed)
+    until it covers at least half a :data:`CUTPASTE_MIN_SIDE` box and changes the image by
+    ``HELD_OUT_PERLIN["min_contrast"]`` on average, as the Perlin defects must. An object too thin for such boxes
+    (a sandal's straps) gets them in its region grown by :data:`CUTPASTE_MIN_SIDE` pixels, then anywhere.
+    """
+    grown = F.max_pool2d(region[None, None].float(), 2 * CUTPASTE_MIN_SIDE + 1, stride=1, padding=CUTPASTE_MIN_SIDE)
+    regions = (region, grown[0, 0] > 0, torch.ones_like(region))
+    for attempt in range(CUTPASTE_ATTEMPTS):
+        generator = PseudoAnomalyGenerator(
+            patch_size=1, min_size=CUTPASTE_MIN_SIDE, max_size_fraction=CUTPASTE_MAX_SIDE,
+            seed=seed * CUTPASTE_ATTEMPTS + attempt,
+        )  # fmt: skip
+        pasted = generator(image[None], regions[attempt * len(regions) // CUTPASTE_ATTEMPTS][None])
+        painted, mask = pasted.images[0], pasted.masks[0] > 0
+        contrast = (painted - image).abs().mean(0)[mask].mean() if mask.any() else torch.tensor(0.0)
+        if mask.sum() >= CUTPASTE_MIN_SIDE**2 / 2 and contrast >= HELD_OUT_PERLIN["min_contrast"]:
+            return painted, mask
+    msg = f"no CutPaste patch of {CUTPASTE_MIN_SIDE**2 // 2} pixels changing the image in {CUTPASTE_ATTEMPTS} draws"
+    raise RuntimeError(msg)
+
+
+def paint_perlin(image: torch.Tensor, region: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A faint, small Perlin defect (:data:`HELD_OUT_PERLIN`) inside ``region``, drawn on the channel mean and painted
+    into every channel (a gray defect; a grayscale image stays gray). ``image`` is ``(C, H, W)`` in [0, 1]."""
+    gray = image.mean(0, keepdim=True).mul(255).round().clamp(0, 255).to(torch.uint8)
+    painted, mask = add_small_defect(gray, seed=seed, region=region, **HELD_OUT_PERLIN)
+    return torch.where(mask, painted.float() / 255, image), mask
+
+
+DEFECT_KINDS = {"perlin": paint_perlin, "cutpaste": paint_cutpaste}
+"""The held-out defect kinds: a faint Perlin blob (DRAEM's generator) and a patch of the image moved elsewhere."""
+
+
 class HeldOutDefects(Dataset):
-    """Held-out normal images, a seeded half of them with one small synthetic defect each (label 1, with its mask).
+    """Every held-out normal image as it is (label 0) and once with each defect kind (label 1, with its mask).
 
     ``images`` yields items with an ``image`` in [0, 1] (``(C, H, W)``, H and W at least 32) and an ``image_path``,
-    e.g. an anomalib dataset. The defect is drawn by :func:`~anomalib_robust.data.defects.add_small_defect` on the
-    channel mean and painted into every channel, so a grayscale image (Fashion-MNIST) gets exactly the ``defect``
-    protocol's defects and a colour image a gray one. Items keep the source ``image_path``.
+    e.g. an anomalib dataset. Each defect lies on the object (:func:`~anomalib_robust.data.defects.object_region`:
+    the pixels that differ from a flat border, or the whole image of a texture) and is small and often faint
+    (:data:`HELD_OUT_PERLIN`, :data:`CUTPASTE_MAX_SIDE`): a defect every candidate k finds gives every candidate the
+    same AUROC and cannot tell them apart. Every image appears clean and defective, so a comparison between
+    candidates on these images is paired image by image. Items keep the source ``image_path``.
     """
 
-    def __init__(self, images: Dataset, seed: int = 0) -> None:
-        count = len(images)
-        defective = set(torch.randperm(count, generator=torch.Generator().manual_seed(seed))[: count // 2].tolist())
-        self.items = [self._item(images[index], index in defective, seed * 100_000 + index) for index in range(count)]
+    def __init__(self, images: Dataset, seed: int = 0, kinds: Sequence[str] = tuple(DEFECT_KINDS)) -> None:
+        unknown = sorted(set(kinds) - set(DEFECT_KINDS))
+        if not kinds or unknown:
+            msg = f"kinds must be a non-empty list of {sorted(DEFECT_KINDS)}, got {list(kinds)!r}"
+            raise ValueError(msg)
+        self.kinds = tuple(kinds)
+        self.items = []
+        for index in range(len(images)):
+            item = images[index]
+            image = torch.as_tensor(item.image).float()
+            gray = image.mean(0, keepdim=True).mul(255).round().clamp(0, 255).to(torch.uint8)
+            region = object_region(gray)
+            self.items.append(self._item(item, image, torch.zeros(image.shape[-2:], dtype=torch.bool)))
+            for number, kind in enumerate(self.kinds):
+                painted, mask = DEFECT_KINDS[kind](image, region, (seed * 100_000 + index) * len(DEFECT_KINDS) + number)
+                self.items.append(self._item(item, painted, mask))
         self.collate_fn = ImageBatch.collate
 
     @staticmethod
-    def _item(item: ImageItem, defective: bool, seed: int) -> ImageItem:
-        image = torch.as_tensor(item.image).float()
-        mask = torch.zeros(image.shape[-2:], dtype=torch.bool)
-        if defective:
-            gray = image.mean(0, keepdim=True).mul(255).round().clamp(0, 255).to(torch.uint8)
-            painted, mask = add_small_defect(gray, seed=seed)
-            image = torch.where(mask, painted.float() / 255, image)
-        return ImageItem(image=image, gt_label=torch.tensor(int(defective)), gt_mask=mask, image_path=item.image_path)
+    def _item(item: ImageItem, image: torch.Tensor, mask: torch.Tensor) -> ImageItem:
+        label = torch.tensor(int(mask.any()))
+        return ImageItem(image=image, gt_label=label, gt_mask=mask, image_path=item.image_path)
 
     def __len__(self) -> int:
         return len(self.items)

@@ -10,16 +10,18 @@ from torch import nn
 
 from anomalib_robust import AdvRAD
 from anomalib_robust.callbacks import SelectDiffusionStep
-from anomalib_robust.callbacks.diffusion_step import choose_diffusion_step
+from anomalib_robust.callbacks.diffusion_step import choose_candidate, choose_diffusion_step
 from anomalib_robust.data import FashionMNIST
-from anomalib_robust.data.defects import MAX_AREA, MIN_AREA
+from anomalib_robust.data.defects import MIN_AREA
 from anomalib_robust.evaluation import RobustEvaluator
+from anomalib_robust.evaluation.metrics import rank_auroc
 from anomalib_robust.models.adv_rad.selection import (
     DiffusionStepCandidate,
     DiffusionStepChoice,
+    CUTPASTE_MIN_SIDE,
+    HELD_OUT_PERLIN,
     HeldOutDefects,
     check_candidates,
-    choose_candidate,
     held_out_split,
 )
 
@@ -28,17 +30,42 @@ def _candidate(k: int, standard: float, robust: float, s: int = 5) -> DiffusionS
     return DiffusionStepCandidate(k, s, standard=standard, robust=robust)
 
 
+def _chosen(candidates: list[DiffusionStepCandidate], margin: float) -> int:
+    return choose_candidate(candidates, margin)[0].diffusion_step
+
+
 def test_rule_takes_the_most_robust_candidate_within_the_margin() -> None:
     candidates = [_candidate(50, 0.83, 0.65), _candidate(100, 0.81, 0.70), _candidate(200, 0.64, 0.80)]
-    assert choose_candidate(candidates, margin=0.03).diffusion_step == 100  # 200 is more robust, but too inaccurate
-    assert choose_candidate(candidates, margin=0.0).diffusion_step == 50
-    assert choose_candidate(candidates, margin=0.2).diffusion_step == 200
+    assert _chosen(candidates, margin=0.03) == 100  # 200 is more robust, but too inaccurate
+    assert _chosen(candidates, margin=0.0) == 50
+    assert _chosen(candidates, margin=0.2) == 200
 
 
-def test_rule_breaks_ties_by_standard_auroc_then_smaller_k() -> None:
-    assert choose_candidate([_candidate(50, 0.80, 0.7), _candidate(25, 0.82, 0.7)], 0.05).diffusion_step == 25
-    assert choose_candidate([_candidate(50, 0.80, 0.7), _candidate(25, 0.80, 0.7)], 0.05).diffusion_step == 25
-    assert choose_candidate([_candidate(25, 0.79, 0.7), _candidate(50, 0.80, 0.7)], 0.05).diffusion_step == 50
+def test_rule_breaks_exact_ties_by_standard_auroc_then_smaller_k() -> None:
+    assert _chosen([_candidate(50, 0.80, 0.7), _candidate(25, 0.82, 0.7)], 0.05) == 25
+    assert _chosen([_candidate(50, 0.80, 0.7), _candidate(25, 0.80, 0.7)], 0.05) == 25
+    assert _chosen([_candidate(25, 0.79, 0.7), _candidate(50, 0.80, 0.7)], 0.05) == 50
+
+
+def _scored(k: int, scores: torch.Tensor, labels: torch.Tensor) -> DiffusionStepCandidate:
+    """A candidate whose clean and robust scores are ``scores`` ``(N, R)``, its AUROCs their mean rank AUROC."""
+    auroc = sum(float(rank_auroc(scores[:, r], labels)) for r in range(scores.shape[1])) / scores.shape[1]
+    return DiffusionStepCandidate(k, 5, standard=auroc, robust=auroc, labels=labels.tolist(),
+                                  standard_scores=scores.tolist(), robust_scores=scores.tolist())  # fmt: skip
+
+
+def test_rule_takes_the_smallest_k_the_paired_comparison_cannot_separate_from_the_most_robust() -> None:
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0, 1] * 30)
+    signal = labels[:, None].double() + torch.randn(60, 2, generator=generator, dtype=torch.float64)
+    nearly_the_same = signal + 0.05 * torch.randn(60, 2, generator=generator, dtype=torch.float64)
+    much_worse = 0.3 * labels[:, None].double() + torch.randn(60, 2, generator=generator, dtype=torch.float64)
+    best, twin, worse = _scored(100, signal, labels), _scored(50, nearly_the_same, labels), _scored(25, much_worse, labels)
+    assert best.robust != twin.robust and worse.robust < best.robust - 0.1
+    chosen, tied = choose_candidate([worse, twin, best], margin=1.0)
+    assert chosen is min((twin, best), key=lambda c: c.diffusion_step) and sorted(tied) == [1, 2]
+    chosen, tied = choose_candidate([worse, best], margin=1.0)  # 25 is smaller, but separably less robust
+    assert chosen is best and tied == [1]
 
 
 @pytest.mark.parametrize(
@@ -94,23 +121,29 @@ def test_held_out_split_is_seeded_and_disjoint(trouser_images: FashionMNIST) -> 
         held_out_split(trouser_images.train_data, 0.1, seed=0)
 
 
-def test_held_out_defects_paint_perlin_defects_on_half_the_images(trouser_images: FashionMNIST) -> None:
+def test_held_out_defects_show_every_image_clean_and_with_each_kind_of_defect(trouser_images: FashionMNIST) -> None:
     source = trouser_images.train_data
     defects = HeldOutDefects(source, seed=0)
-    labels = [int(defects[i].gt_label) for i in range(len(defects))]
-    assert sorted(labels) == [0] * 5 + [1] * 5
-    for index, label in enumerate(labels):
-        item, original = defects[index], source[index]
-        assert item.image_path == original.image_path
-        changed = (item.image - original.image).abs().amax(0) > 0
-        if label == 0:
-            assert not item.gt_mask.any()
-            assert not changed.any()
-        else:
-            assert MIN_AREA <= item.gt_mask.float().mean() <= MAX_AREA
-            assert not (changed & ~item.gt_mask).any()  # only the defect's pixels change
-            assert changed.any()
-            torch.testing.assert_close(item.image[0], item.image[2])  # still gray
+    assert len(defects) == 3 * len(source)
+    for index in range(len(source)):
+        original = source[index]
+        clean, perlin, cutpaste = (defects[3 * index + offset] for offset in range(3))
+        assert int(clean.gt_label) == 0 and not clean.gt_mask.any()
+        torch.testing.assert_close(clean.image, original.image)
+        for item in (perlin, cutpaste):
+            assert int(item.gt_label) == 1 and item.image_path == original.image_path
+            changed = (item.image - original.image).abs().amax(0) > 0
+            assert changed.any() and not (changed & ~item.gt_mask).any()  # only the defect's pixels change
+            assert (item.image - original.image).abs().mean(0)[item.gt_mask].mean() >= HELD_OUT_PERLIN["min_contrast"]
+        assert MIN_AREA <= perlin.gt_mask.float().mean() <= HELD_OUT_PERLIN["max_area"]
+        assert cutpaste.gt_mask.sum() >= CUTPASTE_MIN_SIDE**2 / 2
+        torch.testing.assert_close(perlin.image[0], perlin.image[2])  # still gray
+        on_garment = original.image.mean(0)[perlin.gt_mask] > 25 / 255
+        assert on_garment.float().mean() > 0.9  # on the object (a faint defect may darken some of its pixels)
+    other = HeldOutDefects(source, seed=1)
+    assert not torch.equal(other[1].image, defects[1].image)
+    with pytest.raises(ValueError, match="kinds must be a non-empty list"):
+        HeldOutDefects(source, kinds=["scratch"])
 
 
 def test_choice_survives_a_plain_checkpoint_load(tmp_path) -> None:
@@ -201,4 +234,4 @@ def test_choice_picks_the_k_that_is_better_by_construction(tiny_advrad: dict) ->
     small, large = choice.candidates
     assert (large.standard, large.robust) == (1.0, 1.0)  # repaired defects stand out, even under attack
     assert small.standard < 0.85  # an error map of pure noise cannot rank the defects
-    assert (choice.num_normal, choice.num_defective) == (8, 8)
+    assert (choice.num_normal, choice.num_defective) == (16, 32)

@@ -36,6 +36,11 @@ def test_randomised_detector_is_scored_as_deployed_with_repeats() -> None:
     assert report.clean_image_auroc < ensemble - 0.05
     (pgd,) = report.results
     assert pgd.image_auroc_std > 0 and pgd.attack == "EOT-PGD"
+    scores = report.image_scores  # per image and scoring, for paired comparisons; not in the JSON report
+    assert scores.clean.shape == scores.attacked[pgd.key].shape == (60, 4)
+    per_repeat = [rank_auroc(scores.attacked[pgd.key][:, r], scores.labels) for r in range(4)]
+    assert sum(per_repeat) / 4 == pytest.approx(pgd.image_auroc)
+    assert "image_scores" not in report.to_dict()
 
 
 def test_deterministic_detector_is_scored_once(test_set: ToyTestSet) -> None:
