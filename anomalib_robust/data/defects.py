@@ -133,5 +133,5 @@ def add_small_defect(
             contrast = (defective[mask].float() - image[0][mask].float()).abs().mean() / 255
             if mask.float().mean() >= MIN_AREA and contrast >= min_contrast:
                 return defective.unsqueeze(0), mask
-    msg = f"no defect of {MIN_AREA:.0%}-{max_area:.0%} of the image with contrast {min_contrast} in {MAX_ATTEMPTS} draws."
+    msg = f"no defect of {MIN_AREA:.0%}-{max_area:.0%} of the image with contrast {min_contrast} in {MAX_ATTEMPTS} draws"
     raise RuntimeError(msg)

@@ -1,4 +1,4 @@
-"""Where synthetic defects may go on data that is not Fashion-MNIST, and the texture data set built from scikit-image."""
+"""Where synthetic defects may go on data other than Fashion-MNIST, and the texture data set from scikit-image."""
 
 import json
 

@@ -109,8 +109,9 @@ class DiffusionStepChoice:
         )
         return (
             f"k = {self.diffusion_step}, mean filter {self.mean_filter_size} (the smallest k of the candidates as robust "
-            f"as the most robust one with standard AUROC within {100 * self.margin:g} points of the best; {self.attack}, {self.num_normal} normal and "
-            f"{self.num_defective} defective held-out training images; standard/robust %: {cells})"
+            f"as the most robust one with standard AUROC within {100 * self.margin:g} points of the best; "
+            f"{self.attack}, {self.num_normal} normal and {self.num_defective} defective held-out training images; "
+            f"standard/robust %: {cells})"
         )
 
 

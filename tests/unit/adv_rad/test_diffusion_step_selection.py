@@ -60,7 +60,8 @@ def test_rule_takes_the_smallest_k_the_paired_comparison_cannot_separate_from_th
     signal = labels[:, None].double() + torch.randn(60, 2, generator=generator, dtype=torch.float64)
     nearly_the_same = signal + 0.05 * torch.randn(60, 2, generator=generator, dtype=torch.float64)
     much_worse = 0.3 * labels[:, None].double() + torch.randn(60, 2, generator=generator, dtype=torch.float64)
-    best, twin, worse = _scored(100, signal, labels), _scored(50, nearly_the_same, labels), _scored(25, much_worse, labels)
+    best, twin = _scored(100, signal, labels), _scored(50, nearly_the_same, labels)
+    worse = _scored(25, much_worse, labels)
     assert best.robust != twin.robust and worse.robust < best.robust - 0.1
     chosen, tied = choose_candidate([worse, twin, best], margin=1.0)
     assert chosen is min((twin, best), key=lambda c: c.diffusion_step) and sorted(tied) == [1, 2]
