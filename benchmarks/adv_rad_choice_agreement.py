@@ -1,0 +1,205 @@
+"""How often AdvRAD's automatic choice of k picks the candidate that is best on the test set, before and after issue 32.
+
+Reads the runs of ``benchmarks/adv_rad_frontier.py`` (a trained checkpoint per class, and ``frontier.json`` with the
+test cells of every candidate k at one mean filter size, with per-image scores). For each class it recomputes the
+choice on the checkpoint's held-out training images two ways, with the callback's attack (EOT-4 PGD-5 L_inf 2/255,
+2 scorings) and the same candidates:
+
+- ``before``: the estimate before issue 32: half of the held-out images with one Fashion-MNIST ``defect`` protocol
+  defect (pixels brighter than 25 of 255 are the object), the plain rule (most robust within the margin);
+- ``now``: :class:`~anomalib_robust.models.adv_rad.selection.HeldOutDefects` (every image clean, with a faint Perlin
+  defect and with a CutPaste patch, on the object found by
+  :func:`~anomalib_robust.data.defects.object_region`) and
+  :func:`~anomalib_robust.callbacks.diffusion_step.choose_candidate` (the smallest k the paired comparison cannot
+  separate from the most robust one); its tie-break by the higher standard AUROC instead is reported too.
+
+The oracle applies the plain rule to the test cells. For each choice the table gives its test AUROCs, the regret
+(oracle minus chosen, robust and standard), whether the paired 95 % interval of the robust difference to the oracle on
+the test images holds 0 ("as good as the oracle within the test set's noise"), and the gain over k = 100 with its
+paired interval. Results are cached in ``--output``/agreement.json (an interrupted run resumes).
+
+Example:
+    $ python benchmarks/adv_rad_choice_agreement.py --runs results/benchmarks/choice_oracle/a \\
+        results/benchmarks/choice_oracle/b --category trouser coat
+"""
+
+import argparse
+import copy
+import json
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+from anomalib.data import ImageBatch, ImageItem
+from rich.console import Console
+from rich.table import Table
+from torch.utils.data import Dataset
+
+sys.path.insert(0, str(Path(__file__).parent))
+from adv_rad_frontier import datamodule as frontier_datamodule  # noqa: E402
+
+from anomalib_robust import AdvRAD  # noqa: E402
+from anomalib_robust.callbacks import SelectDiffusionStep  # noqa: E402
+from anomalib_robust.callbacks.diffusion_step import choose_candidate, choose_diffusion_step  # noqa: E402
+from anomalib_robust.data.defects import add_small_defect  # noqa: E402
+from anomalib_robust.evaluation.metrics import paired_auroc_difference  # noqa: E402
+from anomalib_robust.evaluation.report import write_atomic  # noqa: E402
+from anomalib_robust.models.adv_rad.lightning_model import read_as_test_images  # noqa: E402
+from anomalib_robust.models.adv_rad.selection import (  # noqa: E402
+    DiffusionStepCandidate,
+    HeldOutDefects,
+    held_out_split,
+)
+
+REFERENCE_STEP = 100
+
+
+class ProtocolDefects(Dataset):
+    """The held-out set before issue 32: a seeded half of the images with one ``defect``-protocol Perlin defect."""
+
+    def __init__(self, images: Dataset, seed: int = 0) -> None:
+        count = len(images)
+        defective = set(torch.randperm(count, generator=torch.Generator().manual_seed(seed))[: count // 2].tolist())
+        self.items = []
+        for index in range(count):
+            item = images[index]
+            image = torch.as_tensor(item.image).float()
+            mask = torch.zeros(image.shape[-2:], dtype=torch.bool)
+            if index in defective:
+                gray = image.mean(0, keepdim=True).mul(255).round().clamp(0, 255).to(torch.uint8)
+                painted, mask = add_small_defect(gray, seed=seed * 100_000 + index)
+                image = torch.where(mask, painted.float() / 255, image)
+            self.items.append(ImageItem(image=image, gt_label=torch.tensor(int(mask.any())), gt_mask=mask,
+                                        image_path=item.image_path))  # fmt: skip
+        self.collate_fn = ImageBatch.collate
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> ImageItem:
+        return copy.copy(self.items[index])
+
+
+def test_cells(run: Path, category: str, steps: list[int], size: int) -> dict[int, DiffusionStepCandidate]:
+    """The frontier run's test cells of ``category`` (defect protocol), by k."""
+    cache = json.loads((run / "frontier.json").read_text())
+    cells = {}
+    for key, cell in cache.items():
+        if key.startswith(f"cpu_preset_{category}_") and "|defect|" in key and cell["mean_filter_size"] == size:
+            cells[cell["diffusion_step"]] = DiffusionStepCandidate(**cell)
+    missing = sorted(set(steps) - set(cells))
+    if missing:
+        msg = f"{run}: no test cells for {category} at k = {missing} (mean filter {size})"
+        raise SystemExit(msg)
+    return {k: cells[k] for k in steps}
+
+
+def held_out_choices(args: argparse.Namespace, run: Path, category: str) -> dict[str, list[dict]]:
+    """Both estimates' candidates (as dicts) on the checkpoint's held-out training images."""
+    checkpoint = next(run.glob(f"adv_rad_{category}_*epochs.ckpt"))
+    model = AdvRAD.load_from_checkpoint(checkpoint, map_location="cpu")
+    stored = model.diffusion_step_choice
+    data = frontier_datamodule(argparse.Namespace(num_train=args.num_train, num_test=args.num_test, output=run),
+                               category, "defect")  # fmt: skip
+    data.setup()
+    training, held_out = held_out_split(data.train_data, stored.holdout, stored.seed)
+    normal_images = read_as_test_images(data, training)
+    images = read_as_test_images(data, held_out).dataset
+    callback = SelectDiffusionStep(diffusion_steps=args.steps, mean_filter_sizes=[args.mean_filter_size])
+    estimates = {}
+    for name, held in (("before", ProtocolDefects(images, stored.seed)), ("now", HeldOutDefects(images, stored.seed))):
+        choice = choose_diffusion_step(model, normal_images, held, callback.evaluator, args.steps,
+                                       [args.mean_filter_size], margin=callback.margin, seed=stored.seed)  # fmt: skip
+        estimates[name] = [asdict(candidate) for candidate in choice.candidates]
+    return estimates
+
+
+def plain_rule(candidates: list[DiffusionStepCandidate], margin: float) -> DiffusionStepCandidate:
+    """The rule before issue 32: the most robust candidate within ``margin`` (no paired ties)."""
+    without_scores = [replace(c, robust_scores=None) for c in candidates]
+    return candidates[without_scores.index(choose_candidate(without_scores, margin)[0])]
+
+
+def paired(first: DiffusionStepCandidate, second: DiffusionStepCandidate) -> str:
+    """Robust AUROC of ``second`` minus ``first`` on the test images, in points, with its paired 95 % interval."""
+    difference = paired_auroc_difference(first.robust_scores, second.robust_scores, first.labels)
+    return f"{100 * difference.difference:+.1f} [{100 * difference.low:+.1f}, {100 * difference.high:+.1f}]"
+
+
+def inside_noise(first: DiffusionStepCandidate, second: DiffusionStepCandidate) -> bool:
+    return not paired_auroc_difference(first.robust_scores, second.robust_scores, first.labels).excludes(0.0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, nargs="+", required=True, help="adv_rad_frontier.py output folders")
+    parser.add_argument("--category", nargs="+", required=True)
+    parser.add_argument("--steps", type=int, nargs="+", default=[25, 50, 100, 200], help="candidate k")
+    parser.add_argument("--mean-filter-size", type=int, default=5)
+    parser.add_argument("--num-train", type=int, default=200, help="as the frontier run had it")
+    parser.add_argument("--num-test", type=int, default=100, help="as the frontier run had it")
+    parser.add_argument("--output", type=Path, default=Path("results/benchmarks/choice_agreement"))
+    args = parser.parse_args(argv)
+    args.output.mkdir(parents=True, exist_ok=True)
+    cache_path = args.output / "agreement.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    margin = SelectDiffusionStep().margin
+    console = Console(width=160)
+    table = Table(title="AdvRAD's choice of k against the test set's best (oracle); test image AUROC %, "
+                  "EOT-8 PGD-10 L_inf 2/255, 4 scorings; intervals are paired 95 % bootstrap intervals")  # fmt: skip
+    for column in ("class", "oracle k", "estimate", "held-out robust by k", "k", "test std / rob", "regret rob / std",
+                   "vs oracle (rob)", "vs k = 100 (rob)"):  # fmt: skip
+        table.add_column(column, justify="right")
+    tally = {}
+    for category in args.category:
+        run = next((run for run in args.runs if any(run.glob(f"adv_rad_{category}_*epochs.ckpt"))), None)
+        if run is None:
+            msg = f"no checkpoint for {category} in {args.runs}"
+            raise SystemExit(msg)
+        tests = test_cells(run, category, args.steps, args.mean_filter_size)
+        if category not in cache:
+            cache[category] = held_out_choices(args, run, category)
+            write_atomic(cache_path, json.dumps(cache))
+        oracle = plain_rule(list(tests.values()), margin)
+        estimates = {name: [DiffusionStepCandidate(**c) for c in values] for name, values in cache[category].items()}
+        now_chosen, tied = choose_candidate(estimates["now"], margin)
+        rules = {
+            "before": plain_rule(estimates["before"], margin),
+            "now": now_chosen,
+            "now, ties by standard": max((estimates["now"][i] for i in tied), key=lambda c: c.standard),
+            "now, plain rule": plain_rule(estimates["now"], margin),
+        }
+        for name, chosen in rules.items():
+            source = estimates["before" if name == "before" else "now"]
+            test = tests[chosen.diffusion_step]
+            agrees, close = test is oracle, inside_noise(oracle, test)
+            tally.setdefault(name, []).append((agrees, close, oracle.robust - test.robust, oracle.standard - test.standard,
+                                               test.robust - tests[REFERENCE_STEP].robust,
+                                               test.standard - tests[REFERENCE_STEP].standard))  # fmt: skip
+            table.add_row(
+                category, str(oracle.diffusion_step), name,
+                " ".join(f"{c.diffusion_step}:{100 * c.robust:.0f}" for c in source),
+                str(chosen.diffusion_step), f"{100 * test.standard:.1f} / {100 * test.robust:.1f}",
+                f"{100 * (oracle.robust - test.robust):.1f} / {100 * (oracle.standard - test.standard):.1f}",
+                paired(oracle, test), paired(tests[REFERENCE_STEP], test),
+            )  # fmt: skip
+        table.add_section()
+    console.print(table)
+    summary = Table(title=f"Over {len(args.category)} data sets: test AUROC points")
+    for column in ("estimate", "picks the oracle", "within the test noise of it", "mean regret rob / std",
+                   "mean gain over k = 100 rob / std"):  # fmt: skip
+        summary.add_column(column, justify="right")
+    for name, rows in tally.items():
+        count = len(rows)
+        summary.add_row(
+            name, f"{sum(r[0] for r in rows)} / {count}", f"{sum(r[1] for r in rows)} / {count}",
+            f"{100 * sum(r[2] for r in rows) / count:.1f} / {100 * sum(r[3] for r in rows) / count:.1f}",
+            f"{100 * sum(r[4] for r in rows) / count:+.1f} / {100 * sum(r[5] for r in rows) / count:+.1f}",
+        )  # fmt: skip
+    console.print(summary)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()
