@@ -174,9 +174,11 @@ def main(argv: list[str] | None = None) -> None:
             source = estimates["before" if name == "before" else "now"]
             test = tests[chosen.diffusion_step]
             agrees, close = test is oracle, inside_noise(oracle, test)
-            tally.setdefault(name, []).append((agrees, close, oracle.robust - test.robust, oracle.standard - test.standard,
-                                               test.robust - tests[REFERENCE_STEP].robust,
-                                               test.standard - tests[REFERENCE_STEP].standard))  # fmt: skip
+            reference = tests[REFERENCE_STEP]
+            tally.setdefault(name, []).append((
+                agrees, close, oracle.robust - test.robust, oracle.standard - test.standard,
+                test.robust - reference.robust, test.standard - reference.standard,
+            ))  # fmt: skip
             table.add_row(
                 category, str(oracle.diffusion_step), name,
                 " ".join(f"{c.diffusion_step}:{100 * c.robust:.0f}" for c in source),

@@ -48,6 +48,7 @@ from anomalib_robust.callbacks.diffusion_step import attack_label, candidate_tab
 from anomalib_robust.data import FashionMNIST
 from anomalib_robust.data.texture import TEXTURES, texture_datamodule
 from anomalib_robust.evaluation import RobustEvaluator
+from anomalib_robust.evaluation.metrics import paired_auroc_difference
 from anomalib_robust.evaluation.report import format_auroc, write_atomic
 from anomalib_robust.models.adv_rad.lightning_model import read_as_test_images
 from anomalib_robust.models.adv_rad.selection import DiffusionStepCandidate, held_out_split
@@ -157,15 +158,30 @@ def frontier_table(category: str, protocol: str, model_key: str, label: str, rep
         title=f"AdvRAD frontier, {category}, {protocol} protocol, {model_key}; "
         f"{label}, image AUROC % (mean ± std over {repeats} deployed scorings)"
     )
-    for column in ("k", "mean filter", "noise draws", "standard", "robust", "seconds", ""):
+    for column in ("k", "mean filter", "noise draws", "standard", "robust",
+                   f"robust vs k = {PAPER_DIFFUSION_STEP} (paired 95 %)", "seconds", ""):  # fmt: skip
         table.add_column(column, justify="right")
     for row_label, cell in rows:
         table.add_row(
             str(cell.diffusion_step), str(cell.mean_filter_size), str(cell.num_noise_draws),
-            *_aurocs(cell, repeats),
+            *_aurocs(cell, repeats), _versus_paper_step(cell, [row for _, row in rows]),
             f"{cell.seconds:.0f}", marked.get(row_label, "").strip(" ()"),
         )  # fmt: skip
     return table
+
+
+def _versus_paper_step(cell: DiffusionStepCandidate, cells: list[DiffusionStepCandidate]) -> str:
+    """The cell's robust AUROC minus that of k = 100 with the same filter and draws, in points, with the paired 95 %
+    bootstrap interval over the same test images and scorings; empty without such a cell or per-image scores."""
+    setting = (PAPER_DIFFUSION_STEP, cell.mean_filter_size, cell.num_noise_draws)
+    reference = next(
+        (other for other in cells if (other.diffusion_step, other.mean_filter_size, other.num_noise_draws) == setting),
+        None,
+    )
+    if reference is None or reference is cell or cell.robust_scores is None or reference.robust_scores is None:
+        return ""
+    difference = paired_auroc_difference(reference.robust_scores, cell.robust_scores, cell.labels)
+    return f"{100 * difference.difference:+.1f} [{100 * difference.low:+.1f}, {100 * difference.high:+.1f}]"
 
 
 def classes_table(
