@@ -227,8 +227,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=75, help="training epochs without --ckpt (batch 16)")
     parser.add_argument("--select-steps", type=int, nargs="+", default=[25, 50, 100, 200],
                         help="candidate k of the automatic choice (without --ckpt)")  # fmt: skip
-    parser.add_argument("--select-filter-sizes", type=int, nargs="+", default=[3, 5],
-                        help="candidate mean filter sizes of the automatic choice (without --ckpt)")  # fmt: skip
+    parser.add_argument("--select-filter-sizes", type=int, nargs="+",
+                        help="candidate mean filter sizes of the automatic choice (without --ckpt); default: the "
+                        "preset's")  # fmt: skip
     parser.add_argument("--diffusion-steps", type=diffusion_step_argument, nargs="+",
                         default=["25", "50", "100", "200"],
                         help="k values; 'auto' is the automatic choice (its k and mean filter)")  # fmt: skip

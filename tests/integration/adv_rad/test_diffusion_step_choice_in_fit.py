@@ -14,6 +14,8 @@ from shared_artifacts import mvtec_datamodule
 from anomalib_robust import AdvRAD
 from anomalib_robust.callbacks import SelectDiffusionStep
 
+CONFIGS = Path(__file__).resolve().parents[3] / "configs"
+
 CANDIDATES = {"diffusion_steps": (3, 7), "mean_filter_sizes": (1, 5)}
 """None of them is the tiny model's own k = 10 and s = 3, so a restored choice cannot pass for the init args."""
 
@@ -75,15 +77,15 @@ def test_choice_reads_held_out_training_images_only(selected: dict, mvtec_root: 
     assert held_out | training == {str(path) for path in (mvtec_root / "disc" / "train" / "good").glob("*.png")}
     assert set(selected["trained_on"]) == training  # the held-out images were not trained on
     assert selected["test_or_val_calls"] == []
-    assert len(selected["evaluated"]) == 4  # one evaluation per candidate, each of the held-out images
-    assert all(sorted(paths) == sorted(held_out) for paths in selected["evaluated"])
+    assert len(selected["evaluated"]) == 4  # one evaluation per candidate, each held-out image clean and with 2 defects
+    assert all(set(paths) == held_out and len(paths) == 3 * len(held_out) for paths in selected["evaluated"])
     assert selected["normal_maps"]  # every normal map of the choice comes from the remaining training images
     assert all(sorted(paths) == sorted(training) for paths in selected["normal_maps"])
 
 
 def test_choice_survives_a_checkpoint_round_trip(selected: dict) -> None:
     choice = selected["model"].diffusion_step_choice
-    assert (choice.num_normal, choice.num_defective) == (3, 3)
+    assert (choice.num_normal, choice.num_defective) == (6, 12)
     assert (choice.diffusion_step, choice.mean_filter_size) in {(k, s) for k in (3, 7) for s in (1, 5)}
     loaded = AdvRAD.load_from_checkpoint(selected["checkpoint"])
     assert loaded.diffusion_step_choice == choice
@@ -135,3 +137,21 @@ def test_cli_shorthand_adds_the_callback(mvtec_root: Path, tmp_path: Path, anoma
     output = anomalib_cli.last_output()
     assert "class_path: anomalib_robust.callbacks.SelectDiffusionStep" in output
     assert "diffusion_steps:\n      - 50\n      - 100" in output
+
+
+def test_cpu_recipe_chooses_k_unless_the_callbacks_are_cleared(tmp_path: Path, anomalib_cli: Callable[..., str]) -> None:
+    recipe = ["train", "--config", str(CONFIGS / "model" / "adv_rad_cpu.yaml"),
+              "--data", str(CONFIGS / "data" / "fashion_mnist.yaml")]  # fmt: skip
+    for extra, chooses in (([], True), (["--trainer.callbacks=[]"], False)):
+        with pytest.raises(SystemExit) as exit_info:
+            anomalib_cli(*recipe, *extra, "--print_config", cwd=tmp_path)
+        assert not exit_info.value.code
+        output = anomalib_cli.last_output()
+        assert ("class_path: anomalib_robust.callbacks.SelectDiffusionStep" in output) is chooses
+        assert "mean_filter_size: 5" in output
+
+
+def test_default_candidates_keep_the_models_mean_filter(tiny_advrad: dict) -> None:
+    model = AdvRAD(**{**tiny_advrad, "mean_filter_size": 5})
+    assert SelectDiffusionStep()._filter_sizes(model) == (5,)
+    assert SelectDiffusionStep(mean_filter_sizes=[3, 7])._filter_sizes(model) == (3, 7)
