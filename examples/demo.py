@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
             adv_rad,
             datamodule,
             arguments,
-            callbacks=(SelectDiffusionStep(diffusion_steps=(25, 50, 100)),),  # the recipe: configs/model/adv_rad_cpu.yaml
+            callbacks=(SelectDiffusionStep(diffusion_steps=(25, 50, 100)),),  # as configs/model/adv_rad_cpu.yaml
             max_epochs=arguments.epochs,
             check_val_every_n_epoch=arguments.epochs,  # the normal statistics are computed once, at the end
         ),
