@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     console = Console(width=160)
     table = Table(title="AdvRAD's choice of k against the test set's best (oracle); test image AUROC %, "
                   "EOT-8 PGD-10 L_inf 2/255, 4 scorings; intervals are paired 95 % bootstrap intervals")  # fmt: skip
-    for column in ("class", "oracle k", "estimate", "held-out robust by k", "k", "test std / rob", "regret rob / std",
+    for column in ("class", "oracle k", "estimate", "held-out std/rob by k", "k", "test std / rob", "regret rob / std",
                    "vs oracle (rob)", "vs k = 100 (rob)"):  # fmt: skip
         table.add_column(column, justify="right")
     tally = {}
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
             ))  # fmt: skip
             table.add_row(
                 category, str(oracle.diffusion_step), name,
-                " ".join(f"{c.diffusion_step}:{100 * c.robust:.0f}" for c in source),
+                " ".join(f"{c.diffusion_step}: {100 * c.standard:.0f}/{100 * c.robust:.0f}" for c in source),
                 str(chosen.diffusion_step), f"{100 * test.standard:.1f} / {100 * test.robust:.1f}",
                 f"{100 * (oracle.robust - test.robust):.1f} / {100 * (oracle.standard - test.standard):.1f}",
                 paired(oracle, test), paired(tests[REFERENCE_STEP], test),

@@ -10,9 +10,10 @@ and the paper's k = 100 is not the best on every data set. The callback measures
 2. At the last validation of fit (before anomalib's post-processor calibrates its threshold on the validation
    scores), for every candidate (k, s): the normal error map of Alg. 4 is recomputed from the remaining training
    images (:meth:`AdvRAD.set_inference <anomalib_robust.models.AdvRAD.set_inference>`), and
-   :class:`~anomalib_robust.evaluation.RobustEvaluator` scores the held-out images, half of them with a synthetic
-   defect from anomalib's Perlin generator (:class:`~anomalib_robust.models.adv_rad.selection.HeldOutDefects`),
-   clean and under a cheap EOT-PGD, as deployed and ``eval_repeats`` times.
+   :class:`~anomalib_robust.evaluation.RobustEvaluator` scores the held-out images, each one clean, with a faint
+   Perlin defect (anomalib's generator) and with a CutPaste patch, on the object
+   (:class:`~anomalib_robust.models.adv_rad.selection.HeldOutDefects`), clean and under a cheap EOT-PGD, as deployed
+   and ``eval_repeats`` times.
 3. Among the candidates whose standard AUROC is within ``margin`` of the best one, the most robust one leads; every
    candidate that a paired comparison on the same held-out images cannot separate from it (the 95 % bootstrap
    interval of the robust AUROC difference holds 0) is tied with it, and the smallest k of the tied wins
