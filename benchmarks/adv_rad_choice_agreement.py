@@ -43,7 +43,7 @@ from anomalib_robust import AdvRAD  # noqa: E402
 from anomalib_robust.callbacks import SelectDiffusionStep  # noqa: E402
 from anomalib_robust.callbacks.diffusion_step import choose_candidate, choose_diffusion_step  # noqa: E402
 from anomalib_robust.data.defects import add_small_defect  # noqa: E402
-from anomalib_robust.evaluation.metrics import paired_auroc_difference  # noqa: E402
+from anomalib_robust.evaluation.metrics import PairedDifference, paired_auroc_difference  # noqa: E402
 from anomalib_robust.evaluation.report import write_atomic  # noqa: E402
 from anomalib_robust.models.adv_rad.lightning_model import read_as_test_images  # noqa: E402
 from anomalib_robust.models.adv_rad.selection import (  # noqa: E402
@@ -121,14 +121,25 @@ def plain_rule(candidates: list[DiffusionStepCandidate], margin: float) -> Diffu
     return candidates[without_scores.index(choose_candidate(without_scores, margin)[0])]
 
 
-def paired(first: DiffusionStepCandidate, second: DiffusionStepCandidate) -> str:
-    """Robust AUROC of ``second`` minus ``first`` on the test images, in points, with its paired 95 % interval."""
-    difference = paired_auroc_difference(first.robust_scores, second.robust_scores, first.labels)
-    return f"{100 * difference.difference:+.1f} [{100 * difference.low:+.1f}, {100 * difference.high:+.1f}]"
+def difference(
+    first: DiffusionStepCandidate, second: DiffusionStepCandidate, scores: str = "robust_scores"
+) -> PairedDifference:
+    """AUROC of ``second`` minus ``first`` on the same test images and scorings, with its paired 95 % interval."""
+    return paired_auroc_difference(getattr(first, scores), getattr(second, scores), first.labels)
 
 
-def inside_noise(first: DiffusionStepCandidate, second: DiffusionStepCandidate) -> bool:
-    return not paired_auroc_difference(first.robust_scores, second.robust_scores, first.labels).excludes(0.0)
+def points(value: PairedDifference) -> str:
+    return f"{100 * value.difference:+.1f} [{100 * value.low:+.1f}, {100 * value.high:+.1f}]"
+
+
+def sign(value: PairedDifference) -> int:
+    """+1 or -1 when the interval excludes 0 above or below, else 0."""
+    return 0 if not value.excludes(0.0) else (1 if value.low > 0 else -1)
+
+
+def markdown(columns: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -145,13 +156,9 @@ def main(argv: list[str] | None = None) -> None:
     cache_path = args.output / "agreement.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     margin = SelectDiffusionStep().margin
-    console = Console(width=160)
-    table = Table(title="AdvRAD's choice of k against the test set's best (oracle); test image AUROC %, "
-                  "EOT-8 PGD-10 L_inf 2/255, 4 scorings; intervals are paired 95 % bootstrap intervals")  # fmt: skip
-    for column in ("class", "oracle k", "estimate", "held-out std/rob by k", "k", "test std / rob", "regret rob / std",
-                   "vs oracle (rob)", "vs k = 100 (rob)"):  # fmt: skip
-        table.add_column(column, justify="right")
-    tally = {}
+    columns = ["class", "oracle k", "estimate", "held-out std/rob by k", "k", "test std / rob", "regret rob / std",
+               "vs oracle (rob)", "vs k = 100 (std)", "vs k = 100 (rob)"]  # fmt: skip
+    rows, tally = [], {}
     for category in args.category:
         run = next((run for run in args.runs if any(run.glob(f"adv_rad_{category}_*epochs.ckpt"))), None)
         if run is None:
@@ -170,36 +177,53 @@ def main(argv: list[str] | None = None) -> None:
             "now, ties by standard": max((estimates["now"][i] for i in tied), key=lambda c: c.standard),
             "now, plain rule": plain_rule(estimates["now"], margin),
         }
+        reference = tests[REFERENCE_STEP]
         for name, chosen in rules.items():
             source = estimates["before" if name == "before" else "now"]
             test = tests[chosen.diffusion_step]
-            agrees, close = test is oracle, inside_noise(oracle, test)
-            reference = tests[REFERENCE_STEP]
+            to_oracle = difference(oracle, test)
+            standard_gain, robust_gain = difference(reference, test, "standard_scores"), difference(reference, test)
             tally.setdefault(name, []).append((
-                agrees, close, oracle.robust - test.robust, oracle.standard - test.standard,
-                test.robust - reference.robust, test.standard - reference.standard,
+                test is oracle, not to_oracle.excludes(0.0),
+                oracle.robust - test.robust, oracle.standard - test.standard,
+                robust_gain.difference, standard_gain.difference, sign(standard_gain), sign(robust_gain),
             ))  # fmt: skip
-            table.add_row(
+            rows.append([
                 category, str(oracle.diffusion_step), name,
                 " ".join(f"{c.diffusion_step}: {100 * c.standard:.0f}/{100 * c.robust:.0f}" for c in source),
                 str(chosen.diffusion_step), f"{100 * test.standard:.1f} / {100 * test.robust:.1f}",
                 f"{100 * (oracle.robust - test.robust):.1f} / {100 * (oracle.standard - test.standard):.1f}",
-                paired(oracle, test), paired(tests[REFERENCE_STEP], test),
-            )  # fmt: skip
-        table.add_section()
-    console.print(table)
-    summary = Table(title=f"Over {len(args.category)} data sets: test AUROC points")
-    for column in ("estimate", "picks the oracle", "within the test noise of it", "mean regret rob / std",
-                   "mean gain over k = 100 rob / std"):  # fmt: skip
-        summary.add_column(column, justify="right")
-    for name, rows in tally.items():
-        count = len(rows)
-        summary.add_row(
-            name, f"{sum(r[0] for r in rows)} / {count}", f"{sum(r[1] for r in rows)} / {count}",
-            f"{100 * sum(r[2] for r in rows) / count:.1f} / {100 * sum(r[3] for r in rows) / count:.1f}",
-            f"{100 * sum(r[4] for r in rows) / count:+.1f} / {100 * sum(r[5] for r in rows) / count:+.1f}",
-        )  # fmt: skip
-    console.print(summary)
+                points(to_oracle), points(standard_gain), points(robust_gain),
+            ])  # fmt: skip
+    summary_columns = ["estimate", "picks the oracle", "within the test noise of it", "mean regret rob / std",
+                       "mean gain over k = 100 rob / std", "beats k = 100 / loses (std)",
+                       "beats k = 100 / loses (rob)"]  # fmt: skip
+    summary_rows = []
+    for name, results in tally.items():
+        count = len(results)
+
+        def mean(column: int, values: list = results) -> float:
+            return 100 * sum(r[column] for r in values) / len(values)
+
+        summary_rows.append([
+            name, f"{sum(r[0] for r in results)} / {count}", f"{sum(r[1] for r in results)} / {count}",
+            f"{mean(2):.1f} / {mean(3):.1f}", f"{mean(4):+.1f} / {mean(5):+.1f}",
+            *(f"{sum(r[c] > 0 for r in results)} / {sum(r[c] < 0 for r in results)}" for c in (6, 7)),
+        ])  # fmt: skip
+    console = Console(width=180)
+    for title, names, values in (
+        ("AdvRAD's choice of k against the test set's best (oracle); test image AUROC %, EOT-8 PGD-10 L_inf 2/255, "
+         "4 scorings; intervals are paired 95 % bootstrap intervals", columns, rows),
+        (f"Over {len(args.category)} data sets: test AUROC points (beats / loses: the paired interval excludes 0)",
+         summary_columns, summary_rows),
+    ):  # fmt: skip
+        table = Table(title=title)
+        for column in names:
+            table.add_column(column, justify="right")
+        for row in values:
+            table.add_row(*row)
+        console.print(table)
+    write_atomic(args.output / "agreement.md", markdown(columns, rows) + "\n" + markdown(summary_columns, summary_rows))
 
 
 if __name__ == "__main__":
