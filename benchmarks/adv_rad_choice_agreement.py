@@ -9,9 +9,9 @@ choice on the checkpoint's held-out training images two ways, with the callback'
   defect (pixels brighter than 25 of 255 are the object), the plain rule (most robust within the margin);
 - ``now``: :class:`~anomalib_robust.models.adv_rad.selection.HeldOutDefects` (every image clean, with a faint Perlin
   defect and with a CutPaste patch, on the object found by
-  :func:`~anomalib_robust.data.defects.object_region`) and
-  :func:`~anomalib_robust.callbacks.diffusion_step.choose_candidate` (the smallest k the paired comparison cannot
-  separate from the most robust one); its tie-break by the higher standard AUROC instead is reported too.
+  :func:`~anomalib_robust.data.defects.object_region`) and the same rule
+  (:func:`~anomalib_robust.callbacks.diffusion_step.choose_candidate`); two tie rules are reported too: of the
+  candidates the paired comparison cannot separate from the chosen one, the smallest k, or the best standard AUROC.
 
 The oracle applies the plain rule to the test cells. For each choice the table gives its test AUROCs, the regret
 (oracle minus chosen, robust and standard), whether the paired 95 % interval of the robust difference to the oracle on
@@ -174,8 +174,8 @@ def main(argv: list[str] | None = None) -> None:
         rules = {
             "before": plain_rule(estimates["before"], margin),
             "now": now_chosen,
-            "now, ties by standard": max((estimates["now"][i] for i in tied), key=lambda c: c.standard),
-            "now, plain rule": plain_rule(estimates["now"], margin),
+            "now, smallest tied k": min((estimates["now"][i] for i in tied), key=lambda c: c.diffusion_step),
+            "now, tied: best standard": max((estimates["now"][i] for i in tied), key=lambda c: c.standard),
         }
         reference = tests[REFERENCE_STEP]
         for name, chosen in rules.items():

@@ -14,10 +14,10 @@ and the paper's k = 100 is not the best on every data set. The callback measures
    Perlin defect (anomalib's generator) and with a CutPaste patch, on the object
    (:class:`~anomalib_robust.models.adv_rad.selection.HeldOutDefects`), clean and under a cheap EOT-PGD, as deployed
    and ``eval_repeats`` times.
-3. Among the candidates whose standard AUROC is within ``margin`` of the best one, the most robust one leads; every
-   candidate that a paired comparison on the same held-out images cannot separate from it (the 95 % bootstrap
-   interval of the robust AUROC difference holds 0) is tied with it, and the smallest k of the tied wins
-   (:func:`choose_candidate`). The model keeps the choice
+3. Among the candidates whose standard AUROC is within ``margin`` of the best one, the most robust one wins; the
+   candidates that a paired comparison on the same held-out images cannot separate from it (the 95 % bootstrap
+   interval of the robust AUROC difference holds 0) are reported as tied with it (:func:`choose_candidate`). The
+   model keeps the choice
    (``AdvRAD.diffusion_step_choice``, saved in its checkpoints, so ``anomalib test`` and export use it), the loggers
    get ``diffusion_step_selection/...`` metrics, and the console a table of the candidates.
 
@@ -114,15 +114,16 @@ def measure_setting(
 def choose_candidate(
     candidates: Sequence[DiffusionStepCandidate], margin: float, level: float = 0.95, seed: int = 0
 ) -> tuple[DiffusionStepCandidate, list[int]]:
-    """The chosen candidate and the indices of those tied with the most robust one.
+    """The most robust candidate within ``margin`` of the best standard AUROC, and the indices of the candidates tied
+    with it.
 
     Eligible are the candidates whose standard AUROC is at least the best one's minus ``margin``; the most robust of
-    them leads (ties: higher standard AUROC, then smaller k). A candidate is tied with the leader when the paired
+    them is chosen (exact ties: higher standard AUROC, then smaller k). A candidate is tied with it when the paired
     bootstrap interval (``level``) of their robust AUROC difference on the same images and scorings holds 0
     (:func:`~anomalib_robust.evaluation.metrics.paired_auroc_difference`; candidates without per-image scores are
-    tied with none). Of the tied, the smallest k wins, then the higher standard AUROC: the held-out images cannot
-    tell those apart on robustness, and a smaller k keeps more of the image, so small defects show (measured in
-    docs/benchmarks.md, "Choosing k: a held-out estimate that tells the candidates apart").
+    tied with none): the held-out images cannot tell those apart, and the table says so. The tie does not move the
+    choice: taking the smallest tied k instead lost 10 points of robust AUROC on one of eight data sets and gained
+    nothing on the others (docs/benchmarks.md, "Choosing k: a held-out estimate that tells the candidates apart").
     """
     if not candidates:
         msg = "choose_candidate needs at least one candidate"
@@ -132,10 +133,9 @@ def choose_candidate(
         raise ValueError(msg)
     best_standard = max(candidate.standard for candidate in candidates)
     eligible = [candidate for candidate in candidates if candidate.standard >= best_standard - margin]
-    leader = max(eligible, key=lambda c: (c.robust, c.standard, -c.diffusion_step, -c.mean_filter_size))
-    tied = [c for c in eligible if c is leader or _inseparable(leader, c, level, seed)]
-    chosen = min(tied, key=lambda c: (c.diffusion_step, -c.standard, c.mean_filter_size))
-    return chosen, [index for index, candidate in enumerate(candidates) if any(candidate is c for c in tied)]
+    chosen = max(eligible, key=lambda c: (c.robust, c.standard, -c.diffusion_step, -c.mean_filter_size))
+    tied = [index for index, c in enumerate(candidates) if c is chosen or _inseparable(chosen, c, level, seed)]
+    return chosen, tied
 
 
 def _inseparable(first: DiffusionStepCandidate, second: DiffusionStepCandidate, level: float, seed: int) -> bool:

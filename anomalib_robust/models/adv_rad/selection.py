@@ -77,8 +77,8 @@ class DiffusionStepChoice:
     seconds: float = 0.0
     eval_repeats: int = 1
     tied: list[int] | None = None
-    """The candidates the paired comparison could not separate from the most robust one (indices; ``None`` when the
-    choice was made without per-image scores)."""
+    """The candidates (indices, the chosen one included) that the paired comparison on the held-out images could not
+    separate from the chosen one on robust AUROC; ``None`` in checkpoints written before it was recorded."""
 
     @property
     def diffusion_step(self) -> int:
@@ -108,8 +108,8 @@ class DiffusionStepChoice:
             for c in self.candidates
         )
         return (
-            f"k = {self.diffusion_step}, mean filter {self.mean_filter_size} (the smallest k of the candidates as robust "
-            f"as the most robust one with standard AUROC within {100 * self.margin:g} points of the best; "
+            f"k = {self.diffusion_step}, mean filter {self.mean_filter_size} (highest robust AUROC with standard AUROC "
+            f"within {100 * self.margin:g} points of the best; "
             f"{self.attack}, {self.num_normal} normal and {self.num_defective} defective held-out training images; "
             f"standard/robust %: {cells})"
         )

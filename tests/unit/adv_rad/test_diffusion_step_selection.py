@@ -54,7 +54,7 @@ def _scored(k: int, scores: torch.Tensor, labels: torch.Tensor) -> DiffusionStep
                                   standard_scores=scores.tolist(), robust_scores=scores.tolist())  # fmt: skip
 
 
-def test_rule_takes_the_smallest_k_the_paired_comparison_cannot_separate_from_the_most_robust() -> None:
+def test_rule_reports_the_candidates_the_paired_comparison_cannot_separate_from_the_chosen_one() -> None:
     generator = torch.Generator().manual_seed(0)
     labels = torch.tensor([0, 1] * 30)
     signal = labels[:, None].double() + torch.randn(60, 2, generator=generator, dtype=torch.float64)
@@ -63,10 +63,13 @@ def test_rule_takes_the_smallest_k_the_paired_comparison_cannot_separate_from_th
     best, twin = _scored(100, signal, labels), _scored(50, nearly_the_same, labels)
     worse = _scored(25, much_worse, labels)
     assert best.robust != twin.robust and worse.robust < best.robust - 0.1
+    leader = max((best, twin), key=lambda c: c.robust)
     chosen, tied = choose_candidate([worse, twin, best], margin=1.0)
-    assert chosen is min((twin, best), key=lambda c: c.diffusion_step) and sorted(tied) == [1, 2]
-    chosen, tied = choose_candidate([worse, best], margin=1.0)  # 25 is smaller, but separably less robust
+    assert chosen is leader and sorted(tied) == [1, 2]  # the twin is tied, the worse candidate is not
+    chosen, tied = choose_candidate([worse, best], margin=1.0)
     assert chosen is best and tied == [1]
+    without_scores = [_candidate(25, 0.8, 0.7), _candidate(50, 0.8, 0.7)]
+    assert choose_candidate(without_scores, margin=1.0)[1] == [0]  # no per-image scores: tied with none
 
 
 @pytest.mark.parametrize(
