@@ -45,6 +45,7 @@ from anomalib_robust.models.adv_rad.export import (
     image_dynamic_shapes,
     quantize_unet,
 )
+from anomalib_robust.models.adv_rad.reconstruction import uniform_step_schedule
 from anomalib_robust.models.adv_rad.scoring import DEFAULT_SCALES
 from anomalib_robust.models.adv_rad.selection import CHECKPOINT_KEY, DiffusionStepChoice
 from anomalib_robust.models.adv_rad.torch_model import AdvRADModel
@@ -385,14 +386,24 @@ class AdvRAD(CheckpointArchitectureMixin, ScoringStepsMixin, AnomalibModule):
         """Rebuild the architecture of the checkpoint (see the mixin); restore its automatic choice of k and s.
 
         The checkpoint's normal error map was computed at the chosen k and s, so they win over the init args
-        (``anomalib test --model AdvRAD --ckpt_path ...`` builds the model with the default k = 100).
+        (``anomalib test --model AdvRAD --ckpt_path ...`` builds the model with the default k = 100). An arbitrary-shot
+        ``step_schedule`` of the init args that starts at another k is re-spaced to start at the chosen one, with the
+        same number of denoising steps (:func:`uniform_step_schedule`), and the log says so.
         """
         super().on_load_checkpoint(checkpoint)
         if CHECKPOINT_KEY not in checkpoint:
             return
         choice = DiffusionStepChoice.from_dict(checkpoint[CHECKPOINT_KEY])
         self.model.set_scoring(choice.mean_filter_size, self.model.num_noise_draws)  # the map: in the state dict
-        self.set_reconstruction(choice.diffusion_step)
+        schedule = self.model.step_schedule if self.model.reconstruction == "arbitrary_shot" else None
+        if schedule and schedule[0] != choice.diffusion_step:
+            respaced = uniform_step_schedule(choice.diffusion_step, min(len(schedule), choice.diffusion_step))
+            logger.warning(
+                "AdvRAD: step_schedule %s starts at k = %d, but the checkpoint chose k = %d (its normal error map "
+                "belongs to it); using %s", list(schedule), schedule[0], choice.diffusion_step, respaced,
+            )  # fmt: skip
+            schedule = respaced
+        self.set_reconstruction(choice.diffusion_step, step_schedule=schedule)
         self.hparams.update(mean_filter_size=choice.mean_filter_size)
         self.diffusion_step_choice = choice
         logger.info("AdvRAD: the checkpoint's automatic choice, %s", choice.summary())

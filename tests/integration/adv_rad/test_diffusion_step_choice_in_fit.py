@@ -155,3 +155,17 @@ def test_default_candidates_keep_the_models_mean_filter(tiny_advrad: dict) -> No
     model = AdvRAD(**{**tiny_advrad, "mean_filter_size": 5})
     assert SelectDiffusionStep()._filter_sizes(model) == (5,)
     assert SelectDiffusionStep(mean_filter_sizes=[3, 7])._filter_sizes(model) == (3, 7)
+
+
+def test_an_arbitrary_shot_schedule_is_respaced_to_start_at_the_chosen_k(
+    selected: dict, tiny_advrad: dict, caplog: pytest.LogCaptureFixture
+) -> None:
+    chosen = selected["model"].diffusion_step_choice.diffusion_step
+    other = 10 if chosen != 10 else 9
+    model = AdvRAD(**{**tiny_advrad, "reconstruction": "arbitrary_shot", "step_schedule": [other, other // 2]})
+    with caplog.at_level(logging.WARNING):
+        model.load_state_dict(torch.load(selected["checkpoint"], weights_only=False)["state_dict"])
+        model.on_load_checkpoint(torch.load(selected["checkpoint"], weights_only=False))
+    assert model.model.diffusion_step == chosen and model.model.reconstruction == "arbitrary_shot"
+    assert model.model.step_schedule[0] == chosen and len(model.model.step_schedule) == min(2, chosen)
+    assert "using" in caplog.text
