@@ -27,10 +27,11 @@ instead, with a warning: anomalib's threshold then comes from an earlier validat
 already written lack the choice.
 
 Cost: per candidate, one pass over the training images (the normal map) plus ``eval_repeats`` clean and adversarial
-scorings and the attack (``steps`` x ``eot_samples`` forward and backward passes) of the held-out images. Measured on
-the CPU preset (32 x 32, 160 training + 40 held-out images, the defaults, one thread of a shared 2-core machine):
-21-47 s per candidate, 245 s for the 8 default candidates, next to about 450 s of training (docs/benchmarks.md,
-"AdvRAD's accuracy-robustness frontier").
+scorings and the attack (``steps`` x ``eot_samples`` forward and backward passes) of the held-out images, each seen
+three times (clean and with two defects). Measured on the CPU preset (32 x 32, 160 training + 40 held-out images, the
+defaults, one thread while 5-8 processes shared the 2 cores): 72-247 s per candidate, about 3 times the 43-88 s of
+the former 40-image estimate in the same processes (docs/benchmarks.md, "Choosing k: a held-out estimate that tells
+the candidates apart").
 
 Example:
     >>> from anomalib.engine import Engine
