@@ -8,7 +8,7 @@
    AdvRAD is scored as deployed (one noise draw per image), repeated with fresh noise: mean ± std.
 4. Print one table with both models, next to anomalib's own test AUROC.
 
-    python examples/demo.py                 # `make demo`, about 8 minutes on 2 CPU cores
+    python examples/demo.py                 # `make demo`, about 7 minutes on 2 CPU cores
     python examples/demo.py --epochs 1      # smoke run
 """
 
