@@ -49,6 +49,7 @@ from anomalib_robust.models.adv_rad.lightning_model import read_as_test_images  
 from anomalib_robust.models.adv_rad.selection import (  # noqa: E402
     DiffusionStepCandidate,
     HeldOutDefects,
+    gray_uint8,
     held_out_split,
 )
 
@@ -67,8 +68,7 @@ class ProtocolDefects(Dataset):
             image = torch.as_tensor(item.image).float()
             mask = torch.zeros(image.shape[-2:], dtype=torch.bool)
             if index in defective:
-                gray = image.mean(0, keepdim=True).mul(255).round().clamp(0, 255).to(torch.uint8)
-                painted, mask = add_small_defect(gray, seed=seed * 100_000 + index)
+                painted, mask = add_small_defect(gray_uint8(image), seed=seed * 100_000 + index)
                 image = torch.where(mask, painted.float() / 255, image)
             self.items.append(ImageItem(image=image, gt_label=torch.tensor(int(mask.any())), gt_mask=mask,
                                         image_path=item.image_path))  # fmt: skip

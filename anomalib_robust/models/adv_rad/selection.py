@@ -193,11 +193,15 @@ def paint_cutpaste(image: torch.Tensor, region: torch.Tensor, seed: int) -> tupl
     raise RuntimeError(msg)
 
 
+def gray_uint8(image: torch.Tensor) -> torch.Tensor:
+    """The channel mean of a ``(C, H, W)`` image in [0, 1] as ``uint8`` ``[1, H, W]``, what the defect makers read."""
+    return image.mean(0, keepdim=True).mul(255).round().clamp(0, 255).to(torch.uint8)
+
+
 def paint_perlin(image: torch.Tensor, region: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A faint, small Perlin defect (:data:`HELD_OUT_PERLIN`) inside ``region``, drawn on the channel mean and painted
     into every channel (a gray defect; a grayscale image stays gray). ``image`` is ``(C, H, W)`` in [0, 1]."""
-    gray = image.mean(0, keepdim=True).mul(255).round().clamp(0, 255).to(torch.uint8)
-    painted, mask = add_small_defect(gray, seed=seed, region=region, **HELD_OUT_PERLIN)
+    painted, mask = add_small_defect(gray_uint8(image), seed=seed, region=region, **HELD_OUT_PERLIN)
     return torch.where(mask, painted.float() / 255, image), mask
 
 
@@ -226,8 +230,7 @@ class HeldOutDefects(Dataset):
         for index in range(len(images)):
             item = images[index]
             image = torch.as_tensor(item.image).float()
-            gray = image.mean(0, keepdim=True).mul(255).round().clamp(0, 255).to(torch.uint8)
-            region = object_region(gray)
+            region = object_region(gray_uint8(image))
             self.items.append(self._item(item, image, torch.zeros(image.shape[-2:], dtype=torch.bool)))
             for number, kind in enumerate(self.kinds):
                 painted, mask = DEFECT_KINDS[kind](image, region, (seed * 100_000 + index) * len(DEFECT_KINDS) + number)
