@@ -460,11 +460,12 @@ class RobustEvaluator:
                 run.result.image_auroc, run.result.image_auroc_std = _image_auroc(run_scores, labels)
                 run.result.pixel_auroc, run.result.pixel_auroc_std = _pixel_auroc(run_maps, masks)
             report.results.append(run.result)
-        report.results += _worst_cases(configured, per_run[::2], labels)
+        worst_cases = _worst_cases(configured, per_run[::2], labels)
+        report.results += [result for result, _ in worst_cases]
         report.image_scores = ImageScores(labels, scores, {
             run.result.key: run_scores for run, run_scores in zip(configured, per_run[::2], strict=True)
             if run.result.status == "ok" and run.result.target == "score"
-        })  # fmt: skip
+        } | {result.key: worst for result, worst in worst_cases})  # fmt: skip
         for group in groups:
             group.indices, group.labels, *group_scores = gather_by_index(
                 group.seen.indices, group.seen.indices, group.seen.labels, *(run.scores for run in group.runs)
@@ -897,10 +898,12 @@ def _comparisons(
     return comparisons
 
 
-def _worst_cases(configured: list[_Run], scores: list[torch.Tensor | None], labels: torch.Tensor) -> list[AttackResult]:
+def _worst_cases(
+    configured: list[_Run], scores: list[torch.Tensor | None], labels: torch.Tensor
+) -> list[tuple[AttackResult, torch.Tensor]]:
     """Per eps with two or more configured image-score runs, the worst case over them (as AutoAttack reports robust
     accuracy, Croce & Hein, ICML 2020): per image and scoring repeat the highest score of a normal image and the lowest
-    of an anomalous one, and its AUROC.
+    of an anomalous one; its AUROC, with those scores ``(N, repeats)``.
 
     For a randomised detector each repeat takes the worst of that repeat's independent scorings, which also picks the
     luckier draw for the attacker: a lower bound of the detector as deployed, not a mean."""
@@ -919,7 +922,7 @@ def _worst_cases(configured: list[_Run], scores: list[torch.Tensor | None], labe
         result = AttackResult("Worst case", first.norm, eps, role="worst_case", num_images=int(labels.numel()),
                               budget=budget)  # fmt: skip
         result.image_auroc, result.image_auroc_std = _image_auroc(worst, labels)
-        results.append(result)
+        results.append((result, worst))
     return results
 
 

@@ -101,7 +101,8 @@ class ImageScores:
     labels: torch.Tensor
     clean: torch.Tensor
     attacked: dict[str, torch.Tensor] = field(default_factory=dict)
-    """By :attr:`AttackResult.key`, the configured image-score runs that could be carried out."""
+    """By :attr:`AttackResult.key`, the configured image-score runs that could be carried out, and the per-image
+    worst case over them at each eps (its ``"Worst case"`` row)."""
 
 
 @dataclass

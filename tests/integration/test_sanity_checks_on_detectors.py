@@ -98,5 +98,9 @@ def test_the_worst_case_row_is_no_better_than_any_attack(fitted: dict, datamodul
     attacks = [result for result in report.results if result.role == "attack"]
     assert worst.image_auroc <= min(result.image_auroc for result in attacks)
     assert worst.image_auroc < max(result.image_auroc for result in attacks)  # the rows differ, the worst is lower
+    scores = report.image_scores  # the worst case per image, for paired comparisons of defenses under it
+    attacked = torch.stack([scores.attacked[result.key] for result in attacks])
+    expected = torch.where(scores.labels.bool()[:, None], attacked.min(dim=0).values, attacked.max(dim=0).values)
+    assert torch.equal(scores.attacked[worst.key], expected)
     report.write(tmp_path)
     assert "worst_case_linf" in (tmp_path / "report.json").read_text()
