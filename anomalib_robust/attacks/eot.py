@@ -47,17 +47,19 @@ its defaults (the AdvRAD paper's 256 x 256 U-Net) keeps about 14 kB per input va
 
 
 def resolve_eot_samples(eot_samples: int | None, stochastic: bool) -> int:
-    """Number of draws per score: ``eot_samples`` if given, else 1 for deterministic and 8 for randomised detectors.
+    """Number of draws per score: 1 for a deterministic detector (its draws are all the same, so more would only
+    repeat the same gradient), else ``eot_samples`` if given, else 8.
 
     Raises:
-        ValueError: if ``eot_samples`` is not a positive integer.
+        ValueError: if ``eot_samples`` is neither ``None`` nor a positive integer.
     """
-    if eot_samples is None:
-        return DEFAULT_EOT_SAMPLES if stochastic else 1
-    if isinstance(eot_samples, bool) or not isinstance(eot_samples, int) or eot_samples < 1:
+    given = eot_samples is not None
+    if given and (isinstance(eot_samples, bool) or not isinstance(eot_samples, int) or eot_samples < 1):
         msg = f"eot_samples must be a positive integer (draws per EOT estimate), got {eot_samples!r}."
         raise ValueError(msg)
-    return eot_samples
+    if not stochastic:
+        return 1
+    return DEFAULT_EOT_SAMPLES if eot_samples is None else eot_samples
 
 
 def check_max_batch(max_batch: int | None) -> int | None:

@@ -31,6 +31,22 @@ def test_randomised_detector_gets_eot_by_default(stochastic_detector: torch.nn.M
     assert torch.equal(attack(images, labels), attack(images, labels))
 
 
+def test_deterministic_detector_is_never_drawn_twice(detector: torch.nn.Module, batch: tuple) -> None:
+    """An EOT budget is for randomised detectors: a deterministic one's draws are all equal, so it gets one."""
+    scorer = DetectorScore(detector, eot_samples=20)
+    assert not scorer.stochastic and scorer.eot_samples == 1
+    images, labels = batch
+    calls = []
+    handle = detector.model.register_forward_hook(lambda _module, inputs, _output: calls.append(inputs[0].shape[0]))
+    try:
+        with scorer.prepared():
+            scorer.objective_and_gradient(images, labels)
+    finally:
+        handle.remove()
+    assert calls == [images.shape[0]]
+    assert PGD(detector, steps=1, eot_samples=20).label == "PGD"
+
+
 def test_prediction_is_one_deployed_draw_not_the_eot_mean(stochastic_detector: torch.nn.Module, batch: tuple) -> None:
     """EOT is the attacker's tool: ``predict`` scores as deployed (one forward pass), whatever ``eot_samples`` is."""
     images, _ = batch
