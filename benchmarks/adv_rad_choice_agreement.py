@@ -25,6 +25,7 @@ Example:
 
 import argparse
 import copy
+import itertools
 import json
 import sys
 from dataclasses import asdict, replace
@@ -142,6 +143,22 @@ def markdown(columns: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
 
 
+def resolution(estimates: dict[str, list[DiffusionStepCandidate]], tests: dict[int, DiffusionStepCandidate],
+               counts: dict[tuple[str, str], list[int]]) -> None:  # fmt: skip
+    """Add one data set's pairs of candidates to ``counts``, per (estimate, score): pairs, pairs the held-out estimate
+    separates (paired interval excludes 0), pairs the test set separates, and of those the held-out estimate separates
+    in the same direction and in the opposite one."""
+    for name, candidates in estimates.items():
+        for first, second in itertools.combinations(candidates, 2):
+            for scores in ("standard_scores", "robust_scores"):
+                held, test = difference(first, second, scores), difference(tests[first.diffusion_step],
+                                                                           tests[second.diffusion_step], scores)
+                both = sign(held) * sign(test)
+                tally = counts.setdefault((name, scores.split("_")[0]), [0] * 5)
+                for index, counted in enumerate((True, held.excludes(0.0), test.excludes(0.0), both > 0, both < 0)):
+                    tally[index] += counted
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, nargs="+", required=True, help="adv_rad_frontier.py output folders")
@@ -158,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     margin = SelectDiffusionStep().margin
     columns = ["class", "oracle k", "estimate", "held-out std/rob by k", "k", "test std / rob", "regret rob / std",
                "vs oracle (rob)", "vs k = 100 (std)", "vs k = 100 (rob)"]  # fmt: skip
-    rows, tally = [], {}
+    rows, tally, separated = [], {}, {}
     for category in args.category:
         run = next((run for run in args.runs if any(run.glob(f"adv_rad_{category}_*epochs.ckpt"))), None)
         if run is None:
@@ -170,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
             write_atomic(cache_path, json.dumps(cache))
         oracle = plain_rule(list(tests.values()), margin)
         estimates = {name: [DiffusionStepCandidate(**c) for c in values] for name, values in cache[category].items()}
+        resolution(estimates, tests, separated)
         now_chosen, tied = choose_candidate(estimates["now"], margin)
         rules = {
             "before": plain_rule(estimates["before"], margin),
@@ -210,12 +228,17 @@ def main(argv: list[str] | None = None) -> None:
             f"{mean(2):.1f} / {mean(3):.1f}", f"{mean(4):+.1f} / {mean(5):+.1f}",
             *(f"{sum(r[c] > 0 for r in results)} / {sum(r[c] < 0 for r in results)}" for c in (6, 7)),
         ])  # fmt: skip
+    resolution_columns = ["estimate", "AUROC", "pairs", "held-out separates", "test separates",
+                          "of those, held-out agrees", "held-out disagrees"]  # fmt: skip
+    resolution_rows = [[name, scores, *map(str, values)] for (name, scores), values in separated.items()]
     console = Console(width=180)
     for title, names, values in (
         ("AdvRAD's choice of k against the test set's best (oracle); test image AUROC %, EOT-8 PGD-10 L_inf 2/255, "
          "4 scorings; intervals are paired 95 % bootstrap intervals", columns, rows),
         (f"Over {len(args.category)} data sets: test AUROC points (beats / loses: the paired interval excludes 0)",
          summary_columns, summary_rows),
+        ("Resolution: pairs of candidates whose paired 95 % interval excludes 0, on the held-out images and on the "
+         "test images; 'agrees': both separate the pair, in the same direction", resolution_columns, resolution_rows),
     ):  # fmt: skip
         table = Table(title=title)
         for column in names:
@@ -223,7 +246,9 @@ def main(argv: list[str] | None = None) -> None:
         for row in values:
             table.add_row(*row)
         console.print(table)
-    write_atomic(args.output / "agreement.md", markdown(columns, rows) + "\n" + markdown(summary_columns, summary_rows))
+    tables = [markdown(columns, rows), markdown(summary_columns, summary_rows),
+              markdown(resolution_columns, resolution_rows)]  # fmt: skip
+    write_atomic(args.output / "agreement.md", "\n".join(tables))
 
 
 if __name__ == "__main__":
