@@ -167,7 +167,7 @@ def main() -> None:
                     key = f"{category}_{protocol}_{cache_keys[name]}_{attack_key(arguments, attack)}"
                     path = runs / f"purifier_table_{key}.json"
                     cached = json.loads(path.read_text()) if path.exists() else {}
-                    if "scores" in cached:  # cells written before the per-image scores are measured again
+                    if "scores" in cached:  # a cell written before the per-image scores is measured again
                         row[name] = cached
                     else:
                         pending.append((name, attack, path))
@@ -217,9 +217,11 @@ def main() -> None:
 
 
 def attack_key(arguments: argparse.Namespace, attack: tuple[int, int]) -> str:
-    """What names a cell's attack and test images in its cache file."""
+    """What names a cell's attack and images in its cache file: a cell is reused only for the same attack, scorings,
+    training images and test images."""
     steps, eot_samples = attack
-    return f"steps{steps}_eot{eot_samples}_r{arguments.eval_repeats}_n{arguments.max_samples}"
+    images = f"train{arguments.num_train}_test{arguments.num_test}_n{arguments.max_samples}"
+    return f"steps{steps}_eot{eot_samples}_r{arguments.eval_repeats}_{images}"
 
 
 def evaluation_settings(arguments: argparse.Namespace, attack: tuple[int, int], runs: Path) -> dict:
