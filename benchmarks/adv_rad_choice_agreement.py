@@ -13,6 +13,10 @@ choice on the checkpoint's held-out training images two ways, with the callback'
   (:func:`~anomalib_robust.callbacks.diffusion_step.choose_candidate`); two tie rules are reported too: of the
   candidates the paired comparison cannot separate from the chosen one, the smallest k, or the best standard AUROC.
 
+With ``--held-out-attack STEPSxEOTxSCORINGS`` (e.g. ``10x8x4``, the test cells' attack) the ``now`` estimate is also
+measured under that attack and number of deployed scorings, as its own estimate (``now, EOT-8 PGD-10, 4 scorings``),
+to see whether the held-out robust AUROC separates the candidates better when it is measured as the test cells are.
+
 The oracle applies the plain rule to the test cells. For each choice the table gives its test AUROCs, the regret
 (oracle minus chosen, robust and standard), whether the paired 95 % interval of the robust difference to the oracle on
 the test images holds 0 ("as good as the oracle within the test set's noise"), and the gain over k = 100 with its
@@ -96,8 +100,12 @@ def test_cells(run: Path, category: str, steps: list[int], size: int) -> dict[in
     return {k: cells[k] for k in steps}
 
 
-def held_out_choices(args: argparse.Namespace, run: Path, category: str) -> dict[str, list[dict]]:
-    """Both estimates' candidates (as dicts) on the checkpoint's held-out training images."""
+def held_out_choices(
+    args: argparse.Namespace, run: Path, category: str, attacks: dict[str, SelectDiffusionStep]
+) -> dict[str, list[dict]]:
+    """The candidates (as dicts) of the estimates named in ``attacks`` on the checkpoint's held-out training images:
+    ``before`` with :class:`ProtocolDefects`, any other with :class:`HeldOutDefects`, each with its callback's
+    evaluator."""
     checkpoint = next(run.glob(f"adv_rad_{category}_*epochs.ckpt"))
     model = AdvRAD.load_from_checkpoint(checkpoint, map_location="cpu")
     stored = model.diffusion_step_choice
@@ -107,13 +115,30 @@ def held_out_choices(args: argparse.Namespace, run: Path, category: str) -> dict
     training, held_out = held_out_split(data.train_data, stored.holdout, stored.seed)
     normal_images = read_as_test_images(data, training)
     images = read_as_test_images(data, held_out).dataset
-    callback = SelectDiffusionStep(diffusion_steps=args.steps, mean_filter_sizes=[args.mean_filter_size])
     estimates = {}
-    for name, held in (("before", ProtocolDefects(images, stored.seed)), ("now", HeldOutDefects(images, stored.seed))):
+    for name, callback in attacks.items():
+        held = (ProtocolDefects if name == "before" else HeldOutDefects)(images, stored.seed)
         choice = choose_diffusion_step(model, normal_images, held, callback.evaluator, args.steps,
                                        [args.mean_filter_size], margin=callback.margin, seed=stored.seed)  # fmt: skip
         estimates[name] = [asdict(candidate) for candidate in choice.candidates]
     return estimates
+
+
+def estimate_attacks(args: argparse.Namespace) -> dict[str, SelectDiffusionStep]:
+    """The callbacks whose evaluators measure each estimate: ``before`` and ``now`` with the callback's defaults, and
+    the ``--held-out-attack`` one."""
+    default = SelectDiffusionStep(diffusion_steps=args.steps, mean_filter_sizes=[args.mean_filter_size])
+    attacks = {"before": default, "now": default}
+    if args.held_out_attack:
+        try:
+            steps, eot_samples, repeats = (int(part) for part in args.held_out_attack.split("x"))
+        except ValueError:
+            msg = f"--held-out-attack must be STEPSxEOTxSCORINGS, e.g. 10x8x4, got {args.held_out_attack!r}"
+            raise SystemExit(msg) from None
+        name = f"now, EOT-{eot_samples} PGD-{steps}, {repeats} scorings"
+        attacks[name] = SelectDiffusionStep(diffusion_steps=args.steps, mean_filter_sizes=[args.mean_filter_size],
+                                            steps=steps, eot_samples=eot_samples, eval_repeats=repeats)  # fmt: skip
+    return attacks
 
 
 def plain_rule(candidates: list[DiffusionStepCandidate], margin: float) -> DiffusionStepCandidate:
@@ -167,8 +192,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mean-filter-size", type=int, default=5)
     parser.add_argument("--num-train", type=int, default=200, help="as the frontier run had it")
     parser.add_argument("--num-test", type=int, default=100, help="as the frontier run had it")
+    parser.add_argument("--held-out-attack", metavar="STEPSxEOTxSCORINGS",
+                        help="also measure the issue-32 estimate under this attack, e.g. 10x8x4")
     parser.add_argument("--output", type=Path, default=Path("results/benchmarks/choice_agreement"))
     args = parser.parse_args(argv)
+    attacks = estimate_attacks(args)
     args.output.mkdir(parents=True, exist_ok=True)
     cache_path = args.output / "agreement.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
@@ -182,22 +210,24 @@ def main(argv: list[str] | None = None) -> None:
             msg = f"no checkpoint for {category} in {args.runs}"
             raise SystemExit(msg)
         tests = test_cells(run, category, args.steps, args.mean_filter_size)
-        if category not in cache:
-            cache[category] = held_out_choices(args, run, category)
+        missing = {name: attack for name, attack in attacks.items() if name not in cache.get(category, {})}
+        if missing:
+            cache.setdefault(category, {}).update(held_out_choices(args, run, category, missing))
             write_atomic(cache_path, json.dumps(cache))
         oracle = plain_rule(list(tests.values()), margin)
-        estimates = {name: [DiffusionStepCandidate(**c) for c in values] for name, values in cache[category].items()}
+        estimates = {name: [DiffusionStepCandidate(**c) for c in cache[category][name]] for name in attacks}
         resolution(estimates, tests, separated)
         now_chosen, tied = choose_candidate(estimates["now"], margin)
-        rules = {
-            "before": plain_rule(estimates["before"], margin),
-            "now": now_chosen,
-            "now, smallest tied k": min((estimates["now"][i] for i in tied), key=lambda c: c.diffusion_step),
-            "now, tied: best standard": max((estimates["now"][i] for i in tied), key=lambda c: c.standard),
+        rules = {  # name: (choice, the estimate it was made from)
+            "before": (plain_rule(estimates["before"], margin), "before"),
+            "now": (now_chosen, "now"),
+            "now, smallest tied k": (min((estimates["now"][i] for i in tied), key=lambda c: c.diffusion_step), "now"),
+            "now, tied: best standard": (max((estimates["now"][i] for i in tied), key=lambda c: c.standard), "now"),
         }
+        rules |= {name: (choose_candidate(estimates[name], margin)[0], name) for name in list(attacks)[2:]}
         reference = tests[REFERENCE_STEP]
-        for name, chosen in rules.items():
-            source = estimates["before" if name == "before" else "now"]
+        for name, (chosen, source_name) in rules.items():
+            source = estimates[source_name]
             test = tests[chosen.diffusion_step]
             to_oracle = difference(oracle, test)
             standard_gain, robust_gain = difference(reference, test, "standard_scores"), difference(reference, test)
