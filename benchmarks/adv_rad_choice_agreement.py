@@ -2,20 +2,19 @@
 
 Reads the runs of ``benchmarks/adv_rad_frontier.py`` (a trained checkpoint per class, and ``frontier.json`` with the
 test cells of every candidate k at one mean filter size, with per-image scores). For each class it recomputes the
-choice on the checkpoint's held-out training images two ways, with the callback's attack (EOT-4 PGD-5 L_inf 2/255,
-2 scorings) and the same candidates:
+choice on the checkpoint's held-out training images, with the same candidates, as three estimates:
 
 - ``before``: the estimate before issue 32: half of the held-out images with one Fashion-MNIST ``defect`` protocol
-  defect (pixels brighter than 25 of 255 are the object), the plain rule (most robust within the margin);
+  defect (pixels brighter than 25 of 255 are the object), the plain rule (most robust within the margin), under the
+  callback's former cheap attack (EOT-4 PGD-5 L_inf 2/255, 2 scorings);
 - ``now``: :class:`~anomalib_robust.models.adv_rad.selection.HeldOutDefects` (every image clean, with a faint Perlin
   defect and with a CutPaste patch, on the object found by
   :func:`~anomalib_robust.data.defects.object_region`) and the same rule
-  (:func:`~anomalib_robust.callbacks.diffusion_step.choose_candidate`); two tie rules are reported too: of the
-  candidates the paired comparison cannot separate from the chosen one, the smallest k, or the best standard AUROC.
-
-With ``--held-out-attack STEPSxEOTxSCORINGS`` (e.g. ``10x8x4``, the test cells' attack) the ``now`` estimate is also
-measured under that attack and number of deployed scorings, as its own estimate (``now, EOT-8 PGD-10, 4 scorings``),
-to see whether the held-out robust AUROC separates the candidates better when it is measured as the test cells are.
+  (:func:`~anomalib_robust.callbacks.diffusion_step.choose_candidate`), under the same cheap attack; two tie rules
+  are reported too: of the candidates the paired comparison cannot separate from the chosen one, the smallest k, or
+  the best standard AUROC;
+- ``now, EOT-8 PGD-10, 4 scorings``: ``HeldOutDefects`` under ``--held-out-attack`` (``STEPSxEOTxSCORINGS``; by
+  default the callback's own attack and scorings, which are the test cells').
 
 The oracle applies the plain rule to the test cells. For each choice the table gives its test AUROCs, the regret
 (oracle minus chosen, robust and standard), whether the paired 95 % interval of the robust difference to the oracle on
@@ -59,6 +58,7 @@ from anomalib_robust.models.adv_rad.selection import (  # noqa: E402
 )
 
 REFERENCE_STEP = 100
+CHEAP_ATTACK = {"steps": 5, "eot_samples": 4, "eval_repeats": 2}  # SelectDiffusionStep's defaults until 2026-12-06
 
 
 class ProtocolDefects(Dataset):
@@ -125,20 +125,18 @@ def held_out_choices(
 
 
 def estimate_attacks(args: argparse.Namespace) -> dict[str, SelectDiffusionStep]:
-    """The callbacks whose evaluators measure each estimate: ``before`` and ``now`` with the callback's defaults, and
+    """The callbacks whose evaluators measure each estimate: ``before`` and ``now`` under :data:`CHEAP_ATTACK`, and
     the ``--held-out-attack`` one."""
-    default = SelectDiffusionStep(diffusion_steps=args.steps, mean_filter_sizes=[args.mean_filter_size])
-    attacks = {"before": default, "now": default}
-    if args.held_out_attack:
-        try:
-            steps, eot_samples, repeats = (int(part) for part in args.held_out_attack.split("x"))
-        except ValueError:
-            msg = f"--held-out-attack must be STEPSxEOTxSCORINGS, e.g. 10x8x4, got {args.held_out_attack!r}"
-            raise SystemExit(msg) from None
-        name = f"now, EOT-{eot_samples} PGD-{steps}, {repeats} scorings"
-        attacks[name] = SelectDiffusionStep(diffusion_steps=args.steps, mean_filter_sizes=[args.mean_filter_size],
-                                            steps=steps, eot_samples=eot_samples, eval_repeats=repeats)  # fmt: skip
-    return attacks
+    candidates = {"diffusion_steps": args.steps, "mean_filter_sizes": [args.mean_filter_size]}
+    cheap = SelectDiffusionStep(**candidates, **CHEAP_ATTACK)
+    try:
+        steps, eot_samples, repeats = (int(part) for part in args.held_out_attack.split("x"))
+    except ValueError:
+        msg = f"--held-out-attack must be STEPSxEOTxSCORINGS, e.g. 10x8x4, got {args.held_out_attack!r}"
+        raise SystemExit(msg) from None
+    name = f"now, EOT-{eot_samples} PGD-{steps}, {repeats} scorings"
+    strong = SelectDiffusionStep(**candidates, steps=steps, eot_samples=eot_samples, eval_repeats=repeats)
+    return {"before": cheap, "now": cheap, name: strong}
 
 
 def plain_rule(candidates: list[DiffusionStepCandidate], margin: float) -> DiffusionStepCandidate:
@@ -192,15 +190,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mean-filter-size", type=int, default=5)
     parser.add_argument("--num-train", type=int, default=200, help="as the frontier run had it")
     parser.add_argument("--num-test", type=int, default=100, help="as the frontier run had it")
+    default = SelectDiffusionStep()
     parser.add_argument("--held-out-attack", metavar="STEPSxEOTxSCORINGS",
-                        help="also measure the issue-32 estimate under this attack, e.g. 10x8x4")
+                        default=f"{default.evaluator.settings['steps']}x{default.evaluator.eot_samples}x"
+                                f"{default.evaluator.eval_repeats}",
+                        help="the third estimate's attack and scorings (default: the callback's)")  # fmt: skip
     parser.add_argument("--output", type=Path, default=Path("results/benchmarks/choice_agreement"))
     args = parser.parse_args(argv)
     attacks = estimate_attacks(args)
     args.output.mkdir(parents=True, exist_ok=True)
     cache_path = args.output / "agreement.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
-    margin = SelectDiffusionStep().margin
+    margin = default.margin
     columns = ["class", "oracle k", "estimate", "held-out std/rob by k", "k", "test std / rob", "regret rob / std",
                "vs oracle (rob)", "vs k = 100 (std)", "vs k = 100 (rob)"]  # fmt: skip
     rows, tally, separated = [], {}, {}

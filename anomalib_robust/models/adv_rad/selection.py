@@ -60,7 +60,7 @@ class DiffusionStepCandidate:
 class DiffusionStepChoice:
     """The candidates' numbers, the rule's parameters and the chosen setting (``candidates[chosen]``).
 
-    ``attack`` describes the attack behind ``robust`` (e.g. ``"EOT-4 PGD-5 Linf 2/255"``); ``num_normal`` and
+    ``attack`` describes the attack behind ``robust`` (e.g. ``"EOT-8 PGD-10 Linf 2/255"``); ``num_normal`` and
     ``num_defective`` count the held-out images it was measured on; ``holdout`` and ``seed`` made the held-out split
     (:func:`held_out_split`), so the training split can be rebuilt from the same training set; ``eval_repeats`` counts
     the scorings behind each candidate's mean and std (1 in checkpoints written before it was recorded).
