@@ -28,10 +28,10 @@ already written lack the choice.
 
 Cost: per candidate, one pass over the training images (the normal map) plus ``eval_repeats`` clean and adversarial
 scorings and the attack (``steps`` x ``eot_samples`` forward and backward passes) of the held-out images, each seen
-three times (clean and with two defects). Measured on the CPU preset (32 x 32, 160 training + 40 held-out images, the
-defaults, one thread while 5-8 processes shared the 2 cores): 72-247 s per candidate, about 3 times the 43-88 s of
-the former 40-image estimate in the same processes (docs/benchmarks.md, "Choosing k: a held-out estimate that tells
-the candidates apart").
+three times (clean and with two defects). Measured on the CPU preset (32 x 32, 160 training + 40 held-out images, one
+thread, trouser): 194-226 s per candidate with the defaults, 53 s with the former EOT-4 PGD-5 and 2 scorings in the same
+process: about 4 times the cost, for 8 instead of 2 of the 14 robust differences the test images resolved
+(docs/benchmarks.md, "Choosing k: a held-out estimate that tells the candidates apart").
 
 Example:
     >>> from anomalib.engine import Engine
