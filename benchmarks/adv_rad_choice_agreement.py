@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
             "now, smallest tied k": (min((estimates["now"][i] for i in tied), key=lambda c: c.diffusion_step), "now"),
             "now, tied: best standard": (max((estimates["now"][i] for i in tied), key=lambda c: c.standard), "now"),
         }
-        rules |= {name: (choose_candidate(estimates[name], margin)[0], name) for name in list(attacks)[2:]}
+        rules |= {name: (choose_candidate(estimates[name], margin)[0], name) for name in attacks if name not in rules}
         reference = tests[REFERENCE_STEP]
         for name, (chosen, source_name) in rules.items():
             source = estimates[source_name]
