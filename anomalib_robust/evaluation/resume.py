@@ -10,8 +10,10 @@ exactly the numbers of one that was never interrupted.
 Stored batches are only reused by the same evaluation: they sit under a fingerprint of every evaluator setting that
 changes an attack or a score, the model's weights and its configuration (every module's scalar attributes, e.g.
 DiffPure's level, and every pre-processor's transform, e.g. its resize and normalisation), the test set (its size and
-first item) and the code (:func:`~anomalib_robust.evaluation.provenance.loaded_code_identity`: package versions,
-git commit and uncommitted changes), and each file also records a digest of its batch (images, labels, masks).
+first item) and the code (:func:`~anomalib_robust.evaluation.provenance.loaded_code_key`: package versions and a
+digest of the package's source and configs, so that a commit that changes only docs, tests or benchmarks keeps them;
+the git commit and uncommitted changes are recorded beside them in ``fingerprint.json``), and each file also records a
+digest of its batch (images, labels, masks).
 Anything else is computed again, and so is a stored file that cannot be read (with a warning).
 
 Example:
@@ -32,7 +34,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from anomalib_robust.evaluation.provenance import loaded_code_identity
+from anomalib_robust.evaluation.provenance import loaded_code_identity, loaded_code_key
 from anomalib_robust.evaluation.report import write_atomic
 from anomalib_robust.evaluation.sharding import first_item
 
@@ -114,16 +116,16 @@ class BatchStore:
     Args:
         root: the directory the user passed as ``resume_dir`` (created when missing).
         fingerprint: everything the stored results depend on besides the batch itself and the code, which the store
-            adds (:func:`~anomalib_robust.evaluation.provenance.loaded_code_identity`); JSON-serialisable.
+            adds (:func:`~anomalib_robust.evaluation.provenance.loaded_code_key`); JSON-serialisable.
     """
 
     def __init__(self, root: str | Path, fingerprint: dict) -> None:
         root = check_resume_dir(root)
-        fingerprint = {**fingerprint, "code": loaded_code_identity()}
-        canonical = json.dumps(fingerprint, sort_keys=True, default=str)
+        canonical = json.dumps({**fingerprint, "code": loaded_code_key()}, sort_keys=True, default=str)
         self.directory = root / hashlib.sha256(canonical.encode()).hexdigest()[:16]
         self.directory.mkdir(parents=True, exist_ok=True)
-        readable = json.dumps(fingerprint, indent=2, sort_keys=True, default=str)
+        record = {**fingerprint, "code": loaded_code_identity()}  # the key, and the commit it was computed at
+        readable = json.dumps(record, indent=2, sort_keys=True, default=str)
         write_atomic(self.directory / "fingerprint.json", readable)  # what these results were computed with
 
     def _path(self, first: int, number: int) -> Path:

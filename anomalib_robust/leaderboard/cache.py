@@ -1,7 +1,7 @@
 """On-disk cache of finished leaderboard cells, so that an interrupted run resumes where it stopped.
 
 A cell (one model, one datamodule, one seed, one threat model, one evaluator configuration, and the code that
-computes it: :func:`~anomalib_robust.evaluation.provenance.loaded_code_identity`) is keyed by the SHA-256 of its
+computes it: :func:`~anomalib_robust.evaluation.provenance.loaded_code_key`) is keyed by the SHA-256 of its
 canonical JSON: changing any setting of a cell, or the code, makes it a new cell. Only finished cells are cached; a
 failed cell is run again on resume, and so is a cached cell whose file cannot be read (with a warning).
 

@@ -6,8 +6,8 @@ one job per GPU in parallel (the runner passes ``task_id``, the job trains on ``
 on one datamodule (category); each of its threat models is a cell, evaluated by
 :class:`~anomalib_robust.evaluation.RobustEvaluator` with the YAML's ``robust_eval`` arguments and cached on disk
 (:mod:`anomalib_robust.leaderboard.cache`) under a key of its whole configuration and of the code
-(:func:`~anomalib_robust.evaluation.provenance.loaded_code_identity`: package versions, git commit and uncommitted
-changes).
+(:func:`~anomalib_robust.evaluation.provenance.loaded_code_key`: package versions and a digest of the package's source
+and configs; every entry also records the git commit and uncommitted changes).
 When every cell of a job is cached the model is not even fitted. Fitted models are kept too, in
 ``<output_dir>/models``: a model entry (class, init args, Engine arguments) fitted on the same data from the same seed
 by the same code is fitted once, so a job interrupted during its attacks does not fit again, and a purifier's denoiser
@@ -38,7 +38,7 @@ from lightning import seed_everything
 from torch import nn
 
 from anomalib_robust.evaluation import RobustEvaluator
-from anomalib_robust.evaluation.provenance import loaded_code_identity
+from anomalib_robust.evaluation.provenance import loaded_code_identity, loaded_code_key
 from anomalib_robust.evaluation.report import RobustReport, format_eps, write_atomic
 from anomalib_robust.leaderboard.cache import CellCache, cell_key
 from anomalib_robust.leaderboard.config import CellGroup, ThreatModel, data_label, jsonable, model_label
@@ -142,7 +142,7 @@ class RobustBenchmarkJob(Job):
         return cell_key({
             "model": group.model, "data": group.data, "seed": group.seed, "trainer": self._trainer(group.model),
             "threat_model": threat.to_dict(), "evaluator": self.evaluator, "random_init": self.random_init,
-            "code": loaded_code_identity(),
+            "code": loaded_code_key(),
         })  # fmt: skip
 
     def _base_record(self, threat: ThreatModel, key: str) -> dict:
@@ -161,7 +161,7 @@ class RobustBenchmarkJob(Job):
         fitted = {key: value for key, value in entry.items() if key not in {"name", "defense"}}
         key = cell_key({
             "model": fitted, "trainer": self._trainer(entry), "data": self.group.data, "seed": self.group.seed,
-            "random_init": self.random_init, "code": loaded_code_identity(),
+            "random_init": self.random_init, "code": loaded_code_key(),
         })  # fmt: skip
         return self.output_dir / "models" / f"{key}.ckpt"
 

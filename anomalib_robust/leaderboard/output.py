@@ -111,7 +111,7 @@ def validate_entry(entry: dict, source: str = "entry") -> dict:
 def _entry_cell(cell: dict) -> dict:
     keys = set(ENTRY_SCHEMA["cells"][0]) | {"cell", "model_config", "data_config", "trainer", "checks", "notes",
                                             "standard_pixel_auroc", "standard_pixel_auroc_std", "git_dirty",
-                                            "git_diff"}  # fmt: skip
+                                            "git_diff", "source"}  # fmt: skip
     merged = {**CELL_DEFAULTS, **cell}
     return {key: merged[key] for key in sorted(keys) if key in merged}
 

@@ -12,7 +12,7 @@ import torch
 import yaml
 from anomalib.pipelines.components.runners import ParallelRunner, SerialRunner
 
-from anomalib_robust.evaluation.provenance import code_identity
+from anomalib_robust.evaluation.provenance import code_identity, code_key
 from anomalib_robust.evaluation.report import RobustReport, SanityCheck
 from anomalib_robust.leaderboard import RobustBenchmark, RobustBenchmarkJob, RobustBenchmarkJobGenerator
 from anomalib_robust.leaderboard.config import model_label
@@ -84,21 +84,22 @@ def test_the_purified_padims_denoiser_reuses_the_advrad_rows_fit() -> None:
 
 
 def test_other_code_is_another_cell_and_another_fit(monkeypatch: pytest.MonkeyPatch) -> None:
-    """After a fix to an attack or a sanity check (another commit, other uncommitted changes, another anomalib or
-    torch), a rerun computes its cells and fits again instead of returning the old ones."""
+    """After a fix to an attack or a sanity check (other source or configs, another anomalib or torch), a rerun
+    computes its cells and fits again instead of returning the old ones; the commit is recorded, not keyed on."""
     tiny = next(iter(RobustBenchmarkJobGenerator("cpu")(TINY["robust_benchmark"])))
     threat, entry = tiny.threat_models[0], tiny.group.model
     key, fitted = tiny._key(threat), tiny._fitted_path(entry)
     assert (tiny._key(threat), tiny._fitted_path(entry)) == (key, fitted)
     identity = code_identity()
+    monkeypatch.setattr("anomalib_robust.leaderboard.job.loaded_code_identity", lambda: {**identity, "git_commit": "1"})
+    assert (tiny._key(threat), tiny._fitted_path(entry)) == (key, fitted), "a docs-only commit keeps them"
+    assert tiny._base_record(threat, key)["git_commit"] == "1"
     for other in (
-        {**identity, "git_commit": "0" * 40},
-        {**identity, "git_dirty": True, "git_diff": "0123456789abcdef"},
-        {**identity, "versions": {**identity["versions"], "anomalib": "0.0.1"}},
+        {**code_key(), "source": "0123456789abcdef"},
+        {**code_key(), "versions": {**identity["versions"], "anomalib": "0.0.1"}},
     ):
-        monkeypatch.setattr("anomalib_robust.leaderboard.job.loaded_code_identity", lambda other=other: other)
+        monkeypatch.setattr("anomalib_robust.leaderboard.job.loaded_code_key", lambda other=other: other)
         assert tiny._key(threat) != key and tiny._fitted_path(entry) != fitted, other
-        assert tiny._base_record(threat, key)["git_commit"] == other["git_commit"]
 
 
 def _halve(path: Path) -> None:
