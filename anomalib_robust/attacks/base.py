@@ -131,10 +131,12 @@ class Attack(ABC):
 
     @property
     def label(self) -> str:
-        """Display name, ``EOT-`` prefixed when the detector is scored with more than one draw, ``BPDA+`` when
-        stages of it are differentiated through a surrogate."""
+        """Display name, ``EOT-`` prefixed when the detector is scored with more than one draw, ``BPDA+`` or
+        ``Surrogate-<m>+`` when stages of it are differentiated through a surrogate
+        (:attr:`DetectorScore.gradient_label`)."""
         label = f"EOT-{self.name}" if self.detector.eot_samples > 1 else self.name
-        return f"BPDA+{label}" if self.detector.bpda else label
+        prefix = self.detector.gradient_label
+        return f"{prefix}+{label}" if prefix else label
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Adversarial version of ``images`` for anomalib ``labels``, with the model and global RNG left as found."""

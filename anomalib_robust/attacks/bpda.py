@@ -18,8 +18,9 @@ Example:
     (tensor([0.5000], grad_fn=<AddBackward0>), tensor([1.]))
 """
 
+import functools
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 from torch import nn
@@ -62,33 +63,40 @@ class BPDA(nn.Module):
         return approximation + (exact - approximation).detach()
 
 
-def check_stages(root: nn.Module, stages: Mapping[str, Callable | None]) -> dict[str, Callable | None]:
-    """Validate BPDA stage paths against ``root``; returns them as a dict.
+def check_stages(root: nn.Module, stages: Mapping[str, object], argument: str = "bpda") -> dict[str, object]:
+    """Validate stage paths against ``root``; returns them as a dict.
 
     Raises:
-        ValueError: naming the path when ``root`` has no such submodule.
+        ValueError: naming ``argument`` and the path when ``root`` has no such submodule.
     """
     for path in stages:
         try:
             root.get_submodule(path)
         except AttributeError:
-            msg = f"bpda: {type(root).__name__} has no submodule {path!r} (expected a path such as 'model.encoder')."
+            msg = f"{argument}: {type(root).__name__} has no submodule {path!r} (expected a path such as 'model.encoder')."
             raise ValueError(msg) from None
     return dict(stages)
 
 
 @contextmanager
-def bpda_stages(root: nn.Module, stages: Mapping[str, Callable | None]) -> Iterator[None]:
-    """Replace each named submodule of ``root`` by its :class:`BPDA` wrapper, and put the originals back on exit."""
+def swapped_stages(root: nn.Module, replacements: Mapping[str, Callable[[nn.Module], nn.Module]]) -> Iterator[None]:
+    """Replace each named submodule of ``root`` by ``replacements[path](original)``, and put the originals back on
+    exit."""
     replaced: list[tuple[nn.Module, str, nn.Module]] = []
     try:
-        for path, surrogate in stages.items():
+        for path, replacement in replacements.items():
             parent_path, _, name = path.rpartition(".")
             parent = root.get_submodule(parent_path)
             original = getattr(parent, name)
-            setattr(parent, name, BPDA(original, surrogate))
+            setattr(parent, name, replacement(original))
             replaced.append((parent, name, original))
         yield
     finally:
         for parent, name, original in reversed(replaced):
             setattr(parent, name, original)
+
+
+def bpda_stages(root: nn.Module, stages: Mapping[str, Callable | None]) -> AbstractContextManager[None]:
+    """Replace each named submodule of ``root`` by its :class:`BPDA` wrapper, and put the originals back on exit."""
+    wrappers = {path: functools.partial(BPDA, surrogate=surrogate) for path, surrogate in stages.items()}
+    return swapped_stages(root, wrappers)

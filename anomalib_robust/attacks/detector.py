@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from torchvision.transforms import v2
 
-from anomalib_robust.attacks.bpda import bpda_stages, check_stages
+from anomalib_robust.attacks.bpda import bpda_stages, check_stages, swapped_stages
 from anomalib_robust.attacks.eot import (
     check_max_batch,
     expected_value,
@@ -83,6 +83,11 @@ class DetectorScore(nn.Module):
         stochastic: whether the detector is randomised; ``None`` reads the torch model's declaration
             (``model.model.stochastic``). A detector built from another one (other BPDA stages, another EOT budget)
             passes the other's, which :meth:`detect_randomness` may have set.
+        surrogates: stages that the attack's gradient steps run and differentiate in place of the real ones, as
+            ``{path: module}`` (the surrogate process of Lee & Kim, ICCV 2023: a purifier's chain respaced to fewer
+            U-Net calls, :class:`~anomalib_robust.defenses.purifiers.RespacedPurifier`). Only
+            :meth:`objective_and_gradient` sees them, so its objective is the surrogate's; scoring, re-scoring and
+            :meth:`objective` use the real stages.
     """
 
     def __init__(
@@ -92,6 +97,7 @@ class DetectorScore(nn.Module):
         bpda: Mapping[str, Callable | None] | None = None,
         max_batch: int | None = None,
         stochastic: bool | None = None,
+        surrogates: Mapping[str, nn.Module] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(getattr(model, "model", None), nn.Module):
@@ -106,6 +112,7 @@ class DetectorScore(nn.Module):
         self.eot_samples = resolve_eot_samples(eot_samples, self.stochastic)
         self.max_batch = check_max_batch(max_batch)
         self.bpda = check_stages(model, bpda or {})
+        self.surrogates = check_stages(model, surrogates or {}, argument="surrogates")
         self._is_prepared = False
         self._pixel_masks: torch.Tensor | None = None
 
@@ -114,6 +121,15 @@ class DetectorScore(nn.Module):
         """Name of the wrapped detector (an ``AnomalibModule``'s ``name``, else its class name), for reports."""
         name = getattr(self.detector, "name", None)
         return name if isinstance(name, str) else type(self.detector).__name__
+
+    @property
+    def gradient_label(self) -> str:
+        """How the attack differentiates the detector, for reports: ``""`` (its own gradient), ``"BPDA"``, or
+        ``"Surrogate-<m>"`` (a stage respaced to ``m`` U-Net calls)."""
+        if self.surrogates:
+            steps = [str(stage.denoising_steps) for stage in self.surrogates.values() if hasattr(stage, "denoising_steps")]
+            return "-".join(["Surrogate", *steps])
+        return "BPDA" if self.bpda else ""
 
     @property
     def threshold(self) -> float | None:
@@ -213,13 +229,16 @@ class DetectorScore(nn.Module):
         images: torch.Tensor,
         labels: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """EOT estimate of the objective per sample and of its gradient w.r.t. ``images`` (AdvRAD paper, eq. 1-2)."""
-        return expected_value_and_gradient(
-            lambda x: self.differentiable_objective(x, labels),
-            images,
-            self.eot_samples,
-            self.max_batch,
-        )
+        """EOT estimate of the objective per sample and of its gradient w.r.t. ``images`` (AdvRAD paper, eq. 1-2),
+        through the ``surrogates`` where there are any."""
+        replacements = {path: lambda _, stage=stage: stage for path, stage in self.surrogates.items()}
+        with swapped_stages(self.detector, replacements):
+            return expected_value_and_gradient(
+                lambda x: self.differentiable_objective(x, labels),
+                images,
+                self.eot_samples,
+                self.max_batch,
+            )
 
     def objective(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """EOT estimate of the objective (``y * A(x)``, or the map objective) per sample, without gradients."""

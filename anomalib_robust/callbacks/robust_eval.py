@@ -41,7 +41,12 @@ from torch.utils.data import DataLoader
 
 from anomalib_robust.defenses import DiffusionPurifier
 from anomalib_robust.evaluation.budget import DEFAULT_SANITY_BUDGET
-from anomalib_robust.evaluation.evaluator import DEFAULT_EVAL_REPEATS, PURIFIER_GRADIENTS, RobustEvaluator
+from anomalib_robust.evaluation.evaluator import (
+    DEFAULT_EVAL_REPEATS,
+    DEFAULT_SURROGATE_STEPS,
+    PURIFIER_GRADIENTS,
+    RobustEvaluator,
+)
 from anomalib_robust.evaluation.plots import plot_adversarial_grid, plot_auroc_vs_eps
 from anomalib_robust.evaluation.report import RobustReport
 
@@ -78,7 +83,9 @@ class RobustEval(Callback):
         output_dir: where to write; ``None`` for the trainer's ``default_root_dir``.
         seed: root of every seed of the evaluation; the global RNG is restored afterwards.
         defense: a diffusion purifier (DiffPure, TMA) in front of the tested detector; ``None`` for the detector.
-        purifier_gradients: with a defense, ``"full"`` gradients through the purifier, ``"bpda"``, or both.
+        purifier_gradients: with a defense, ``"full"`` gradients through the purifier, ``"bpda"``, the ``"surrogate"``
+            chain respaced to ``surrogate_steps`` U-Net calls (Lee & Kim, ICCV 2023), or several.
+        surrogate_steps: U-Net calls of the surrogate chain.
         resume_dir: keep every attacked batch's scores there as they are computed, so that an interrupted test run
             again with the same settings and checkpoint resumes where it stopped; ``None`` keeps nothing.
     """
@@ -110,6 +117,7 @@ class RobustEval(Callback):
         seed: int = 0,
         defense: DiffusionPurifier | None = None,
         purifier_gradients: Sequence[str] = PURIFIER_GRADIENTS,
+        surrogate_steps: int = DEFAULT_SURROGATE_STEPS,
         resume_dir: str | Path | None = None,
     ) -> None:
         super().__init__()
@@ -137,6 +145,7 @@ class RobustEval(Callback):
             seed=seed,
             defense=defense,
             purifier_gradients=purifier_gradients,
+            surrogate_steps=surrogate_steps,
             resume_dir=resume_dir,
         )
         self.plots = plots

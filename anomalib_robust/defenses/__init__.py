@@ -9,7 +9,13 @@ Example:
 
 from anomalib_robust.defenses.agdm import AGDM
 from anomalib_robust.defenses.purified import Purified, PurifiedModel
-from anomalib_robust.defenses.purifiers import TMA, DiffPure, DiffusionPurifier
+from anomalib_robust.defenses.purifiers import (
+    TMA,
+    DiffPure,
+    DiffusionChainPurifier,
+    DiffusionPurifier,
+    RespacedPurifier,
+)
 from anomalib_robust.defenses.rap import RAP, DetectorMismatchWarning
 from anomalib_robust.defenses.training import AdversarialTraining, GaussianNoiseTraining, NotGradientTrainedError
 from anomalib_robust.registry import register_callback
@@ -24,9 +30,11 @@ __all__ = [
     "AdversarialTraining",
     "DetectorMismatchWarning",
     "DiffPure",
+    "DiffusionChainPurifier",
     "DiffusionPurifier",
     "GaussianNoiseTraining",
     "NotGradientTrainedError",
     "Purified",
     "PurifiedModel",
+    "RespacedPurifier",
 ]

@@ -53,7 +53,7 @@ import torch
 
 from anomalib_robust.attacks.base import check_non_negative
 from anomalib_robust.defenses.chains import check_level, guided_ddpm_purification
-from anomalib_robust.defenses.purifiers import DiffusionPurifier
+from anomalib_robust.defenses.purifiers import DiffusionChainPurifier
 from anomalib_robust.models.adv_rad import AdvRAD
 from anomalib_robust.models.adv_rad.diffusion import DiffusionSchedule
 from anomalib_robust.models.adv_rad.torch_model import AdvRADModel
@@ -93,7 +93,7 @@ def noise_level(schedule: DiffusionSchedule, step: int) -> float:
     return float((1 - schedule.alphas_cumprod[step - 1]).sqrt()) if step else 0.0
 
 
-class AGDM(DiffusionPurifier):
+class AGDM(DiffusionChainPurifier):
     """The AGDM paper's guided reverse diffusion (Alg. 1) with the AdvRAD diffusion model, in front of any detector.
 
     Args:
@@ -115,7 +115,7 @@ class AGDM(DiffusionPurifier):
         depth: int = 70,
         guidance_ratio: float = GUIDANCE_RATIO,
         label_guidance: bool = False,
-        gradient_checkpointing: bool = True,
+        gradient_checkpointing: bool | str = "auto",
         clip_denoised: bool = False,
     ) -> None:
         super().__init__(denoiser, gradient_checkpointing, clip_denoised)
@@ -170,8 +170,9 @@ class AGDM(DiffusionPurifier):
             log_guidance = log_guidance + log_probabilities.flatten(1).mean(dim=1)
         return log_guidance
 
-    def chain(self, x: torch.Tensor) -> torch.Tensor:
-        """Eq. (7) to t*, then Alg. 1's guided reverse steps; ``x`` (the input ``x'``) in [-1, 1]."""
+    def respaced_chain(self, x: torch.Tensor, denoising_steps: int | None) -> torch.Tensor:
+        """Eq. (7) to t*, then Alg. 1's guided reverse steps (respaced to ``denoising_steps`` when given); ``x`` (the
+        input ``x'``) in [-1, 1]."""
         with torch.inference_mode(False):
             x = x.clone() if x.is_inference() else x
             attacked = torch.is_grad_enabled() and x.requires_grad  # the attack differentiates the guidance too
@@ -184,7 +185,8 @@ class AGDM(DiffusionPurifier):
                     return torch.autograd.grad(log_guidance, probe, create_graph=attacked)[0]
 
             return guided_ddpm_purification(self.denoise, self.schedule, x, self.depth, guidance, self.guidance_ratio,
-                                            clip_denoised=self.clip_denoised)  # fmt: skip
+                                            clip_denoised=self.clip_denoised,
+                                            denoising_steps=denoising_steps)  # fmt: skip
 
     def extra_repr(self) -> str:
         label = ", label_guidance=True" if self.label_guidance else ""

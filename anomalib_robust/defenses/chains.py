@@ -42,7 +42,7 @@ from collections.abc import Callable
 import torch
 
 from anomalib_robust.models.adv_rad.diffusion import DiffusionSchedule, p_mean_variance, predict_x0, q_sample
-from anomalib_robust.models.adv_rad.reconstruction import Denoiser, arbitrary_shot
+from anomalib_robust.models.adv_rad.reconstruction import Denoiser, arbitrary_shot, uniform_step_schedule
 
 
 def check_level(name: str, level: int, num_timesteps: int) -> int:
@@ -72,6 +72,19 @@ def ddim_timesteps(depth: int, stride: int) -> list[int]:
     return list(range(depth, -1, -stride))
 
 
+def respaced_ddim_timesteps(depth: int, denoising_steps: int) -> list[int]:
+    """``denoising_steps`` + 1 steps from ``depth`` down to 0, evenly spaced and rounded: the DDIM sub-sequence of a
+    chain respaced to fewer U-Net calls (the surrogate process of Lee & Kim, ICCV 2023).
+
+    Raises:
+        ValueError: unless ``1 <= denoising_steps <= depth``.
+    """
+    if isinstance(denoising_steps, bool) or not isinstance(denoising_steps, int) or not 1 <= denoising_steps <= depth:
+        msg = f"denoising_steps must be an integer with 1 <= denoising_steps <= {depth}, got {denoising_steps!r}."
+        raise ValueError(msg)
+    return torch.linspace(depth, 0, denoising_steps + 1).round().long().tolist()
+
+
 def ddpm_purification(
     denoiser: Denoiser,
     schedule: DiffusionSchedule,
@@ -80,17 +93,22 @@ def ddpm_purification(
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     clip_denoised: bool = False,
+    denoising_steps: int | None = None,
 ) -> torch.Tensor:
     """DiffPure: diffuse ``x`` to step ``level`` (eq. 3), then DDPM ancestral sampling ``level -> 0``.
 
     ``noise`` is the eps of the diffusion (drawn when ``None``); the reverse steps draw fresh noise (``generator``).
+    ``denoising_steps`` < ``level`` respaces the reverse chain to that many U-Net calls, evenly spaced from ``level``
+    (the schedule respacing of Nichol & Dhariwal, 2021, as AdvRAD's arbitrary shot): the surrogate process that Lee &
+    Kim (ICCV 2023) differentiate in place of the full chain.
     """
     check_level("level", level, schedule.num_timesteps)
     if level == 0:
         return x
     if noise is None:
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return arbitrary_shot(denoiser, schedule, x, list(range(level, 0, -1)), noise, generator, clip_denoised)
+    steps = list(range(level, 0, -1)) if denoising_steps is None else uniform_step_schedule(level, denoising_steps)
+    return arbitrary_shot(denoiser, schedule, x, steps, noise, generator, clip_denoised)
 
 
 def ddim_purification(
@@ -103,13 +121,15 @@ def ddim_purification(
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     clip_denoised: bool = False,
+    denoising_steps: int | None = None,
 ) -> torch.Tensor:
     """TMA (TMA paper, Alg. 2): diffuse ``x`` to ``depth`` = T*, then stochastic DDIM along ``(T*, ..., stride, 0)``.
 
     ``eta`` scales the per-step noise sigma_t (0: deterministic DDIM; 1: the DDPM posterior variance on the
     sub-sequence); ``noise`` is the eps of the diffusion (drawn when ``None``). With ``clip_denoised`` the clamped
     ``x0_hat`` also gives the eps of the step, ``(x_t - sqrt(abar_t) x0_hat) / sqrt(1 - abar_t)``, as
-    ``improved-diffusion``'s DDIM sampler.
+    ``improved-diffusion``'s DDIM sampler. ``denoising_steps`` replaces the sub-sequence by
+    :func:`respaced_ddim_timesteps` (the surrogate process of Lee & Kim, ICCV 2023).
     """
     check_level("depth", depth, schedule.num_timesteps)
     if eta < 0:
@@ -117,7 +137,10 @@ def ddim_purification(
         raise ValueError(msg)
     if depth == 0:
         return x
-    steps = ddim_timesteps(depth, stride)
+    if denoising_steps is None:
+        steps = ddim_timesteps(depth, stride)
+    else:
+        steps = respaced_ddim_timesteps(depth, denoising_steps)
     alpha_bar = torch.cat([schedule.alphas_cumprod.new_ones(1), schedule.alphas_cumprod])  # alpha_bar[step]
 
     def timesteps(step: int) -> torch.Tensor:
@@ -170,34 +193,41 @@ def guided_ddpm_purification(
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     clip_denoised: bool = False,
+    denoising_steps: int | None = None,
 ) -> torch.Tensor:
     """AGDM (AGDM paper, Alg. 1): diffuse ``x`` to step ``level`` (eq. 7), then reverse with guided means.
 
     Each step ``t = level, ..., 1`` samples ``x_{t-1} ~ N(mu + s_t * Sigma * guidance(x_t, t), Sigma)``, where
     ``mu, Sigma`` are the U-Net's reverse-step mean and learned variance and ``s_t`` makes the shift ``ratio`` times
     the step's noise (:func:`guidance_shift`); the step to 0 returns the guided mean. The guidance sees ``t`` as the
-    U-Net does (``step - 1``).
+    U-Net does (``step - 1``). ``denoising_steps`` < ``level`` respaces the chain to that many guided steps, as
+    :func:`ddpm_purification` does (the surrogate process of Lee & Kim, ICCV 2023).
     """
     check_level("level", level, schedule.num_timesteps)
     if level == 0:
         return x
     if noise is None:
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    if denoising_steps is None:
+        steps, chain_schedule = list(range(level, 0, -1)), schedule
+    else:
+        steps = uniform_step_schedule(level, denoising_steps)
+        chain_schedule = schedule.respaced([step - 1 for step in reversed(steps)])
 
-    def timesteps(step: int) -> torch.Tensor:
-        return torch.full((x.shape[0],), step - 1, device=x.device, dtype=torch.long)
+    def timesteps(value: int) -> torch.Tensor:
+        return torch.full((x.shape[0],), value, device=x.device, dtype=torch.long)
 
-    def guided_step(xt: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        t = timesteps(step)
-        prediction = p_mean_variance(schedule, denoiser(xt, t), xt, t, clip_denoised)
+    def guided_step(xt: torch.Tensor, step: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        t = timesteps(step - 1)
+        prediction = p_mean_variance(chain_schedule, denoiser(xt, t), xt, timesteps(index), clip_denoised)
         if not ratio:
             return prediction.mean, prediction.log_variance
         shift = guidance_shift(guidance(xt, t), prediction.log_variance, ratio)
         return prediction.mean + shift, prediction.log_variance
 
-    xt = q_sample(schedule, x, timesteps(level), noise)
-    for step in range(level, 1, -1):
-        mean, log_variance = guided_step(xt, step)
+    xt = q_sample(schedule, x, timesteps(level - 1), noise)
+    for index, step in zip(range(len(steps) - 1, 0, -1), steps[:-1], strict=True):
+        mean, log_variance = guided_step(xt, step, index)
         z = torch.randn(xt.shape, generator=generator, device=xt.device, dtype=xt.dtype)
         xt = mean + torch.exp(0.5 * log_variance) * z
-    return guided_step(xt, 1)[0]
+    return guided_step(xt, steps[-1], 0)[0]

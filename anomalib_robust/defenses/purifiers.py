@@ -7,8 +7,14 @@ of the defended system (``stochastic = True``): every call draws fresh noise, so
 
 Full gradients through the whole chain are what the papers attack with (AdvRAD paper, Table 7; TMA paper, sec. 5);
 with ``gradient_checkpointing`` each U-Net evaluation is recomputed in the backward pass instead of stored, so memory
-stays that of one U-Net call plus the chain's images, whatever the number of steps. BPDA (identity backward) is the
-cheaper second attack: ``DetectorScore(purified, bpda={"model.purifier": None})``.
+stays that of one U-Net call plus the chain's images, whatever the number of steps. By default (``"auto"``) it is on
+only where the activations of the whole chain would not fit in half of the memory free on the images' device
+(:meth:`DiffusionPurifier.checkpointing_needed`): on a CPU at 32 x 32 it recomputed every U-Net call for nothing.
+BPDA (identity backward) is the cheaper second attack: ``DetectorScore(purified, bpda={"model.purifier": None})``.
+The surrogate process of Lee & Kim (ICCV 2023, "Robust Evaluation of Diffusion-Based Adversarial Purification") is
+the third: the attack differentiates the same chain respaced to fewer U-Net calls (:class:`RespacedPurifier`,
+``DetectorScore(purified, surrogates={"model.purifier": RespacedPurifier(purifier, 5)})``), while the system is still
+scored with its real chain.
 
 The caveat of the AdvRAD paper, sec. 4.2: a purifier trained on normal data also repairs real defects, so raising the
 level removes the attack and the anomaly signal together. Judge a purifier by standard AND robust AUROC per level.
@@ -22,6 +28,8 @@ Example:
 """
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -29,6 +37,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from anomalib_robust.defenses.chains import check_level, ddim_purification, ddim_timesteps, ddpm_purification
+from anomalib_robust.defenses.memory import activation_bytes, available_memory
 from anomalib_robust.models.adv_rad import AdvRAD
 from anomalib_robust.models.adv_rad.torch_model import AdvRADModel
 
@@ -63,7 +72,9 @@ class DiffusionPurifier(nn.Module, ABC):
     Args:
         denoiser: the diffusion model trained on normal images: an AdvRAD checkpoint path, ``AdvRAD`` or
             ``AdvRADModel``. Only its U-Net and noise schedule are used.
-        gradient_checkpointing: recompute U-Net activations in the backward pass (bounded memory for attacks).
+        gradient_checkpointing: recompute U-Net activations in the backward pass (bounded memory for attacks):
+            ``True``, ``False``, or ``"auto"`` (default): only when the chain's activations need more than
+            :data:`CHECKPOINT_MEMORY_SHARE` of the free memory (:meth:`checkpointing_needed`).
         clip_denoised: clamp every predicted x_0 of the chain to [-1, 1] (``improved-diffusion``'s default; see
             :func:`~anomalib_robust.models.adv_rad.reconstruction.arbitrary_shot`). Off by default: DiffPure p = 25 in
             front of the CPU-preset AdvRAD (Fashion-MNIST trouser) kept its clean image AUROC, 0.691 vs 0.692, paired
@@ -76,7 +87,7 @@ class DiffusionPurifier(nn.Module, ABC):
     def __init__(
         self,
         denoiser: str | Path | AdvRAD | AdvRADModel,
-        gradient_checkpointing: bool = True,
+        gradient_checkpointing: bool | str = "auto",
         clip_denoised: bool = False,
     ) -> None:
         super().__init__()
@@ -85,8 +96,9 @@ class DiffusionPurifier(nn.Module, ABC):
         self.schedule = diffusion.schedule
         self.image_size = tuple(diffusion.image_size)
         self.in_channels = diffusion.in_channels
-        self.gradient_checkpointing = gradient_checkpointing
+        self.gradient_checkpointing = check_checkpointing(gradient_checkpointing)
         self.clip_denoised = clip_denoised
+        self._checkpointing = False  # the decision of the current differentiated call (:meth:`forward`)
         self.requires_grad_(False)
         self.eval()
 
@@ -109,10 +121,29 @@ class DiffusionPurifier(nn.Module, ABC):
         """Purify images ``x`` in [-1, 1]."""
 
     def denoise(self, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """U-Net output ``[eps, v]``, checkpointed when gradients flow and ``gradient_checkpointing`` is on."""
-        if self.gradient_checkpointing and torch.is_grad_enabled() and xt.requires_grad:
+        """U-Net output ``[eps, v]``, checkpointed when gradients flow and the call is checkpointed (:meth:`forward`)."""
+        if self._checkpointing and torch.is_grad_enabled() and xt.requires_grad:
             return checkpoint(lambda x: self.unet(x, t).sample, xt, use_reentrant=False)
         return self.unet(xt, t).sample
+
+    def checkpointing_needed(self, images: torch.Tensor, unet_calls: int) -> bool:
+        """Whether a differentiated chain of ``unet_calls`` U-Net calls on ``images`` needs gradient checkpointing: its
+        stored activations (:func:`~anomalib_robust.defenses.memory.activation_bytes` of one call, times the calls)
+        exceed :data:`CHECKPOINT_MEMORY_SHARE` of the memory free on the images' device. ``True`` or ``False`` given
+        as ``gradient_checkpointing`` decides without measuring."""
+        if isinstance(self.gradient_checkpointing, bool):
+            return self.gradient_checkpointing
+        needed = activation_bytes(self.unet, images) * unet_calls
+        return needed > CHECKPOINT_MEMORY_SHARE * available_memory(images.device)
+
+    @contextmanager
+    def _checkpointing_for(self, images: torch.Tensor, unet_calls: int) -> Iterator[None]:
+        differentiated = torch.is_grad_enabled() and images.requires_grad
+        self._checkpointing = differentiated and self.checkpointing_needed(images, unet_calls)
+        try:
+            yield
+        finally:
+            self._checkpointing = False
 
     def check_images(self, images: torch.Tensor) -> None:
         """Raise a clear error unless ``images`` match the size and channels the denoiser was trained on."""
@@ -128,10 +159,100 @@ class DiffusionPurifier(nn.Module, ABC):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Purified ``images`` (``(N, C, H, W)`` in [0, 1]), clipped to [0, 1]."""
         self.check_images(images)
-        return ((self.chain(images * 2 - 1) + 1) / 2).clamp(0, 1)
+        with self._checkpointing_for(images, self.unet_evaluations):
+            return ((self.chain(images * 2 - 1) + 1) / 2).clamp(0, 1)
 
 
-class DiffPure(DiffusionPurifier):
+class DiffusionChainPurifier(DiffusionPurifier):
+    """A purifier whose reverse chain can be respaced to fewer U-Net calls (DiffPure, TMA, AGDM): the chain of
+    :class:`RespacedPurifier`, the surrogate process of Lee & Kim (ICCV 2023)."""
+
+    @abstractmethod
+    def respaced_chain(self, x: torch.Tensor, denoising_steps: int | None) -> torch.Tensor:
+        """Purify images ``x`` in [-1, 1] with the chain respaced to ``denoising_steps`` U-Net calls (``None``: the
+        purifier's own chain)."""
+
+    def chain(self, x: torch.Tensor) -> torch.Tensor:
+        """The purifier's own chain on images ``x`` in [-1, 1]."""
+        return self.respaced_chain(x, None)
+
+    def respaced(self, images: torch.Tensor, denoising_steps: int) -> torch.Tensor:
+        """``images`` in [0, 1] purified by the chain respaced to ``denoising_steps`` U-Net calls, clipped to [0, 1]."""
+        self.check_images(images)
+        with self._checkpointing_for(images, denoising_steps):
+            return ((self.respaced_chain(images * 2 - 1, denoising_steps) + 1) / 2).clamp(0, 1)
+
+
+class RespacedPurifier(nn.Module):
+    """The surrogate process of Lee & Kim (ICCV 2023, "Robust Evaluation of Diffusion-Based Adversarial Purification"):
+    ``purifier``'s chain over the same noise levels with ``denoising_steps`` U-Net calls, evenly respaced.
+
+    Differentiating the full chain costs its every U-Net call forward and backward; the respaced chain's gradient
+    approximates it at a fraction of the cost. An attack differentiates this module in place of the purifier
+    (``DetectorScore(..., surrogates={"model.purifier": RespacedPurifier(purifier, m)})``), while the defended system
+    is scored with its real chain, so a weaker surrogate can only make the attack weaker, never the reported
+    robustness lower than it is. Whether it is at least as strong as the full gradient is measured, paired
+    (``benchmarks/purifier_attack_cost.py``).
+
+    Args:
+        purifier: DiffPure, TMA or AGDM (a :class:`DiffusionChainPurifier`).
+        denoising_steps: U-Net calls of the respaced chain, ``1 <= m <= purifier.unet_evaluations``.
+
+    Raises:
+        TypeError: for a purifier without a respaceable chain (RAP's is one adapter call).
+        ValueError: naming ``denoising_steps`` when it is out of range.
+    """
+
+    stochastic = True
+    """The respaced chain draws fresh noise at every call, as the purifier does."""
+
+    def __init__(self, purifier: DiffusionPurifier, denoising_steps: int) -> None:
+        super().__init__()
+        if not isinstance(purifier, DiffusionChainPurifier):
+            msg = (
+                f"the surrogate gradient respaces a diffusion chain (DiffPure, TMA, AGDM); {type(purifier).__name__} "
+                "has none: attack it with full gradients or BPDA."
+            )
+            raise TypeError(msg)
+        calls = purifier.unet_evaluations
+        steps = denoising_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= max(calls, 1):
+            msg = f"denoising_steps must be an integer in [1, {calls}] (the purifier's U-Net calls), got {steps!r}."
+            raise ValueError(msg)
+        self.purifier = purifier
+        self.denoising_steps = denoising_steps
+
+    @property
+    def unet_evaluations(self) -> int:
+        """U-Net calls per image of the respaced chain."""
+        return self.denoising_steps
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` in [0, 1] purified by the respaced chain."""
+        return self.purifier.respaced(images, self.denoising_steps)
+
+    def extra_repr(self) -> str:
+        return f"denoising_steps={self.denoising_steps}"
+
+
+CHECKPOINT_MEMORY_SHARE = 0.5
+"""Gradient checkpointing turns on (``gradient_checkpointing="auto"``) when a differentiated chain's activations would
+take more than this share of the memory free on its device."""
+
+
+def check_checkpointing(value: bool | str) -> bool | str:
+    """``value`` if it is ``True``, ``False`` or ``"auto"``.
+
+    Raises:
+        ValueError: naming ``gradient_checkpointing`` otherwise.
+    """
+    if not isinstance(value, bool) and value != "auto":
+        msg = f"gradient_checkpointing must be True, False or 'auto', got {value!r}."
+        raise ValueError(msg)
+    return value
+
+
+class DiffPure(DiffusionChainPurifier):
     """DiffPure (Nie et al., ICML 2022) as applied to anomaly detection in the AdvRAD paper (sec. 4.2, Tables 2, 7, 13).
 
     Diffuse to purification level ``p`` (eq. 3), then reverse DDPM ``p -> 0`` with the learned variance
@@ -149,7 +270,7 @@ class DiffPure(DiffusionPurifier):
         self,
         denoiser: str | Path | AdvRAD | AdvRADModel,
         level: int = 100,
-        gradient_checkpointing: bool = True,
+        gradient_checkpointing: bool | str = "auto",
         clip_denoised: bool = False,
     ) -> None:
         super().__init__(denoiser, gradient_checkpointing, clip_denoised)
@@ -160,15 +281,17 @@ class DiffPure(DiffusionPurifier):
         """``p`` U-Net calls per image."""
         return self.level
 
-    def chain(self, x: torch.Tensor) -> torch.Tensor:
-        """Eq. (3) to step ``p``, then DDPM ``p -> 0``."""
-        return ddpm_purification(self.denoise, self.schedule, x, self.level, clip_denoised=self.clip_denoised)
+    def respaced_chain(self, x: torch.Tensor, denoising_steps: int | None) -> torch.Tensor:
+        """Eq. (3) to step ``p``, then DDPM ``p -> 0`` (respaced to ``denoising_steps`` calls when given)."""
+        return ddpm_purification(
+            self.denoise, self.schedule, x, self.level, clip_denoised=self.clip_denoised, denoising_steps=denoising_steps
+        )
 
     def extra_repr(self) -> str:
         return f"level={self.level}" + (", clip_denoised=True" if self.clip_denoised else "")
 
 
-class TMA(DiffusionPurifier):
+class TMA(DiffusionChainPurifier):
     """Threat-model-agnostic purification (TMA paper, Blau et al., Alg. 2): stochastic DDIM from ``T*``.
 
     Diffuse to ``depth`` = T*, then DDIM along ``(T*, T* - stride, ..., stride, 0)`` (eq. 4) with noise ``sigma_t``
@@ -196,7 +319,7 @@ class TMA(DiffusionPurifier):
         depth: int = 140,
         stride: int = 10,
         eta: float = 1.0,
-        gradient_checkpointing: bool = True,
+        gradient_checkpointing: bool | str = "auto",
         clip_denoised: bool = False,
     ) -> None:
         super().__init__(denoiser, gradient_checkpointing, clip_denoised)
@@ -214,11 +337,12 @@ class TMA(DiffusionPurifier):
         """``T* / stride`` U-Net calls per image."""
         return self.depth // self.stride
 
-    def chain(self, x: torch.Tensor) -> torch.Tensor:
-        """Eq. (3) to T*, then stochastic DDIM along the sub-sequence."""
+    def respaced_chain(self, x: torch.Tensor, denoising_steps: int | None) -> torch.Tensor:
+        """Eq. (3) to T*, then stochastic DDIM along the sub-sequence (respaced to ``denoising_steps`` when given)."""
         return ddim_purification(
-            self.denoise, self.schedule, x, self.depth, self.stride, self.eta, clip_denoised=self.clip_denoised
-        )
+            self.denoise, self.schedule, x, self.depth, self.stride, self.eta,
+            clip_denoised=self.clip_denoised, denoising_steps=denoising_steps,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         clip = ", clip_denoised=True" if self.clip_denoised else ""

@@ -55,7 +55,7 @@ from anomalib_robust.attacks import APGD, ATTACKS, PGD, Attack, DetectorScore, N
 from anomalib_robust.attacks.base import check_count, check_norm, check_positive
 from anomalib_robust.attacks.eot import check_max_batch
 from anomalib_robust.attacks.pgd import check_select
-from anomalib_robust.defenses import DiffusionPurifier, Purified
+from anomalib_robust.defenses import DiffusionPurifier, Purified, RespacedPurifier
 from anomalib_robust.evaluation.budget import (
     DEFAULT_SANITY_BUDGET,
     EvaluationPlan,
@@ -102,7 +102,16 @@ from anomalib_robust.evaluation.sharding import (
 logger = logging.getLogger(__name__)
 
 PURIFIER_GRADIENTS = ("full", "bpda")
-"""How attacks differentiate through a defense's purifier: the whole chain, or BPDA with the identity backward."""
+"""How attacks differentiate through a defense's purifier by default: the whole chain, and BPDA with the identity
+backward (each a configured run; the report's worst case is taken per image over them)."""
+
+PURIFIER_GRADIENT_MODES = (*PURIFIER_GRADIENTS, "surrogate")
+"""Every mode of ``purifier_gradients``: ``"surrogate"`` differentiates the purifier's chain respaced to
+``surrogate_steps`` U-Net calls (the surrogate process of Lee & Kim, ICCV 2023;
+:class:`~anomalib_robust.defenses.purifiers.RespacedPurifier`), while the system is scored with its real chain."""
+
+DEFAULT_SURROGATE_STEPS = 5
+"""U-Net calls of the surrogate chain (``purifier_gradients`` with ``"surrogate"``), at most the purifier's own."""
 
 RESOLUTIONS = ("model", "native")
 """Where eps is measured: at the model's input size (default), or on the test image before the pre-processor."""
@@ -237,7 +246,9 @@ class RobustEvaluator:
         num_grid_images: images in the grid of clean vs adversarial examples (0 for none).
         seed: root of every seed of the evaluation; the global RNG is restored afterwards.
         defense: a diffusion purifier (DiffPure, TMA) put in front of the detector; ``None`` evaluates the detector.
-        purifier_gradients: with a defense, attack through the purifier with ``"full"`` gradients, ``"bpda"``, or both.
+        purifier_gradients: with a defense, attack through the purifier with ``"full"`` gradients, ``"bpda"``, the
+            ``"surrogate"`` chain, or several (:data:`PURIFIER_GRADIENT_MODES`); each is a configured run.
+        surrogate_steps: U-Net calls of the surrogate chain, capped at the purifier's own.
         resume_dir: keep every attacked batch's scores in this directory as soon as they are computed, so that an
             interrupted evaluation run again with the same settings and model resumes, with the same numbers
             (:mod:`~anomalib_robust.evaluation.resume`); removed once the report is built. ``None``: nothing is kept.
@@ -268,6 +279,7 @@ class RobustEvaluator:
         seed: int = 0,
         defense: DiffusionPurifier | None = None,
         purifier_gradients: str | Sequence[str] = PURIFIER_GRADIENTS,
+        surrogate_steps: int = DEFAULT_SURROGATE_STEPS,
         resume_dir: str | Path | None = None,
     ) -> None:
         self.attacks = [attacks] if isinstance(attacks, str) else list(attacks)
@@ -314,9 +326,11 @@ class RobustEvaluator:
             raise TypeError(msg)
         self.defense = defense
         self.purifier_gradients = [purifier_gradients] if isinstance(purifier_gradients, str) else purifier_gradients
-        if not self.purifier_gradients or any(mode not in PURIFIER_GRADIENTS for mode in self.purifier_gradients):
-            msg = f"purifier_gradients must be a non-empty subset of {PURIFIER_GRADIENTS}, got {purifier_gradients!r}."
+        modes = PURIFIER_GRADIENT_MODES
+        if not self.purifier_gradients or any(mode not in modes for mode in self.purifier_gradients):
+            msg = f"purifier_gradients must be a non-empty subset of {modes}, got {purifier_gradients!r}."
             raise ValueError(msg)
+        self.surrogate_steps = check_count("surrogate_steps", surrogate_steps)
         self.resume_dir = check_resume_dir(resume_dir)
 
     def evaluate(
@@ -416,7 +430,7 @@ class RobustEvaluator:
             "eot_samples": self.eot_samples, "max_batch": self.max_batch, "eval_repeats": self.eval_repeats,
             "targets": self.targets, "resolution": self.resolution, "sanity_checks": self.sanity_checks,
             "sanity_budget": self.sanity_budget, "large_eps": self.large_eps, "max_samples": self.max_samples,
-            "seed": self.seed, "purifier_gradients": self.purifier_gradients,
+            "seed": self.seed, "purifier_gradients": self.purifier_gradients, "surrogate_steps": self.surrogate_steps,
         }  # fmt: skip
         fingerprint = {**attack_settings, "model": model_fingerprint(model), "test_set": dataset_fingerprint(loaders)}
         store = BatchStore(self.resume_dir, fingerprint)
@@ -483,14 +497,20 @@ class RobustEvaluator:
         """The scores the attacks differentiate: the detector, or one per purifier-gradient mode with a defense."""
         if self.defense is None:
             return [detector]
-        bpda = DetectorScore(
-            detector.detector,
-            detector.eot_samples,
-            bpda={"model.purifier": None},
-            max_batch=detector.max_batch,
-            stochastic=detector.stochastic,
-        )
-        return [detector if mode == "full" else bpda for mode in self.purifier_gradients]
+        detectors = []
+        for mode in self.purifier_gradients:
+            if mode == "full":
+                detectors.append(detector)
+                continue
+            stage = {"model.purifier": None if mode == "bpda" else self._surrogate()}
+            path = {"bpda": stage} if mode == "bpda" else {"surrogates": stage}
+            detectors.append(DetectorScore(detector.detector, detector.eot_samples, max_batch=detector.max_batch,
+                                           stochastic=detector.stochastic, **path))  # fmt: skip
+        return detectors
+
+    def _surrogate(self) -> RespacedPurifier:
+        """The defense's chain respaced to ``surrogate_steps`` U-Net calls (at most its own)."""
+        return RespacedPurifier(self.defense, min(self.surrogate_steps, self.defense.unet_evaluations))
 
     def _runs(self, detectors: list[DetectorScore], images: int) -> list[_Run]:
         """The configured runs: every attack, target and eps, per attacked detector, on all ``images``."""
@@ -576,7 +596,8 @@ class RobustEvaluator:
         more = detector
         if detector.stochastic:
             more = DetectorScore(detector.detector, CONVERGENCE_FACTOR * detector.eot_samples, bpda=detector.bpda,
-                                 max_batch=detector.max_batch, stochastic=True)  # fmt: skip
+                                 max_batch=detector.max_batch, stochastic=True,
+                                 surrogates=detector.surrogates)  # fmt: skip
         name = "apgd" if isinstance(paired, APGD) else "pgd"
         run = self._make_run(name, largest, more, total, total, steps=CONVERGENCE_FACTOR * paired.steps)
         run.check, run.pairs_with = "convergence", pairs_with

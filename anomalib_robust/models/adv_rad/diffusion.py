@@ -63,8 +63,10 @@ class DiffusionSchedule(nn.Module):
         alphas_cumprod = torch.cumprod(1 - betas, dim=0)
         alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
         posterior_variance = betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod)
-        # beta-tilde_1 is 0; as Nichol & Dhariwal, its log uses beta-tilde_2 so that eq. (11) stays finite.
-        posterior_log_variance = torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]]))
+        # beta-tilde_1 is 0; as Nichol & Dhariwal, its log uses beta-tilde_2 so that eq. (11) stays finite. A one-step
+        # schedule (a chain respaced to one step) has no beta-tilde_2: its log uses beta_1, the "fixed large" variance.
+        first = posterior_variance[1:2] if betas.shape[0] > 1 else betas
+        posterior_log_variance = torch.log(torch.cat([first, posterior_variance[1:]]))
         constants = {
             "betas": betas,
             "alphas_cumprod": alphas_cumprod,

@@ -89,12 +89,14 @@ def test_purified_is_not_trained(fitted: dict, tmp_path: Path) -> None:
         Purified(torch.nn.Linear(2, 2), TMA(fitted["adv_rad"], depth=10, stride=5))
 
 
-def test_robust_eval_attacks_through_the_purifier_with_full_gradients_and_bpda(
+def test_robust_eval_attacks_through_the_purifier_with_full_gradients_bpda_and_the_surrogate(
     fitted: dict, tmp_path: Path, device: torch.device
 ) -> None:
     padim, datamodule = fitted["padim"], fitted["datamodule"]
     pre_processor, training = padim.pre_processor, padim.training
-    callback = RobustEval(defense=TMA(fitted["adv_rad"], depth=10, stride=5), **SETTINGS)
+    defense = TMA(fitted["adv_rad"], depth=10, stride=5)
+    callback = RobustEval(defense=defense, purifier_gradients=["full", "bpda", "surrogate"], surrogate_steps=1,
+                          **SETTINGS)  # fmt: skip
     try:
         (metrics,) = _engine(tmp_path, callbacks=[callback], accelerator=device.type).test(padim, datamodule=datamodule)
     finally:
@@ -102,11 +104,12 @@ def test_robust_eval_attacks_through_the_purifier_with_full_gradients_and_bpda(
     report = callback.report
     assert report.model == "TMA(depth=10, stride=5, eta=1.0)+Padim"
     assert report.eot_samples == 2
-    assert [result.attack for result in report.results] == ["EOT-PGD", "BPDA+EOT-PGD", "Worst case"]
-    full, bpda, worst = report.results
+    attacks = ["EOT-PGD", "BPDA+EOT-PGD", "Surrogate-1+EOT-PGD", "Worst case"]
+    assert [result.attack for result in report.results] == attacks
+    *configured, worst = report.results
     assert all(result.status == "ok" for result in report.results)
     assert all(result.image_auroc <= report.clean_image_auroc + 0.1 for result in report.results)
-    assert worst.role == "worst_case" and worst.image_auroc <= min(full.image_auroc, bpda.image_auroc) + 1e-12
+    assert worst.role == "worst_case" and worst.image_auroc <= min(run.image_auroc for run in configured) + 1e-12
     assert "robust/bpda+eot-pgd_linf_eps0.007843/image_AUROC" in metrics
     assert next(tmp_path.rglob("robust_eval/tma_depth_10_stride_5_eta_1_0_padim/linf/report.json")).is_file()
     assert padim.pre_processor is pre_processor and padim.training == training, "the tested detector is untouched"
@@ -115,8 +118,10 @@ def test_robust_eval_attacks_through_the_purifier_with_full_gradients_and_bpda(
 def test_robust_eval_defense_arguments() -> None:
     with pytest.raises(TypeError, match="defense must be a DiffusionPurifier"):
         RobustEval(defense=torch.nn.Identity())
-    with pytest.raises(ValueError, match=r"purifier_gradients must be a non-empty subset of \('full', 'bpda'\)"):
+    with pytest.raises(ValueError, match=r"purifier_gradients must be a non-empty subset of \('full', 'bpda', 'surr"):
         RobustEval(purifier_gradients=["exact"])
+    with pytest.raises(ValueError, match="surrogate_steps must be"):
+        RobustEval(surrogate_steps=0)
 
 
 def test_cli_with_the_diffpure_config(fitted: dict, tmp_path: Path, anomalib_cli: Callable[..., str]) -> None:

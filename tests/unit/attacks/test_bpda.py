@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from anomalib_robust.attacks import BPDA, PGD, NotDifferentiableError
+from anomalib_robust.attacks import BPDA, PGD, DetectorScore, NotDifferentiableError
 
 
 class Quantise(torch.nn.Module):
@@ -34,3 +34,36 @@ def test_non_differentiable_detector_raises_then_bpda_attacks_it(detector: torch
     assert isinstance(detector.pre_processor, Quantise)
     with pytest.raises(ValueError, match=r"no submodule 'model\.missing'"):
         PGD(detector, bpda={"model.missing": None})
+
+
+class Scale(torch.nn.Module):
+    """A stage that multiplies its input, counting its calls."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor, self.calls = factor, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.factor * x
+
+
+def test_a_surrogate_stage_gives_the_gradient_and_the_real_stage_the_scores(linear_detector, batch: tuple) -> None:
+    """The surrogate process of Lee & Kim: the attack's gradient steps run the surrogate, scoring runs the real stage,
+    and the model is left as found."""
+    images, labels = batch
+    detector = linear_detector(torch.ones(3, 8, 8))
+    real, surrogate = Scale(1.0), Scale(-3.0)
+    detector.pre_processor = real
+    score = DetectorScore(detector, surrogates={"pre_processor": surrogate})
+    with score.prepared():
+        _, gradient = score.objective_and_gradient(images, labels)
+        assert surrogate.calls == 1 and real.calls == 0
+        scores, _ = score.predict(images)
+    signs = torch.where(labels.bool(), -1.0, 1.0).view(-1, 1, 1, 1)  # y = +1 normal, -1 anomalous
+    torch.testing.assert_close(gradient, -3.0 * signs.expand_as(images))
+    torch.testing.assert_close(scores, images.flatten(1).sum(dim=1))
+    assert real.calls == 1 and detector.pre_processor is real
+    assert PGD(score).label == "Surrogate+PGD"
+    with pytest.raises(ValueError, match=r"surrogates: .* no submodule 'model\.missing'"):
+        DetectorScore(detector, surrogates={"model.missing": surrogate})

@@ -3,10 +3,12 @@
 import pytest
 import torch
 from shared_artifacts import TINY_ADVRAD
+from torch.utils.checkpoint import checkpoint
 
 from anomalib_robust.attacks import BPDA
-from anomalib_robust.defenses import TMA, DiffPure
+from anomalib_robust.defenses import TMA, DiffPure, RespacedPurifier, purifiers
 from anomalib_robust.defenses.chains import ddim_purification, ddim_timesteps, ddpm_purification
+from anomalib_robust.defenses.memory import activation_bytes
 from anomalib_robust.models.adv_rad.diffusion import DiffusionSchedule, predict_x0, q_sample
 from anomalib_robust.models.adv_rad.reconstruction import one_shot
 from anomalib_robust.models.adv_rad.torch_model import AdvRADModel
@@ -185,3 +187,70 @@ def test_denoiser_argument_errors(tmp_path) -> None:
         DiffPure(tmp_path / "missing.ckpt")
     with pytest.raises(TypeError, match="denoiser must be an AdvRAD checkpoint path"):
         DiffPure(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize(
+    ("purifier_class", "arguments", "steps"),
+    [(DiffPure, {"level": 4}, 4), (TMA, {"depth": 20, "stride": 5}, 4)],
+)
+def test_a_chain_respaced_to_its_own_steps_is_the_chain_draw_for_draw(
+    denoiser: AdvRADModel, purifier_class: type, arguments: dict, steps: int
+) -> None:
+    purifier = purifier_class(denoiser, **arguments)
+    images = torch.rand(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        real = purifier(images)
+        torch.manual_seed(3)
+        respaced = RespacedPurifier(purifier, steps)(images)
+    torch.testing.assert_close(respaced, real)
+
+
+@pytest.mark.parametrize(
+    ("purifier_class", "arguments", "steps"),
+    [(DiffPure, {"level": 25}, 5), (DiffPure, {"level": 5}, 1), (TMA, {"depth": 60, "stride": 10}, 2)],
+)
+def test_the_surrogate_chain_makes_its_own_number_of_unet_calls_and_has_a_gradient(
+    denoiser: AdvRADModel, purifier_class: type, arguments: dict, steps: int
+) -> None:
+    surrogate = RespacedPurifier(purifier_class(denoiser, **arguments, gradient_checkpointing=False), steps)
+    counted = []
+    handle = surrogate.purifier.unet.register_forward_hook(lambda *_: counted.append(1))
+    images = torch.rand(2, 3, SIZE, SIZE, requires_grad=True)
+    try:
+        (gradient,) = torch.autograd.grad(surrogate(images).sum(), images)
+    finally:
+        handle.remove()
+    assert len(counted) == steps == surrogate.unet_evaluations
+    assert gradient.abs().sum() > 0
+
+
+def test_surrogate_arguments(denoiser: AdvRADModel) -> None:
+    with pytest.raises(TypeError, match="the surrogate gradient respaces a diffusion chain"):
+        RespacedPurifier(torch.nn.Identity(), 2)
+    for steps in (0, 26, 2.5):
+        with pytest.raises(ValueError, match=r"denoising_steps must be an integer in \[1, 25\]"):
+            RespacedPurifier(DiffPure(denoiser, level=25), steps)
+
+
+def test_automatic_checkpointing_follows_the_memory_the_chain_needs(
+    denoiser: AdvRADModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    purifier = DiffPure(denoiser, level=3)
+    images = torch.rand(2, 3, SIZE, SIZE, requires_grad=True)
+    one_call = activation_bytes(purifier.unet, images)
+    assert one_call == 2 * activation_bytes(purifier.unet, images[:1]) > 0
+    checkpointed = []
+    counting = lambda *args, **kwargs: checkpointed.append(1) or checkpoint(*args, **kwargs)  # noqa: E731
+    monkeypatch.setattr(purifiers, "checkpoint", counting)
+    gradients = []
+    for free in (2 * 3 * one_call, 2 * 3 * one_call - 1):  # exactly enough for the chain's 3 calls, then 1 byte less
+        monkeypatch.setattr(purifiers, "available_memory", lambda device, free=free: free)
+        assert purifier.checkpointing_needed(images, purifier.unet_evaluations) is (free < 2 * 3 * one_call)
+        torch.manual_seed(1)
+        gradients.append(torch.autograd.grad(purifier(images).sum(), images)[0])
+    assert len(checkpointed) == 3, "only the call that did not fit was checkpointed, at every U-Net call"
+    torch.testing.assert_close(gradients[0], gradients[1])
+    assert DiffPure(denoiser, level=3, gradient_checkpointing=False).checkpointing_needed(images, 10**9) is False
+    with pytest.raises(ValueError, match="gradient_checkpointing must be True, False or 'auto'"):
+        DiffPure(denoiser, level=3, gradient_checkpointing="always")
