@@ -52,6 +52,7 @@ from anomalib_robust.attacks.eot import (
     tile,
 )
 from anomalib_robust.attacks.objective import attack_objective, map_objective
+from anomalib_robust.attacks.precision import check_gradient_precision, gradient_autocast
 from anomalib_robust.attacks.unmasking import unmasked_gradients
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,8 @@ class DetectorScore(nn.Module):
             U-Net calls, :class:`~anomalib_robust.defenses.purifiers.RespacedPurifier`). Only
             :meth:`objective_and_gradient` sees them, so its objective is the surrogate's; scoring, re-scoring and
             :meth:`objective` use the real stages.
+        gradient_precision: ``"fp32"``, ``"bf16"`` or ``"auto"``: the autocast of :meth:`objective_and_gradient`
+            (:mod:`~anomalib_robust.attacks.precision`); scores are always fp32.
     """
 
     def __init__(
@@ -98,6 +101,7 @@ class DetectorScore(nn.Module):
         max_batch: int | None = None,
         stochastic: bool | None = None,
         surrogates: Mapping[str, nn.Module] | None = None,
+        gradient_precision: str = "fp32",
     ) -> None:
         super().__init__()
         if not isinstance(getattr(model, "model", None), nn.Module):
@@ -113,6 +117,7 @@ class DetectorScore(nn.Module):
         self.max_batch = check_max_batch(max_batch)
         self.bpda = check_stages(model, bpda or {})
         self.surrogates = check_stages(model, surrogates or {}, argument="surrogates")
+        self.gradient_precision = check_gradient_precision(gradient_precision)
         self._is_prepared = False
         self._pixel_masks: torch.Tensor | None = None
 
@@ -230,15 +235,17 @@ class DetectorScore(nn.Module):
         labels: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """EOT estimate of the objective per sample and of its gradient w.r.t. ``images`` (AdvRAD paper, eq. 1-2),
-        through the ``surrogates`` where there are any."""
+        through the ``surrogates`` where there are any, under the autocast of ``gradient_precision``; both are
+        returned in the images' dtype."""
         replacements = {path: lambda _, stage=stage: stage for path, stage in self.surrogates.items()}
-        with swapped_stages(self.detector, replacements):
-            return expected_value_and_gradient(
+        with swapped_stages(self.detector, replacements), gradient_autocast(self.gradient_precision, images.device):
+            objective, gradient = expected_value_and_gradient(
                 lambda x: self.differentiable_objective(x, labels),
                 images,
                 self.eot_samples,
                 self.max_batch,
             )
+        return objective.to(images.dtype), gradient.to(images.dtype)
 
     def objective(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """EOT estimate of the objective (``y * A(x)``, or the map objective) per sample, without gradients."""

@@ -86,6 +86,8 @@ class RobustEval(Callback):
         purifier_gradients: with a defense, ``"full"`` gradients through the purifier, ``"bpda"``, the ``"surrogate"``
             chain respaced to ``surrogate_steps`` U-Net calls (Lee & Kim, ICCV 2023), or several.
         surrogate_steps: U-Net calls of the surrogate chain.
+        gradient_precision: ``"fp32"``, ``"bf16"`` or ``"auto"`` (bf16 autocast of the attacks' gradient passes where
+            the hardware computes bf16 natively); the reported scores stay fp32.
         resume_dir: keep every attacked batch's scores there as they are computed, so that an interrupted test run
             again with the same settings and checkpoint resumes where it stopped; ``None`` keeps nothing.
     """
@@ -118,6 +120,7 @@ class RobustEval(Callback):
         defense: DiffusionPurifier | None = None,
         purifier_gradients: Sequence[str] = PURIFIER_GRADIENTS,
         surrogate_steps: int = DEFAULT_SURROGATE_STEPS,
+        gradient_precision: str = "fp32",
         resume_dir: str | Path | None = None,
     ) -> None:
         super().__init__()
@@ -146,6 +149,7 @@ class RobustEval(Callback):
             defense=defense,
             purifier_gradients=purifier_gradients,
             surrogate_steps=surrogate_steps,
+            gradient_precision=gradient_precision,
             resume_dir=resume_dir,
         )
         self.plots = plots

@@ -55,6 +55,7 @@ from anomalib_robust.attacks import APGD, ATTACKS, PGD, Attack, DetectorScore, N
 from anomalib_robust.attacks.base import check_count, check_norm, check_positive
 from anomalib_robust.attacks.eot import check_max_batch
 from anomalib_robust.attacks.pgd import check_select
+from anomalib_robust.attacks.precision import check_gradient_precision
 from anomalib_robust.defenses import DiffusionPurifier, Purified, RespacedPurifier
 from anomalib_robust.evaluation.budget import (
     DEFAULT_SANITY_BUDGET,
@@ -249,6 +250,8 @@ class RobustEvaluator:
         purifier_gradients: with a defense, attack through the purifier with ``"full"`` gradients, ``"bpda"``, the
             ``"surrogate"`` chain, or several (:data:`PURIFIER_GRADIENT_MODES`); each is a configured run.
         surrogate_steps: U-Net calls of the surrogate chain, capped at the purifier's own.
+        gradient_precision: ``"fp32"`` (default), ``"bf16"`` or ``"auto"`` (bf16 where the hardware has it): the
+            autocast of the attacks' gradient passes (:mod:`~anomalib_robust.attacks.precision`); scores stay fp32.
         resume_dir: keep every attacked batch's scores in this directory as soon as they are computed, so that an
             interrupted evaluation run again with the same settings and model resumes, with the same numbers
             (:mod:`~anomalib_robust.evaluation.resume`); removed once the report is built. ``None``: nothing is kept.
@@ -280,6 +283,7 @@ class RobustEvaluator:
         defense: DiffusionPurifier | None = None,
         purifier_gradients: str | Sequence[str] = PURIFIER_GRADIENTS,
         surrogate_steps: int = DEFAULT_SURROGATE_STEPS,
+        gradient_precision: str = "fp32",
         resume_dir: str | Path | None = None,
     ) -> None:
         self.attacks = [attacks] if isinstance(attacks, str) else list(attacks)
@@ -331,6 +335,7 @@ class RobustEvaluator:
             msg = f"purifier_gradients must be a non-empty subset of {modes}, got {purifier_gradients!r}."
             raise ValueError(msg)
         self.surrogate_steps = check_count("surrogate_steps", surrogate_steps)
+        self.gradient_precision = check_gradient_precision(gradient_precision)
         self.resume_dir = check_resume_dir(resume_dir)
 
     def evaluate(
@@ -350,7 +355,8 @@ class RobustEvaluator:
         """
         if self.defense is not None:
             model = Purified(model, self.defense, visualizer=False).to(model.device)
-        detector = DetectorScore(model, eot_samples=self.eot_samples, max_batch=self.max_batch)
+        detector = DetectorScore(model, eot_samples=self.eot_samples, max_batch=self.max_batch,
+                                 gradient_precision=self.gradient_precision)  # fmt: skip
         loaders = list(loaders)
         device = next(model.parameters(), torch.empty(0)).device
         self._detect_randomness(detector, loaders, device)
@@ -431,6 +437,7 @@ class RobustEvaluator:
             "targets": self.targets, "resolution": self.resolution, "sanity_checks": self.sanity_checks,
             "sanity_budget": self.sanity_budget, "large_eps": self.large_eps, "max_samples": self.max_samples,
             "seed": self.seed, "purifier_gradients": self.purifier_gradients, "surrogate_steps": self.surrogate_steps,
+            "gradient_precision": self.gradient_precision,
         }  # fmt: skip
         fingerprint = {**attack_settings, "model": model_fingerprint(model), "test_set": dataset_fingerprint(loaders)}
         store = BatchStore(self.resume_dir, fingerprint)
@@ -505,7 +512,8 @@ class RobustEvaluator:
             stage = {"model.purifier": None if mode == "bpda" else self._surrogate()}
             path = {"bpda": stage} if mode == "bpda" else {"surrogates": stage}
             detectors.append(DetectorScore(detector.detector, detector.eot_samples, max_batch=detector.max_batch,
-                                           stochastic=detector.stochastic, **path))  # fmt: skip
+                                           stochastic=detector.stochastic,
+                                           gradient_precision=detector.gradient_precision, **path))  # fmt: skip
         return detectors
 
     def _surrogate(self) -> RespacedPurifier:
@@ -596,8 +604,8 @@ class RobustEvaluator:
         more = detector
         if detector.stochastic:
             more = DetectorScore(detector.detector, CONVERGENCE_FACTOR * detector.eot_samples, bpda=detector.bpda,
-                                 max_batch=detector.max_batch, stochastic=True,
-                                 surrogates=detector.surrogates)  # fmt: skip
+                                 max_batch=detector.max_batch, stochastic=True, surrogates=detector.surrogates,
+                                 gradient_precision=detector.gradient_precision)  # fmt: skip
         name = "apgd" if isinstance(paired, APGD) else "pgd"
         run = self._make_run(name, largest, more, total, total, steps=CONVERGENCE_FACTOR * paired.steps)
         run.check, run.pairs_with = "convergence", pairs_with
