@@ -4,7 +4,7 @@ A robust evaluation of a slow detector runs for hours: a purifier in front of it
 its U-Net calls, and EOT by its draws (the leaderboard's ``Purified(Padim, DiffPure p=25)`` cells take about 4 h each
 on one CPU thread). With ``RobustEvaluator(resume_dir=...)`` every attacked batch's deployed scores are written as
 soon as they are computed, one file per (batch, attack run). Each of them has its own seeds
-(:func:`~anomalib_robust.evaluation.evaluator.derive_seed`), so an evaluation that resumes from stored batches gives
+(:func:`~anomalib_robust.evaluation.planning.derive_seed`), so an evaluation that resumes from stored batches gives
 exactly the numbers of one that was never interrupted.
 
 Stored batches are only reused by the same evaluation: they sit under a fingerprint of every evaluator setting that

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from anomalib.engine import Engine
 
-from anomalib_robust.evaluation import RobustEvaluator
+from anomalib_robust.evaluation import execution
 from anomalib_robust.leaderboard import LeaderboardConfigError, RobustBenchmark, RobustBenchmarkJob, validate_entry
 from anomalib_robust.leaderboard.__main__ import main
 
@@ -103,7 +103,7 @@ def test_grid_writes_every_output_resumes_and_merges(
     (padim_trouser,) = [path for path, cell in cells.items()
                         if (cell["model"], cell["category"]) == ("Padim", "trouser")]
     padim_trouser.unlink()
-    attack_seeds, attack_batch = [], RobustEvaluator._attack_batch
+    attack_seeds, attack_batch = [], execution.attack_batch
 
     def killed_after_one_batch(*args: object) -> object:  # (run, images, labels, masks, seed)
         if attack_seeds and interrupt:
@@ -112,7 +112,7 @@ def test_grid_writes_every_output_resumes_and_merges(
         return attack_batch(*args)
 
     monkeypatch.setattr(Engine, "fit", no_refit)
-    monkeypatch.setattr(RobustEvaluator, "_attack_batch", staticmethod(killed_after_one_batch))
+    monkeypatch.setattr(execution, "attack_batch", killed_after_one_batch)
     interrupt = True
     with pytest.raises(KeyboardInterrupt):
         main(["--config", str(config), "--output_dir", str(run)])

@@ -11,7 +11,7 @@ from evaluation_toys import ToyDetector, ToyTestSet, loader
 from torch import nn
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
-from anomalib_robust.evaluation import RobustEvaluator, resume
+from anomalib_robust.evaluation import RobustEvaluator, execution, resume
 from anomalib_robust.evaluation.resume import BatchStore, model_fingerprint
 
 SETTINGS = {
@@ -29,7 +29,7 @@ class Interrupted(Exception):
 def attack_calls(monkeypatch: pytest.MonkeyPatch) -> dict:
     """``{"count": attacked (batch, run) pairs so far, "stop_after": raise Interrupted after that many, or None}``."""
     calls = {"count": 0, "stop_after": None}
-    attack_batch = RobustEvaluator._attack_batch
+    attack_batch = execution.attack_batch
 
     def counted(*args: object) -> torch.Tensor | None:
         if calls["stop_after"] is not None and calls["count"] == calls["stop_after"]:
@@ -37,7 +37,7 @@ def attack_calls(monkeypatch: pytest.MonkeyPatch) -> dict:
         calls["count"] += 1
         return attack_batch(*args)
 
-    monkeypatch.setattr(RobustEvaluator, "_attack_batch", staticmethod(counted))
+    monkeypatch.setattr(execution, "attack_batch", counted)
     return calls
 
 

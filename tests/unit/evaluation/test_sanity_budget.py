@@ -14,8 +14,7 @@ from evaluation_toys import CountingModel, ToyDetector, ToyTestSet, loader
 from rich.console import Console
 from torch.utils.data import Dataset
 
-from anomalib_robust.evaluation import RobustEvaluator, RobustReport
-from anomalib_robust.evaluation import evaluator as evaluator_module
+from anomalib_robust.evaluation import RobustEvaluator, RobustReport, planning
 from anomalib_robust.evaluation.budget import (
     MIN_SANITY_IMAGES,
     Passes,
@@ -27,15 +26,15 @@ from anomalib_robust.evaluation.budget import (
     whole_batches,
 )
 from anomalib_robust.evaluation.metrics import PairedDifference
-from anomalib_robust.evaluation.report import AttackResult
-from anomalib_robust.evaluation.sanity import Convergence, sanity_checks
-from anomalib_robust.evaluation.evaluator import (
+from anomalib_robust.evaluation.planning import (
     GRADIENT_CHECK_DIRECTIONS,
     GRADIENT_CHECK_IMAGES,
     GRADIENT_CHECK_STEPS,
     LARGE_EPS_STEPS,
-    RANDOMNESS_CHECK_IMAGES,
 )
+from anomalib_robust.evaluation.report import AttackResult
+from anomalib_robust.evaluation.sanity import Convergence, sanity_checks
+from anomalib_robust.evaluation.sanity_wiring import RANDOMNESS_CHECK_IMAGES
 
 QUICK = {"eps": [0.02, 0.04], "steps": 3, "num_grid_images": 0}
 
@@ -120,7 +119,7 @@ def test_a_sanity_run_with_the_configured_settings_reproduces_the_configured_run
     """With the convergence factor at 1 the convergence run has the configured run's settings, images, random start,
     draws and scoring noise: its AUROC equals the configured run's on those images, and the difference is exactly 0.
     This is what makes the convergence check paired."""
-    monkeypatch.setattr(evaluator_module, "CONVERGENCE_FACTOR", 1)
+    monkeypatch.setattr(planning, "CONVERGENCE_FACTOR", 1)
     dataset = ToyTestSet(count=40)
     settings = {"attacks": ["pgd"], "eps": 0.02, "steps": 3, "eot_samples": 2, "n_queries": 20, "num_grid_images": 0}
     report, _ = RobustEvaluator(**settings).evaluate(ToyDetector(noise=noise), [loader(dataset, batch_size=8)])
@@ -195,7 +194,7 @@ def test_bad_sanity_budgets_are_named() -> None:
 def test_a_budget_too_small_runs_the_smallest_sanity_runs_and_warns(caplog: pytest.LogCaptureFixture) -> None:
     """The gradient checks alone can exceed a small evaluation's allowance: the checks still run, over budget, the
     paired runs on one batch and Square on its fewest images and queries."""
-    with caplog.at_level(logging.WARNING, logger="anomalib_robust.evaluation.evaluator"):
+    with caplog.at_level(logging.WARNING, logger="anomalib_robust.evaluation.planning"):
         report, _ = RobustEvaluator(sanity_budget=1e-3, **QUICK).evaluate(ToyDetector(), [loader(ToyTestSet())])
     assert "exceed the budget" in caplog.text
     square = next(result for result in report.results if result.attack.endswith("Square"))

@@ -1,0 +1,164 @@
+"""The sanity checks wired into an evaluation: what each check is given, and where its verdict goes.
+
+Before attacking, the first :data:`RANDOMNESS_CHECK_IMAGES` test images are scored twice, so that undeclared noise is
+evaluated as randomness (EOT and repeats). After the attacks, the gradient checks
+(:mod:`~anomalib_robust.evaluation.gradient_check`) run at the configured attack's random starts, and each sanity run
+is compared with the configured runs on its own images (:func:`~anomalib_robust.evaluation.sanity.sanity_checks`,
+Carlini et al., 2019, "On Evaluating Adversarial Robustness", sec. 5): the convergence run by a paired bootstrap of the
+AUROC difference with the configured run whose seeds it shares, Square with the white-box runs on Square's images.
+
+Example:
+    >>> from anomalib_robust.evaluation.sanity_wiring import GRADIENT_CHECKS
+    >>> GRADIENT_CHECKS[0]
+    'autograd matches finite differences'
+"""
+
+import dataclasses
+
+import torch
+from torch.utils.data import DataLoader
+
+from anomalib_robust.attacks import DetectorScore, NotDifferentiableError
+from anomalib_robust.evaluation.assembly import Gathered, image_auroc
+from anomalib_robust.evaluation.execution import selected_images
+from anomalib_robust.evaluation.gradient_check import check_gradient
+from anomalib_robust.evaluation.metrics import paired_auroc_difference
+from anomalib_robust.evaluation.planning import (
+    GRADIENT_CHECK_DIRECTIONS,
+    GRADIENT_CHECK_STEPS,
+    Run,
+    SanityGroup,
+)
+from anomalib_robust.evaluation.report import AttackResult, RobustReport, SanityCheck, format_budget
+from anomalib_robust.evaluation.sanity import Convergence, sanity_checks
+
+RANDOMNESS_CHECK_IMAGES = 8
+"""Test images scored twice to find undeclared noise (the first ones, the same on every rank)."""
+
+GRADIENT_CHECKS = ("autograd matches finite differences", "the gradient predicts the change at the attack's step")
+"""The names of the two gradient checks' verdicts."""
+
+
+def detect_randomness(
+    detector: DetectorScore, loaders: list[DataLoader], device: torch.device, resolution: str
+) -> None:
+    """Score the first :data:`RANDOMNESS_CHECK_IMAGES` test images twice: a detector whose scores differ is
+    evaluated as randomised (EOT, ``eval_repeats``) even if undeclared (:meth:`DetectorScore.detect_randomness`).
+
+    Without test images there is nothing to score; the single-class check names that error.
+    """
+    total = sum(len(loader.dataset) for loader in loaders)
+    if total:
+        first = torch.arange(min(RANDOMNESS_CHECK_IMAGES, total))
+        detector.detect_randomness(selected_images(detector, loaders, first, device, resolution)[0])
+
+
+def gradient_checks(
+    detector: DetectorScore,
+    loaders: list[DataLoader],
+    checked: torch.Tensor,
+    device: torch.device,
+    resolution: str,
+    *,
+    eps: float,
+    norm: str,
+    steps: int,
+    alpha: float | None,
+    seed: int,
+) -> list[SanityCheck]:
+    """The finite-difference and attack-step checks (:mod:`~anomalib_robust.evaluation.gradient_check`) at the
+    configured attack's random starts at the largest ``eps`` (its ``steps`` and ``alpha``, ``None`` for the default),
+    on the test images ``checked``."""
+    images, labels = selected_images(detector, loaders, checked, device, resolution)
+    alpha = alpha or min(eps, 2.5 * eps / steps)
+    budgets = (f"{checked.numel()} images x {GRADIENT_CHECK_DIRECTIONS + 1} directions",
+               f"{checked.numel()} images x {GRADIENT_CHECK_STEPS + 1} steps")  # fmt: skip
+    try:
+        check = check_gradient(detector, images, labels, eps, alpha, norm, GRADIENT_CHECK_DIRECTIONS,
+                               GRADIENT_CHECK_STEPS, seed=seed)  # fmt: skip
+    except NotDifferentiableError:
+        detail = "the score is not differentiable (see the attack rows)"
+        return [SanityCheck(name, None, detail, budget) for name, budget in zip(GRADIENT_CHECKS, budgets, strict=True)]
+    verdicts = (check.finite_difference, check.attack_step)
+    return [
+        SanityCheck(name, verdict.passed, verdict.detail, budget)
+        for name, verdict, budget in zip(GRADIENT_CHECKS, verdicts, budgets, strict=True)
+    ]
+
+
+def judge(
+    report: RobustReport,
+    configured: list[Run],
+    gathered: Gathered,
+    groups: list[SanityGroup],
+    gradient: list[SanityCheck],
+    *,
+    near_zero: float,
+    tolerance: float,
+    sanity_budget: float | None,
+    largest: float,
+    seed: int,
+) -> None:
+    """Write the sanity checks' verdicts into ``report`` (``near_zero`` and ``tolerance`` of
+    :func:`~anomalib_robust.evaluation.sanity.sanity_checks`), with the ``sanity_budget`` and images they had and the
+    baselines they compared with, and mark whether the configured run that the convergence run is paired with
+    converged. ``largest`` is the largest eps, ``seed`` that of the paired bootstrap."""
+    report.sanity_budget = sanity_budget
+    report.sanity_images = max(int(group.subset.numel()) for group in groups)
+    comparisons = _comparisons(configured, gathered, groups, largest, seed)
+    report.baselines = comparisons.pop("baselines")
+    report.checks = sanity_checks(report, near_zero, tolerance, gradient=gradient, **comparisons)
+    convergence = comparisons["convergence"]
+    if convergence is not None:
+        paired = next(run for run in groups[0].runs if run.check == "convergence").pairs_with
+        configured[paired].result.converged = convergence.converged(tolerance)
+
+
+def _on_images(result: AttackResult, scores: torch.Tensor, labels: torch.Tensor, total: int) -> AttackResult:
+    """A copy of the configured run ``result`` measured on the images of ``scores`` and ``labels`` only."""
+    on_images = dataclasses.replace(result, num_images=int(labels.numel()), pixel_auroc=None)
+    on_images.image_auroc, on_images.image_auroc_std = image_auroc(scores, labels)
+    on_images.budget = format_budget(on_images, total)
+    return on_images
+
+
+def _comparisons(
+    configured: list[Run], gathered: Gathered, groups: list[SanityGroup], largest: float, seed: int
+) -> dict[str, object]:
+    """The runs each sanity check compares, by the keyword names of :func:`sanity_checks`, and the configured
+    image-score runs measured on each sanity group's images (``"baselines"``, what those runs are compared with).
+
+    The convergence run is compared with the configured run it is paired with on the same images by a paired
+    bootstrap of the AUROC difference; Square with the configured gradient runs on Square's images (or, when Square is
+    configured, the configured runs on every image)."""
+    total = int(gathered.labels.numel())
+    baselines, comparisons = [], {"convergence": None, "large_eps": None, "square": None}
+    for group in groups:
+        in_group = torch.isin(gathered.indices, group.subset)
+        on_group = [
+            (number, _on_images(run.result, scores[in_group], gathered.labels[in_group], total))
+            for number, (run, scores) in enumerate(zip(configured, gathered.scores, strict=True))
+            if run.result.status == "ok" and run.result.target == "score" and scores is not None
+        ]
+        baselines += [result for _, result in on_group]
+        for run, scores in zip(group.runs, group.scores, strict=True):
+            if scores is None:
+                continue
+            if run.check == "convergence":
+                fewer = dict(on_group).get(run.pairs_with)
+                if fewer is not None:
+                    paired = gathered.scores[run.pairs_with][in_group]
+                    difference = paired_auroc_difference(paired, scores, group.labels, seed=seed)
+                    comparisons["convergence"] = Convergence(fewer, run.result, difference)
+            elif run.check == "square":
+                comparisons["square"], comparisons["square_conclusive"] = run.result, run.conclusive
+                comparisons["white_box"] = [result for _, result in on_group if result.eps == largest]
+            else:
+                comparisons[run.check] = run.result
+    if comparisons["square"] is None:
+        comparisons["square"] = next(
+            (r.result for r in configured if r.result.attack.endswith("Square") and r.result.eps == largest
+             and r.result.target == "score"), None,
+        )  # fmt: skip
+    comparisons["baselines"] = baselines
+    return comparisons
