@@ -26,8 +26,9 @@ adapter, AGDM's guidance network).
 The purifier's diffusion model is AdvRAD's U-Net trained on the class's normal images: ``--denoiser-root`` reuses the
 checkpoints written by ``benchmarks/adv_rad_quality.py`` (``<root>/AdvRAD/FashionMNIST/<class>/*/weights/...``),
 otherwise the CPU preset is trained here. Every finished (class, protocol, system, attack) cell is cached as JSON with
-its per-image scores next to ``--output``, so an interrupted run resumes; within a cell, every attacked batch is kept
-as well (``RobustEvaluator(resume_dir=...)``). Prints tables, never asserts.
+its per-image scores next to ``--output``, under a name that holds the code's key (the package's source digest and
+versions: a commit that changes only docs, tests or benchmarks keeps the cells), so an interrupted run resumes; within
+a cell, every attacked batch is kept as well (``RobustEvaluator(resume_dir=...)``). Prints tables, never asserts.
 
 Example:
     $ make fashion-mnist
@@ -38,6 +39,7 @@ Example:
 """
 
 import argparse
+import hashlib
 import json
 import os
 import time
@@ -55,6 +57,7 @@ from anomalib_robust.data import CLASS_NAMES, FashionMNIST
 from anomalib_robust.defenses import AGDM, TMA, DiffPure, Purified
 from anomalib_robust.defenses.agdm import GUIDANCE_RATIO
 from anomalib_robust.evaluation.metrics import PairedDifference, paired_auroc_difference
+from anomalib_robust.evaluation.provenance import loaded_code_identity, loaded_code_key
 from anomalib_robust.evaluation.report import RobustReport, format_auroc, write_atomic
 from anomalib_robust.models.agdm_guidance.torch_model import ARCHITECTURE
 
@@ -196,7 +199,8 @@ def main() -> None:
                                           **settings)  # fmt: skip
                     report = callback.evaluate(padim, loader)
                 row = results[category, protocol, attack]
-                row[name] = cell(report) | {"attack_seconds": time.perf_counter() - started}
+                row[name] = cell(report) | {"attack_seconds": time.perf_counter() - started,
+                                            "code": loaded_code_identity()}  # fmt: skip
                 if name not in costs:
                     costs[name] = system_cost(name, defense, padim, adv_rad, next(iter(loader)).image[:8])
                     costs[name]["training_seconds"] = training_seconds
@@ -217,11 +221,13 @@ def main() -> None:
 
 
 def attack_key(arguments: argparse.Namespace, attack: tuple[int, int]) -> str:
-    """What names a cell's attack and images in its cache file: a cell is reused only for the same attack, scorings,
-    training images and test images."""
+    """What names a cell's attack, images and code in its cache file: a cell is reused only for the same attack,
+    scorings, training images, test images and code (:func:`~anomalib_robust.evaluation.provenance.loaded_code_key`,
+    which a commit that changes only docs, tests or benchmarks keeps)."""
     steps, eot_samples = attack
     images = f"train{arguments.num_train}_test{arguments.num_test}_n{arguments.max_samples}"
-    return f"steps{steps}_eot{eot_samples}_r{arguments.eval_repeats}_{images}"
+    code = hashlib.sha256(json.dumps(loaded_code_key(), sort_keys=True).encode()).hexdigest()[:8]
+    return f"steps{steps}_eot{eot_samples}_r{arguments.eval_repeats}_{images}_code{code}"
 
 
 def evaluation_settings(arguments: argparse.Namespace, attack: tuple[int, int], runs: Path) -> dict:
