@@ -32,9 +32,9 @@ attack, that of a map-target run the robust localisation.
 3. **the report** (:mod:`~anomalib_robust.evaluation.assembly`): every rank's scores gathered, every AUROC computed;
 4. **the checks** (:mod:`~anomalib_robust.evaluation.sanity_wiring`): the randomness check before the attacks, the
    gradient checks after them, and the verdicts of :mod:`~anomalib_robust.evaluation.sanity`: the convergence run
-   (more steps and draws, with the seeds of the configured run it is paired with) and the very-large-eps run attack
-   whole batches of the test set, Square a stratified subset, and each comparison uses the configured runs' scores
-   on the same images.
+   (more steps and draws, with the seeds of the configured run it is paired with) attacks every image, the
+   very-large-eps run whole batches of the test set, Square a stratified subset, and each comparison uses the
+   configured runs' scores on the same images.
 
 Example:
     >>> from anomalib_robust.evaluation import RobustEvaluator
@@ -57,7 +57,7 @@ from anomalib_robust.attacks.precision import check_gradient_precision
 from anomalib_robust.defenses import DiffusionPurifier, Purified, RespacedPurifier
 from anomalib_robust.evaluation.assembly import assemble_report
 from anomalib_robust.evaluation.budget import DEFAULT_SANITY_BUDGET, check_sanity_budget, stratified_subset
-from anomalib_robust.evaluation.execution import AttackPasses, open_store, synchronise_status, test_set_labels
+from anomalib_robust.evaluation.execution import AttackPasses, gathered_test_set, open_store, synchronise_status
 from anomalib_robust.evaluation.planning import GRADIENT_CHECK_IMAGES, RunPlanner
 from anomalib_robust.evaluation.report import RobustReport
 from anomalib_robust.evaluation.resume import BatchStore, check_resume_dir
@@ -113,13 +113,15 @@ class RobustEvaluator:
         targets: ``"score"`` (the image score), ``"map"`` (the anomaly map; needs masks), or both.
         resolution: ``"model"`` (eps at the model's input size) or ``"native"`` (the test image's size).
         sanity_checks: also run the sanity checks (:mod:`~anomalib_robust.evaluation.sanity`): the convergence run
-            (:data:`~anomalib_robust.evaluation.planning.CONVERGENCE_FACTOR` times the steps, and the draws of a randomised detector), PGD at a very large
-            eps from the clean image, Square at the largest eps unless configured, and the gradient checks.
-        sanity_budget: the sanity checks may cost this multiple of the configured runs (attacks and scoring, in
-            forward-pass equivalents; default 1.5): the paired runs then attack whole batches (at least one), the
-            very large eps with 10 steps, and Square fewer images with its configured queries and draws (its
-            queries shrink only to keep 16 images, and a pass then reads inconclusive). ``None``: full sanity runs
-            (every image, the configured steps and queries).
+            (:data:`~anomalib_robust.evaluation.planning.CONVERGENCE_FACTOR` times the steps, and the draws of a
+            randomised detector, on every image), PGD at a very large eps from the clean image, Square at the largest
+            eps unless configured, and the gradient checks.
+        sanity_budget: the sanity checks other than the convergence run may cost this multiple of the configured runs
+            (attacks and scoring, in forward-pass equivalents; default 1.5): the very-large-eps run then attacks whole
+            batches (at least one) with 10 steps, and Square fewer images with its configured queries and draws (its
+            queries shrink only to keep 16 images, and a pass then reads inconclusive). The convergence run attacks
+            every image on top of it: its verdict backs the robust AUROC, so its power is not traded for budget.
+            ``None``: full sanity runs (every image, the configured steps and queries).
         large_eps: radius of the "very large eps" check; ``None`` for 0.5 (L_inf) or ``0.5 * sqrt(C * H * W)`` (L_2).
         near_zero: AUROC the very large eps must reach for the check to pass.
         tolerance: AUROC slack of the comparisons, on top of the noise of the repeats.
@@ -247,7 +249,7 @@ class RobustEvaluator:
             )
             raise ValueError(msg)
         shards = rank_shards(loaders, rank, world_size, self.max_samples)
-        indices, labels = test_set_labels(shards)
+        indices, labels = gathered_test_set(shards)
         check_both_classes(labels)  # before any attack: a single-class test set is an error at once
         repeats = self.eval_repeats if detector.stochastic else 1
         store = self._store(model, loaders)

@@ -222,7 +222,7 @@ def open_store(directory: Path, settings: dict, model: nn.Module, loaders: list[
     return store
 
 
-def test_set_labels(shards: list[DataLoader]) -> tuple[torch.Tensor, torch.Tensor]:
+def gathered_test_set(shards: list[DataLoader]) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices and labels of the whole (selected) test set, gathered from every rank's shard, in test-set order."""
     indices, labels = [], []
     for shard in shards:

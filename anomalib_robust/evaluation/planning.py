@@ -2,11 +2,13 @@
 
 The configured runs are every attack, target and eps, per attacked detector, on every selected test image. The sanity
 runs (Carlini et al., 2019, "On Evaluating Adversarial Robustness", sec. 5; :mod:`~anomalib_robust.evaluation.sanity`)
-come after them, fitted into ``sanity_budget`` (:mod:`~anomalib_robust.evaluation.budget`):
+come after them, all but the convergence run fitted into ``sanity_budget`` (:mod:`~anomalib_robust.evaluation.budget`):
 
-- the paired runs attack whole batches of the configured runs: the convergence run (the configured PGD or APGD run at
-  the largest eps with :data:`CONVERGENCE_FACTOR` times its steps, and its EOT draws for a randomised detector, with
-  that run's seeds) and PGD at a very large eps from the clean image;
+- the convergence run (the configured PGD or APGD run at the largest eps with :data:`CONVERGENCE_FACTOR` times its
+  steps, and its EOT draws for a randomised detector, with that run's seeds) attacks every image, on top of the
+  budget: its verdict backs the robust AUROC, and it needs every image to see a drop of a few points
+  (:mod:`~anomalib_robust.evaluation.convergence`);
+- PGD at a very large eps from the clean image attacks whole batches of the configured runs;
 - Square at the largest eps, unless it is configured, attacks a stratified subset with its configured queries.
 
 Every batch, run, phase and scoring repeat gets its own seed, derived from the evaluation's seed (:func:`derive_seed`),
@@ -154,38 +156,37 @@ class RunPlanner:
         labels: torch.Tensor,
         batches: list[list[int]],
     ) -> list[SanityGroup]:
-        """The sanity runs and the test images they attack, fitted into ``sanity_budget`` (module
-        :mod:`~anomalib_robust.evaluation.budget`): the paired runs (the convergence run, paired with the configured
-        PGD or APGD run at the largest eps, and the very-large-eps PGD without a random start) on whole batches,
-        and Square at the largest eps, unless it is configured, on its own images."""
+        """The sanity runs and the test images they attack: the convergence run, paired with the configured PGD or
+        APGD run at the largest eps, on every image; within ``sanity_budget`` (module
+        :mod:`~anomalib_robust.evaluation.budget`) the very-large-eps PGD without a random start on whole batches, and
+        Square at the largest eps, unless it is configured, on its own images."""
         largest, total = self.eps[-1], indices.numel()
-        paired = [self._large_eps_run(detector, loaders, total)]
-        convergence = self._convergence_run(detector, configured, largest, total)
-        if convergence is not None:
-            paired.insert(0, convergence)
+        large_eps = self._large_eps_run(detector, loaders, total)
         with_square = all(attack.lower() != "square" for attack in self.attacks)
         queries, restarts = self.settings["n_queries"], self.settings["restarts"]
-        square_images, paired_subset = total, indices
+        square_images, large_eps_subset = total, indices
         if self.sanity_budget is not None:
             by_index = torch.full((int(indices.max()) + 1,), -1, dtype=torch.long)
             by_index[indices] = labels
             allowance = self.sanity_budget * sum(run_cost(run.result, repeats) for run in configured)
             allowance -= gradient_check_cost(gradient_check_plan(total))
-            per_image = sum(run_cost(run.result, repeats, images=1) for run in paired)
+            per_image = run_cost(large_eps.result, repeats, images=1)
             share = allowance / 2 if with_square else allowance
-            paired_subset = whole_batches(batches, by_index, math.floor(max(share, 0.0) / per_image))
-            if per_image * paired_subset.numel() > share:
+            large_eps_subset = whole_batches(batches, by_index, math.floor(max(share, 0.0) / per_image))
+            if per_image * large_eps_subset.numel() > share:
                 logger.warning(
-                    "sanity_budget leaves %.0f forward-pass equivalents for the paired sanity runs, less than one "
-                    "batch of them (%d images, about %.0f per image); they run on that batch and exceed the budget",
-                    max(share, 0.0), paired_subset.numel(), per_image,
+                    "sanity_budget leaves %.0f forward-pass equivalents for the very-large-eps run, less than one "
+                    "batch of it (%d images, about %.0f per image); it runs on that batch and exceeds the budget",
+                    max(share, 0.0), large_eps_subset.numel(), per_image,
                 )  # fmt: skip
             if with_square:
                 fixed = square_passes(detector, 0, restarts).cost + repeats
                 per_query = square_passes(detector, 1, restarts).cost + repeats - fixed
-                rest = allowance - min(per_image * paired_subset.numel(), share)  # Square keeps at least its half
+                rest = allowance - min(per_image * large_eps_subset.numel(), share)  # Square keeps at least its half
                 square_images, queries = fit_square(rest, total, per_query, fixed, queries)
-        groups = [SanityGroup(paired, paired_subset)]
+        convergence = self._convergence_run(detector, configured, largest, total)
+        groups = [] if convergence is None else [SanityGroup([convergence], indices)]
+        groups.append(SanityGroup([large_eps], large_eps_subset))
         if with_square:
             square = self._make_run("square", largest, detector, total, total, n_queries=queries)
             square.check, square.conclusive = "square", queries >= self.settings["n_queries"]
@@ -200,9 +201,11 @@ class RunPlanner:
         self, name: str, configured: list[Run], groups: list[SanityGroup], repeats: int, total: int, sanity: bool
     ) -> EvaluationPlan:
         """The planned cost of the configured runs, and with ``sanity`` of the sanity runs and gradient checks."""
-        runs = [run.result for run in configured] + [run.result for group in groups for run in group.runs]
+        sanity_runs = [run for group in groups for run in group.runs]
+        runs = [run.result for run in configured + sanity_runs]
         gradient = gradient_check_plan(total) if sanity else None
-        return EvaluationPlan(name, runs, repeats, total, gradient, self.sanity_budget if sanity else None)
+        convergence = next((run.result for run in sanity_runs if run.check == "convergence"), None)
+        return EvaluationPlan(name, runs, repeats, total, gradient, self.sanity_budget if sanity else None, convergence)
 
     def _convergence_run(
         self, detector: DetectorScore, configured: list[Run], largest: float, total: int

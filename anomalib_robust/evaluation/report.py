@@ -68,7 +68,11 @@ class AttackResult:
     """Planned backward passes per attacked image."""
     converged: bool | None = None
     """For the configured run the convergence check is paired with: whether more steps (and draws) no longer lower
-    its AUROC; ``None`` when not checked."""
+    its AUROC by more than the tolerance; ``None`` when inconclusive or not checked
+    (:mod:`~anomalib_robust.evaluation.convergence`)."""
+    excluded_drop: float | None = None
+    """For that run: the AUROC drop that more steps and draws are shown not to exceed (the paired interval's low end,
+    negated, at least 0): a pass excludes a drop of more than this; ``None`` when not checked."""
 
     @property
     def key(self) -> str:
@@ -111,8 +115,9 @@ class RobustReport:
 
     ``eval_repeats`` is the number of independent scorings behind every AUROC (1 for a deterministic detector);
     ``resolution`` says where eps is measured: ``"model"`` (the model's input size) or ``"native"`` (the test image).
-    ``sanity_budget`` is the limit of the sanity runs' cost as a multiple of the configured runs' (``None``: full
-    sanity runs), ``sanity_images`` the images of the paired runs (Square has its own, in its row), and
+    ``sanity_budget`` is the limit of the cost of the sanity runs but the convergence run as a multiple of the
+    configured runs' (``None``: full sanity runs), ``sanity_images`` the most images a sanity run attacked (the
+    convergence run attacks every one; each run's images are in its row), and
     ``configured_cost`` / ``sanity_cost`` the planned
     cost of each part in forward-pass equivalents (:mod:`anomalib_robust.evaluation.budget`). ``baselines`` are the
     configured image-score runs measured on the sanity runs' images, what the sanity checks compare them with.
@@ -182,6 +187,9 @@ class RobustReport:
             note = result.reason if result.status != "ok" else _NOTES.get(result.role, "")
             if result.converged is False:
                 note = "not converged (see the sanity checks): an overestimate"
+            elif result.excluded_drop is not None:
+                verdict = "converged" if result.converged else "convergence inconclusive"
+                note = f"{verdict}: a drop of more than {100 * result.excluded_drop:.1f} points excluded"
             pixel = (format_auroc(result.pixel_auroc, result.pixel_auroc_std, repeats),) if show_pixel else ()
             table.add_row(
                 result.attack,
@@ -214,9 +222,9 @@ class RobustReport:
         ratio = self.sanity_cost / self.configured_cost if self.configured_cost else math.nan
         limit = "full sanity runs" if self.sanity_budget is None else f"budget {self.sanity_budget:g}x"
         return (
-            f"Paired sanity runs on {self.sanity_images} of {self.num_samples} test images (whole batches), Square on "
-            f"its own (see its row): planned cost {ratio:.2f}x the configured runs ({limit}; forward-pass "
-            "equivalents, a backward pass counting 2)"
+            f"Sanity runs on up to {self.sanity_images} of {self.num_samples} test images (each run's in its row): "
+            f"planned cost {ratio:.2f}x the configured runs ({limit}, the convergence run on every image on top; "
+            "forward-pass equivalents, a backward pass counting 2)"
         )
 
     def write(self, directory: Path) -> tuple[Path, Path]:

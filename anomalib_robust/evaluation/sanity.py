@@ -9,7 +9,8 @@ Each check is a test of the attack, shown in the suite to fail on a planted mask
   a randomised detector, from the same random start and with the same seeds as the configured run) must neither raise
   AUROC (a broken attack) nor lower it (the configured attack had not converged), judged by a paired bootstrap
   interval of the AUROC difference on the same images
-  (:func:`~anomalib_robust.evaluation.metrics.paired_auroc_difference`) widened by ``tolerance``. An unconverged
+  (:func:`~anomalib_robust.evaluation.metrics.paired_auroc_difference`) widened by ``tolerance``, inconclusive when
+  the interval is too wide to exclude a drop beyond it (:mod:`~anomalib_robust.evaluation.convergence`). The
   configured run is marked in the report;
 - **a very large eps drives AUROC to near 0**, with PGD from the clean image (no random start): at that radius uniform
   noise alone would push every normal score above every anomalous one, so with a random start the check could not
@@ -36,54 +37,14 @@ Example:
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-from anomalib_robust.evaluation.metrics import PairedDifference
+from anomalib_robust.evaluation.convergence import Convergence, convergence_check
 from anomalib_robust.evaluation.report import AttackResult, RobustReport, SanityCheck, format_auroc, format_eps
 
 
 def noise_slack(tolerance: float, first_std: float, second_std: float, repeats: int) -> float:
     """``tolerance`` plus two standard errors of the difference of two means over ``repeats`` scorings."""
     return tolerance + 2 * math.sqrt(first_std**2 + second_std**2) / math.sqrt(max(repeats, 1))
-
-
-@dataclass(frozen=True)
-class Convergence:
-    """The configured run on the convergence run's images (``fewer``), the convergence run (``more``), and the paired
-    difference ``more - fewer`` with its bootstrap interval."""
-
-    fewer: AttackResult
-    more: AttackResult
-    difference: PairedDifference
-
-    def converged(self, tolerance: float) -> bool:
-        """Whether more budget does not lower AUROC beyond ``tolerance`` and the interval."""
-        return not self.difference.high < -tolerance
-
-    def broken(self, tolerance: float) -> bool:
-        """Whether more budget raises AUROC beyond ``tolerance`` and the interval (an attack that gets worse)."""
-        return self.difference.low > tolerance
-
-
-def _convergence_check(convergence: Convergence, tolerance: float) -> SanityCheck:
-    fewer, more, difference = convergence.fewer, convergence.more, convergence.difference
-    detail = (
-        f"{fewer.attack} at eps {format_eps(fewer.eps, fewer.norm)} on the same images and seeds: "
-        f"{format_auroc(fewer.image_auroc, fewer.image_auroc_std)} with {fewer.steps} steps x {fewer.draws} draws, "
-        f"{format_auroc(more.image_auroc, more.image_auroc_std)} with {more.steps} x {more.draws}; paired difference "
-        f"{100 * difference.difference:+.1f} points, {100 * difference.level:.0f}% interval "
-        f"[{100 * difference.low:+.1f}, {100 * difference.high:+.1f}] (slack {100 * tolerance:.0f})"
-    )
-    if convergence.broken(tolerance):
-        detail += "; more budget raises AUROC: the attack is broken"
-    elif not convergence.converged(tolerance):
-        detail += (
-            f"; not converged: the robust AUROC is an overestimate, rerun with steps >= {more.steps}"
-            + (f" and eot_samples >= {more.draws}" if more.draws > 1 else "")
-        )
-    passed = convergence.converged(tolerance) and not convergence.broken(tolerance)
-    budget = f"{fewer.budget} vs {more.budget}"
-    return SanityCheck("converged: more steps and draws change nothing", passed, detail, budget)
 
 
 def sanity_checks(
@@ -119,7 +80,7 @@ def sanity_checks(
     ]
     checks = [_monotone_in_eps(report, attacks, tolerance)]
     if convergence is not None and None not in (convergence.fewer.image_auroc, convergence.more.image_auroc):
-        checks.append(_convergence_check(convergence, tolerance))
+        checks.append(convergence_check(convergence, tolerance))
     if large_eps is not None and large_eps.image_auroc is not None:
         checks.append(
             SanityCheck(

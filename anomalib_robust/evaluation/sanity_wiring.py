@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from anomalib_robust.attacks import DetectorScore, NotDifferentiableError
 from anomalib_robust.evaluation.assembly import Gathered, image_auroc
+from anomalib_robust.evaluation.convergence import Convergence
 from anomalib_robust.evaluation.execution import selected_images
 from anomalib_robust.evaluation.gradient_check import check_gradient
 from anomalib_robust.evaluation.metrics import paired_auroc_difference
@@ -30,7 +31,7 @@ from anomalib_robust.evaluation.planning import (
     SanityGroup,
 )
 from anomalib_robust.evaluation.report import AttackResult, RobustReport, SanityCheck, format_budget
-from anomalib_robust.evaluation.sanity import Convergence, sanity_checks
+from anomalib_robust.evaluation.sanity import sanity_checks
 
 RANDOMNESS_CHECK_IMAGES = 8
 """Test images scored twice to find undeclared noise (the first ones, the same on every rank)."""
@@ -110,8 +111,9 @@ def judge(
     report.checks = sanity_checks(report, near_zero, tolerance, gradient=gradient, **comparisons)
     convergence = comparisons["convergence"]
     if convergence is not None:
-        paired = next(run for run in groups[0].runs if run.check == "convergence").pairs_with
-        configured[paired].result.converged = convergence.converged(tolerance)
+        run = next(run for group in groups for run in group.runs if run.check == "convergence")
+        paired = configured[run.pairs_with].result
+        paired.converged, paired.excluded_drop = convergence.verdict(tolerance), convergence.excluded_drop
 
 
 def _on_images(result: AttackResult, scores: torch.Tensor, labels: torch.Tensor, total: int) -> AttackResult:

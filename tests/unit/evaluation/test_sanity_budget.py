@@ -76,13 +76,16 @@ def test_planned_passes_equal_the_detector_calls_and_the_budget_holds(noise: flo
     if report.sanity_budget is None:  # full sanity runs: every image, well beyond the default budget
         assert report.sanity_images == 60 and report.sanity_cost > 3 * report.configured_cost
     else:
-        # within the budget, but for what one batch of the paired runs costs beyond their half of it
+        # within the budget, but for what one batch of the very-large-eps run costs beyond its half of it, and the
+        # convergence run on every image on top
         limit = report.sanity_budget * report.configured_cost
-        paired = [r for r in report.results if r.role == "sanity" and not r.attack.endswith("Square")]
+        sanity = [r for r in report.results if r.role == "sanity" and not r.attack.endswith("Square")]
+        (convergence,), (large,) = ([r for r in sanity if (r.eps > 0.1) == large] for large in (False, True))
         half = (limit - gradient_check_cost(gradient)) / 2
-        overflow = max(0.0, sum(run_cost(r, report.eval_repeats) for r in paired) - half)
-        assert report.sanity_cost <= (limit + overflow) * 1.0001
-        assert report.sanity_images < 60
+        overflow = max(0.0, run_cost(large, report.eval_repeats) - half)
+        on_top = run_cost(convergence, report.eval_repeats)
+        assert report.sanity_cost <= (limit + overflow + on_top) * 1.0001
+        assert convergence.num_images == report.sanity_images == 60 and large.num_images < 60
 
 
 def test_square_keeps_its_queries_and_draws_and_says_when_the_budget_forces_fewer() -> None:
@@ -125,7 +128,7 @@ def test_a_sanity_run_with_the_configured_settings_reproduces_the_configured_run
     report, _ = RobustEvaluator(**settings).evaluate(ToyDetector(noise=noise), [loader(dataset, batch_size=8)])
     convergence = next(r for r in report.results if r.role == "sanity" and r.eps == 0.02 and r.steps)
     baseline = next(r for r in report.baselines if r.num_images == convergence.num_images and r.eps == 0.02)
-    assert convergence.num_images % 8 == 0 and convergence.num_images < 40  # whole batches of a subset
+    assert convergence.num_images == 40  # every image, in the configured run's batches
     assert convergence.image_auroc == baseline.image_auroc
     assert convergence.image_auroc_std == baseline.image_auroc_std
     check = next(check for check in report.checks if check.name.startswith("converged"))
@@ -161,7 +164,7 @@ def test_sanity_runs_on_a_rare_class_still_measure_auroc() -> None:
         ToyDetector(), [loader(_Rare())]
     )
     sanity = [result for result in report.results if result.role == "sanity"]
-    assert report.sanity_images < 40 and all(result.image_auroc is not None for result in sanity)
+    assert min(result.num_images for result in sanity) < 40 and all(result.image_auroc is not None for result in sanity)
 
 
 def test_report_states_every_budget(tmp_path: Path) -> None:
@@ -193,10 +196,10 @@ def test_bad_sanity_budgets_are_named() -> None:
 
 def test_a_budget_too_small_runs_the_smallest_sanity_runs_and_warns(caplog: pytest.LogCaptureFixture) -> None:
     """The gradient checks alone can exceed a small evaluation's allowance: the checks still run, over budget, the
-    paired runs on one batch and Square on its fewest images and queries."""
+    very-large-eps run on one batch and Square on its fewest images and queries."""
     with caplog.at_level(logging.WARNING, logger="anomalib_robust.evaluation.planning"):
         report, _ = RobustEvaluator(sanity_budget=1e-3, **QUICK).evaluate(ToyDetector(), [loader(ToyTestSet())])
-    assert "exceed the budget" in caplog.text
+    assert "exceeds the budget" in caplog.text
     square = next(result for result in report.results if result.attack.endswith("Square"))
     assert square.num_images == min(MIN_SANITY_IMAGES, report.num_samples)
     assert report.sanity_cost / report.configured_cost > 1e-3
@@ -225,7 +228,52 @@ def test_more_steps_that_raise_auroc_are_a_broken_attack() -> None:
     fewer = AttackResult("PGD", "Linf", 0.01, steps=10, image_auroc=0.3, num_images=20)
     more = AttackResult("PGD", "Linf", 0.01, steps=20, image_auroc=0.5, num_images=20, role="sanity")
     raised = Convergence(fewer, more, PairedDifference(0.2, 0.1, 0.3, 0.95))
-    inside = Convergence(fewer, more, PairedDifference(0.01, -0.05, 0.08, 0.95))
+    inside = Convergence(fewer, more, PairedDifference(0.01, -0.015, 0.04, 0.95))
     (_, broken), (_, fine) = (sanity_checks(report, 0.1, 0.02, convergence=c) for c in (raised, inside))
     assert broken.passed is False and "broken" in broken.detail
     assert fine.passed is True and raised.converged(0.02) and raised.broken(0.02)
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "verdict", "says"),
+    [
+        (-0.015, 0.01, True, "a drop of more than 1.5 points is excluded on 20 images"),
+        (0.001, 0.01, True, "a drop of more than 0.0 points is excluded on 20 images"),
+        (-0.05, 0.01, None, "inconclusive: a drop of up to 5.0 points is not excluded on 20 images"),
+        (-0.05, -0.019, None, "inconclusive: a drop of up to 5.0 points"),  # a drop, not shown beyond the slack
+        (-0.08, -0.03, False, "not converged"),
+    ],
+)
+def test_convergence_passes_only_when_it_excludes_a_drop_beyond_the_tolerance(
+    low: float, high: float, verdict: bool | None, says: str
+) -> None:
+    """A pass states the drop it excludes; an interval too wide to exclude a drop beyond the slack is inconclusive,
+    never a pass; a drop beyond the slack all over the interval fails."""
+    report = RobustReport("Toy", "Linf", 1, 20, clean_image_auroc=0.9)
+    fewer = AttackResult("PGD", "Linf", 0.01, steps=10, image_auroc=0.3, num_images=20)
+    more = AttackResult("PGD", "Linf", 0.01, steps=20, image_auroc=0.28, num_images=20, role="sanity")
+    convergence = Convergence(fewer, more, PairedDifference((low + high) / 2, low, high, 0.95))
+    check = next(check for check in sanity_checks(report, 0.1, 0.02, convergence=convergence)
+                 if check.name.startswith("converged"))  # fmt: skip
+    assert check.passed is verdict and says in check.detail
+    assert convergence.excluded_drop == max(0.0, -low)
+
+
+def test_the_report_states_the_drop_the_convergence_check_excludes(tmp_path: Path) -> None:
+    """The configured run paired with the convergence run carries the verdict and the drop it excludes, in the table
+    and in report.json."""
+    report, _ = RobustEvaluator(attacks=["pgd"], eps=0.02, steps=3, n_queries=20, num_grid_images=0).evaluate(
+        ToyDetector(), [loader(ToyTestSet(count=24))]
+    )
+    configured = report.results[0]
+    check = next(check for check in report.checks if check.name.startswith("converged"))
+    assert configured.converged is check.passed is True and configured.excluded_drop is not None
+    excluded = f"a drop of more than {100 * configured.excluded_drop:.1f} points"
+    assert f"{excluded} is excluded on 24 images" in check.detail
+    console = Console(record=True, width=250)
+    console.print(report.table())
+    assert f"converged: {excluded} excluded" in console.export_text()
+    report.write(tmp_path)
+    written = json.loads((tmp_path / "report.json").read_text())
+    assert written["results"][0]["excluded_drop"] == configured.excluded_drop
+    assert excluded in next(c["detail"] for c in written["checks"] if c["name"].startswith("converged"))
