@@ -61,6 +61,11 @@ MIN_SIZE = 32
 """Smallest image side: the generator's Perlin noise draws grid scales up to 32."""
 
 
+def as_uint8(image: torch.Tensor) -> torch.Tensor:
+    """An image in [0, 1] as ``uint8`` (same shape), what :func:`object_region` and :func:`add_small_defect` read."""
+    return image.mul(255).round().clamp(0, 255).to(torch.uint8)
+
+
 def object_region(image: torch.Tensor) -> torch.Tensor:
     """Where an object is, without assuming a dark background: ``bool`` ``[H, W]`` of a ``uint8`` ``[C, H, W]`` image
     (gray or colour).

@@ -28,7 +28,7 @@ from anomalib.data import ImageBatch, ImageItem
 from anomalib.data.datasets.base.image import AnomalibDataset
 from torch.utils.data import Dataset
 
-from anomalib_robust.data.defects import add_small_defect, object_region
+from anomalib_robust.data.defects import add_small_defect, as_uint8, object_region
 from anomalib_robust.models.adv_rad.reconstruction import check_diffusion_step
 from anomalib_robust.models.patch_guard.pseudo_anomaly import PseudoAnomalyGenerator
 
@@ -202,11 +202,6 @@ def paint_cutpaste(image: torch.Tensor, region: torch.Tensor, seed: int) -> tupl
             return painted, mask
     msg = f"no CutPaste patch of {CUTPASTE_MIN_SIDE**2 // 2} pixels changing the image in {CUTPASTE_ATTEMPTS} draws"
     raise RuntimeError(msg)
-
-
-def as_uint8(image: torch.Tensor) -> torch.Tensor:
-    """A ``(C, H, W)`` image in [0, 1] as ``uint8``, what :func:`~anomalib_robust.data.defects.object_region` reads."""
-    return image.mul(255).round().clamp(0, 255).to(torch.uint8)
 
 
 def gray_uint8(image: torch.Tensor) -> torch.Tensor:

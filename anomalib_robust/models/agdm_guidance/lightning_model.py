@@ -158,7 +158,7 @@ class AGDMGuidance(CheckpointArchitectureMixin, ScoringStepsMixin, AnomalibModul
         features and the features of the images perturbed by TRADES' inner maximum at step 0, the pair of Alg. 1
         (:mod:`.loss`).
         """
-        anomalous = self.pseudo_anomalies.on_bright_foreground(images)
+        anomalous = self.pseudo_anomalies.on_object(images)
         inputs = torch.cat([images, anomalous])
         steps = torch.randint(0, self.hparams["max_noise_step"] + 1, (len(inputs),), device=images.device)
         clean = torch.zeros_like(steps)

@@ -14,7 +14,7 @@ from anomalib_robust import AdvRAD
 from anomalib_robust.callbacks import SelectDiffusionStep
 from anomalib_robust.callbacks.diffusion_step import choose_candidate, choose_diffusion_step
 from anomalib_robust.data import FashionMNIST
-from anomalib_robust.data.defects import MIN_AREA, object_region
+from anomalib_robust.data.defects import MIN_AREA, as_uint8, object_region
 from anomalib_robust.evaluation import RobustEvaluator
 from anomalib_robust.evaluation.metrics import rank_auroc
 from anomalib_robust.models.adv_rad.selection import (
@@ -24,7 +24,6 @@ from anomalib_robust.models.adv_rad.selection import (
     DiffusionStepCandidate,
     DiffusionStepChoice,
     HeldOutDefects,
-    as_uint8,
     check_candidates,
     gray_uint8,
     held_out_split,
