@@ -14,8 +14,9 @@ tables, never asserts.
 ``--diffpure-levels`` and ``--agdm-depths`` add DiffPure(p) and AGDM(t*) rows (the AGDM paper, Alg. 1), both with the
 AdvRAD CPU preset trained here as the diffusion model (attacked with EOT, full gradients and BPDA). AGDM's guidance
 network is ``AGDMGuidance.cpu_preset()`` trained ``--guidance-epochs`` epochs on the same normal images; one AGDM
-row per ``--agdm-ratios`` value (the guidance shift of every reverse step over the step's noise, in the row's name);
-DiffPure at p = t* is AGDM without guidance (ratio 0), its ablation.
+row per ``--agdm-ratios`` value (our mode: the guidance shift of every reverse step over the step's noise, in the row's
+name) and one per ``--agdm-scales`` value (the AGDM paper's mode: a fixed scale s, 1 in the paper); DiffPure at
+p = t* is AGDM without guidance (ratio 0), its ablation.
 
 Example:
     $ nice -n 10 python benchmarks/rap_table.py --category trouser --epochs 3 --seeds 0 1 2 --max-samples 20
@@ -37,7 +38,7 @@ from purifier_setup import SIZE, fitted_padim, train_rap, trained_guidance
 from anomalib_robust import AdvRAD, RobustEval
 from anomalib_robust.data import CLASS_NAMES, FashionMNIST
 from anomalib_robust.defenses import AGDM, DiffPure, Purified
-from anomalib_robust.defenses.agdm import GUIDANCE_RATIO
+from anomalib_robust.defenses.agdm import GUIDANCE_RATIO, GUIDANCE_SCALE
 from anomalib_robust.evaluation.report import format_auroc, write_atomic
 from anomalib_robust.models import AGDMGuidance
 from anomalib_robust.models.agdm_guidance.torch_model import ARCHITECTURE
@@ -90,6 +91,8 @@ def main() -> None:
     parser.add_argument("--agdm-depths", nargs="*", type=int, default=[], help="also AGDM(t*) + Padim")
     parser.add_argument("--agdm-ratios", nargs="+", type=float, default=[GUIDANCE_RATIO],
                         help="AGDM's guidance shift over the step's noise (sets s per step), one row per value")
+    parser.add_argument("--agdm-scales", nargs="*", type=float, default=[GUIDANCE_SCALE],
+                        help="AGDM with the AGDM paper's fixed guidance scale s, one row per value (none: no such row)")
     parser.add_argument("--guidance-epochs", type=int, default=10)
     parser.add_argument("--advrad-epochs", type=int, default=60)
     parser.add_argument("--eot-samples", type=int, default=2, help="the attacker's EOT draws against DiffPure")
@@ -172,6 +175,15 @@ def main() -> None:
         )
         for depth in arguments.agdm_depths
         for ratio in arguments.agdm_ratios
+    }
+    purifiers |= {
+        f"AGDM t*={depth}, paper's s={scale:g}": (
+            f"agdm_t{depth}_s{scale:g}_g{arguments.guidance_epochs}_a{ARCHITECTURE}",
+            lambda depth=depth, scale=scale: AGDM(denoiser(), guidance(), depth=depth, guidance_mode="fixed_scale",
+                                                  guidance_scale=scale),
+        )
+        for depth in arguments.agdm_depths
+        for scale in arguments.agdm_scales
     }
     for name, (key, build) in purifiers.items():
         cache = runs / (f"{key}_{arguments.category}_{arguments.protocol}_e{arguments.advrad_epochs}_"

@@ -21,6 +21,13 @@ and the paper's k = 100 is not the best on every data set. The callback measures
    (``AdvRAD.diffusion_step_choice``, saved in its checkpoints, so ``anomalib test`` and export use it), the loggers
    get ``diffusion_step_selection/...`` metrics, and the console a table of the candidates.
 
+**The choice assumes local defects.** Its held-out anomalies are small synthetic defects on the object, so it
+picks the k that finds small local defects best under attack; on anomalies that change the whole image (another
+object or class: Fashion-MNIST's semantic protocol) it was 7.4 robust AUROC points below the paper's k = 100 on
+average (docs/benchmarks.md). The log line, the console table and the record
+(:data:`~anomalib_robust.models.adv_rad.selection.LOCAL_DEFECTS`, ``DiffusionStepChoice.assumption``) say so with
+every choice.
+
 No test or validation image is read. A fit that ends without a validation at its last step (``max_steps`` in the
 middle of an epoch, ``check_val_every_n_epoch`` not dividing ``max_epochs``) makes the choice when training ends
 instead, with a warning: anomalib's threshold then comes from an earlier validation at another k, and the checkpoints
@@ -360,7 +367,8 @@ def candidate_table(choice: DiffusionStepChoice) -> Table:
     """The candidates as a rich table, the chosen row marked, and those tied with the most robust one."""
     table = Table(
         title=f"AdvRAD: choice of k on {choice.num_normal} normal + {choice.num_defective} defective held-out "
-        f"training images ({choice.attack}); image AUROC %, mean ± std over scorings"
+        f"training images ({choice.attack}); image AUROC %, mean ± std over scorings",
+        caption=f"The choice {choice.assumption}.",
     )
     for column in ("k", "mean filter", "standard", "robust", "seconds", "chosen"):
         table.add_column(column, justify="right")

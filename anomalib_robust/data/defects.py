@@ -24,6 +24,7 @@ Example:
 """
 
 import torch
+import torch.nn.functional as F
 from anomalib.data.utils.generators.perlin import PerlinAnomalyGenerator
 
 MIN_AREA = 0.01
@@ -36,12 +37,17 @@ MIN_CONTRAST = 0.1
 """Smallest mean absolute change of intensity (on a 0-1 scale) over the defect's pixels."""
 
 FOREGROUND_LEVEL = 25
-"""Pixels brighter than this (of 255) belong to the object (Fashion-MNIST backgrounds are black); also how far (of
-255) a pixel must differ from a flat background to belong to the object in :func:`object_region`."""
+"""Pixels brighter than this (of 255) belong to the object (Fashion-MNIST backgrounds are black); also the smallest
+difference (of 255) from a flat background for a pixel to belong to the object in :func:`object_region`."""
 
 FLAT_BORDER = 10
 """Largest median absolute deviation (of 255) of the border pixels for :func:`object_region` to read the border as a
 flat background around an object; a texture's border is not flat."""
+
+OBJECT_CONTRAST = 4.0
+"""How many times the border's median absolute deviation a pixel must differ from the background to belong to the
+object in :func:`object_region` (at least :data:`FOREGROUND_LEVEL`): an object stands out of its background by more
+than the background's own variation."""
 
 BLEND_FACTOR = (0.5, 1.0)
 """Range of the generator's blend factor: how much the noise texture replaces the image inside the blob."""
@@ -55,20 +61,39 @@ MIN_SIZE = 32
 """Smallest image side: the generator's Perlin noise draws grid scales up to 32."""
 
 
-def object_region(image: torch.Tensor) -> torch.Tensor:
-    """Where an object is, without assuming a dark background: ``bool`` ``[H, W]`` of a ``uint8`` ``[1, H, W]`` image.
+def as_uint8(image: torch.Tensor) -> torch.Tensor:
+    """An image in [0, 1] as ``uint8`` (same shape), what :func:`object_region` and :func:`add_small_defect` read."""
+    return image.mul(255).round().clamp(0, 255).to(torch.uint8)
 
-    When the one-pixel border is flat (median absolute deviation at most :data:`FLAT_BORDER`), it is taken as the
-    background (its median, dark or light), and the object is every pixel that differs from it by more than
-    :data:`FOREGROUND_LEVEL`: a garment on black (Fashion-MNIST), a screw or a pill on a light table (MVTec AD).
-    Otherwise the image is a texture (or an object filling the frame) and the whole image is the region.
+
+def object_region(image: torch.Tensor) -> torch.Tensor:
+    """Where an object is, without assuming a dark background: ``bool`` ``[H, W]`` of a ``uint8`` ``[C, H, W]`` image
+    (gray or colour).
+
+    A pixel's difference from the background is its largest difference over the channels from the median of the
+    one-pixel border, so colour counts as well as brightness. When the border is flat (the median of those
+    differences on the border at most :data:`FLAT_BORDER`), it is the background (dark or light), and the object is
+    every pixel that differs from it by more than :data:`OBJECT_CONTRAST` times the border's own variation, and by
+    more than :data:`FOREGROUND_LEVEL`: a garment on black (Fashion-MNIST), a screw or a pill on a light table
+    (MVTec AD). Otherwise, and also when no object of at least ``2 * MIN_AREA`` of the image survives a 3 x 3
+    opening (scattered pixels: the tail of a texture whose border happens to be flat, such as a low-contrast
+    texture), the image is a texture (or an object filling the frame) and the whole image is the region.
     """
-    channel = image[0].float()
-    border = torch.cat([channel[0], channel[-1], channel[1:-1, 0], channel[1:-1, -1]])
-    background = border.median()
-    if (border - background).abs().median() > FLAT_BORDER:
-        return torch.ones_like(channel, dtype=torch.bool)
-    return (channel - background).abs() > FOREGROUND_LEVEL
+    if image.dtype != torch.uint8 or image.ndim != 3:
+        msg = f"image must be a uint8 tensor [C, H, W], got {image.dtype} {tuple(image.shape)}."
+        raise ValueError(msg)
+    channels = image.float()
+    border = torch.cat([channels[:, 0], channels[:, -1], channels[:, 1:-1, 0], channels[:, 1:-1, -1]], dim=1)
+    difference = (channels - border.median(dim=1).values[:, None, None]).abs().amax(dim=0)
+    border_difference = torch.cat([difference[0], difference[-1], difference[1:-1, 0], difference[1:-1, -1]])
+    spread = border_difference.median()
+    whole = torch.ones_like(difference, dtype=torch.bool)
+    if spread > FLAT_BORDER:
+        return whole
+    region = difference > max(float(FOREGROUND_LEVEL), OBJECT_CONTRAST * float(spread))
+    eroded = -F.max_pool2d(-region[None, None].float(), 3, stride=1, padding=1)
+    opened = F.max_pool2d(eroded, 3, stride=1, padding=1)[0, 0] > 0
+    return region if opened.float().mean() >= 2 * MIN_AREA else whole
 
 
 def add_small_defect(

@@ -10,20 +10,35 @@ The consistency term is the gradient of eq. (4). The diffusion model is the AdvR
 unchanged; f_phi is :class:`~anomalib_robust.models.AGDMGuidance` (``anomalib train --model AGDMGuidance``), a
 per-patch normal-vs-pseudo-anomaly classifier conditioned on the diffusion step and trained with eq. (6); D is the
 squared distance of its spatial features (:mod:`anomalib_robust.models.agdm_guidance.torch_model`), the input's
-taken at step 0 (``f_phi(x', 0)``) and the sample's at its step (``f_phi(x_t, t)``). t* = 70 is the paper's
-(sec. 5.1).
+taken at step 0 (``f_phi(x', 0)``) and the sample's at its step (``f_phi(x_t, t)``), as Alg. 1 compares them
+(``D(f_phi(x'), f_phi(x_t))``, with ``p(x' | x_t) ~ exp(-D)`` relating "adversarial and diffused clean images",
+sec. 3.1). f_phi's robust term is trained on exactly those pairs (an image perturbed at step 0 against its clean copy
+diffused to step t; :mod:`anomalib_robust.models.agdm_guidance.loss`), so that D is small between an input and its
+own diffused copy. t* = 70 is the paper's (sec. 5.1).
 
-Adapted to one-class anomaly detection:
+**Two guidance strengths** (``guidance_mode``):
 
-- **The guidance scale comes from a ratio** (``guidance_ratio``, default 0.5): at every step ``s_t`` is set so that
-  the guidance moves the reverse mean by ``guidance_ratio`` times the norm of the step's noise
-  (:func:`~anomalib_robust.defenses.chains.guidance_shift`), where the paper fixes ``s = 1``. With a fixed ``s`` the
-  shift depends on the scale of f_phi's gradient: an earlier version of this purifier, with a two-logit f_phi and
-  ``s = 1``, moved each step by 2.2e-8 of its noise, so it was DiffPure. The ratio is part of the purifier's name
-  (``AGDM(depth=70, guidance_ratio=0.5)``), so every reported result says how strong its guidance was. 0.5 is not
-  tuned for robustness (``benchmarks/purifier_table.py --agdm-ratios`` sweeps it): it is large enough that the
-  purified image's features measurably approach the input's (``tests/unit/defenses/test_agdm.py``) and leaves the
-  step's own noise the larger term.
+- ``"fixed_scale"``, **the AGDM paper's**: every step is shifted by ``s Sigma grad log p`` with a fixed ``s``
+  (``guidance_scale``, default ``s = 1``, sec. 3.3 and 5.1; :func:`~anomalib_robust.defenses.chains.fixed_scale_shift`).
+  How far that moves a step depends on the scale of f_phi's gradient: on the CPU presets (README, "AGDM") ``s = 1``
+  moves a step by about 1e-6 of its noise, so the chain is DiffPure's.
+- ``"ratio"`` (the default), **our adaptation**: ``s_t`` is set at every step so that the guidance moves the reverse
+  mean by ``guidance_ratio`` (default 0.5) times the norm of the step's noise
+  (:func:`~anomalib_robust.defenses.chains.guidance_shift`). The reason: nothing ties f_phi's gradient scale to the
+  diffusion model's noise, so a fixed ``s`` is inert or overwhelming depending on the network; the ratio says how
+  strong the guidance is whatever the network. 0.5 is not tuned for robustness (``benchmarks/purifier_table.py
+  --agdm-ratios`` sweeps it): it is large enough that the purified image's features measurably approach the input's
+  (``tests/unit/defenses/test_agdm.py``) and leaves the step's own noise the larger term. The default stays the ratio
+  because the paper's ``s = 1`` is measurably inert at our scale: an AGDM that is DiffPure would be reported under
+  AGDM's name.
+
+Either way, every purification measures the guidance-to-noise ratio of each step (``||shift|| / ||sqrt(Sigma)||``)
+into :attr:`AGDM.guidance_to_noise`, and the first one logs its range, however small. The mode's strength is part of
+the purifier's name (``AGDM(depth=70, guidance_ratio=0.5)``, ``AGDM(depth=70, guidance_scale=1.0)``), so every
+reported result says which guidance it had.
+
+Further adaptations to one-class anomaly detection:
+
 - **No label guidance by default** (``label_guidance=False``): an anomaly detector's test image has no class, and
   guiding towards "normal" would erase the real defects the detector must find. With ``label_guidance=True`` the
   ``y`` term uses f_phi's "normal" logits (``log p(normal | x_t)``, averaged over the patches), for users who accept
@@ -52,7 +67,13 @@ from pathlib import Path
 import torch
 
 from anomalib_robust.attacks.base import check_non_negative
-from anomalib_robust.defenses.chains import check_level, guided_ddpm_purification
+from anomalib_robust.defenses.chains import (
+    check_level,
+    fixed_scale_shift,
+    guidance_shift,
+    guidance_to_noise,
+    guided_ddpm_purification,
+)
 from anomalib_robust.defenses.purifiers import DiffusionChainPurifier
 from anomalib_robust.models.adv_rad import AdvRAD
 from anomalib_robust.models.adv_rad.diffusion import DiffusionSchedule
@@ -61,7 +82,16 @@ from anomalib_robust.models.agdm_guidance import AGDMGuidance, GuidanceNetworkMo
 from anomalib_robust.models.agdm_guidance.torch_model import NORMAL, consistency_divergence
 
 GUIDANCE_RATIO = 0.5
-"""Default norm of the guidance shift of every reverse step, in units of the norm of the step's noise."""
+"""Default norm of the guidance shift of every reverse step, in units of the norm of the step's noise (``"ratio"``)."""
+
+GUIDANCE_SCALE = 1.0
+"""The AGDM paper's fixed guidance scale s (sec. 5.1), the default of ``"fixed_scale"``."""
+
+GUIDANCE_MODES = ("ratio", "fixed_scale")
+"""How the guidance scale is set: our normalised ratio, or the AGDM paper's fixed s (module docstring)."""
+
+INERT_RATIO = 1e-3
+"""Guidance-to-noise ratio under which the log calls the guidance inert (a shift of a thousandth of the noise)."""
 
 logger = logging.getLogger(__name__)
 
@@ -101,11 +131,19 @@ class AGDM(DiffusionChainPurifier):
             ``AdvRADModel`` (as DiffPure's).
         guidance: the trained robust guidance network: an AGDMGuidance checkpoint path or ``AGDMGuidance``.
         depth: t* in ``[1, T]``.
-        guidance_ratio: norm of every step's guidance shift over the norm of the step's noise (>= 0; 0 is DiffPure
-            at level t*); sets the guidance scale ``s_t`` of each step (module docstring).
+        guidance_mode: ``"ratio"`` (our adaptation, the default) or ``"fixed_scale"`` (the AGDM paper's): how the
+            guidance scale of each step is set (module docstring).
+        guidance_ratio: with ``"ratio"``, the norm of every step's guidance shift over the norm of the step's noise
+            (>= 0; 0 is DiffPure at level t*).
+        guidance_scale: with ``"fixed_scale"``, the AGDM paper's s (>= 0; 1 in the paper, sec. 5.1).
         label_guidance: add ``s Sigma grad log p(normal | x_t)`` (off: see the module docstring).
         gradient_checkpointing: see :class:`~anomalib_robust.defenses.DiffusionPurifier`.
         clip_denoised: see :class:`~anomalib_robust.defenses.DiffusionPurifier`.
+
+    Attributes:
+        guidance_to_noise: ``(t*, N)``, the guidance-to-noise ratio of every reverse step and image of the last
+            purification (:func:`~anomalib_robust.defenses.chains.guidance_to_noise`); ``None`` before the first
+            one and without guidance.
     """
 
     def __init__(
@@ -113,7 +151,9 @@ class AGDM(DiffusionChainPurifier):
         denoiser: str | Path | AdvRAD | AdvRADModel,
         guidance: str | Path | AGDMGuidance,
         depth: int = 70,
+        guidance_mode: str = "ratio",
         guidance_ratio: float = GUIDANCE_RATIO,
+        guidance_scale: float = GUIDANCE_SCALE,
         label_guidance: bool = False,
         gradient_checkpointing: bool | str = "auto",
         clip_denoised: bool = False,
@@ -123,7 +163,17 @@ class AGDM(DiffusionChainPurifier):
             msg = f"depth (t* of Alg. 1) must be in [1, T = {self.schedule.num_timesteps}], got 0 (no purification)."
             raise ValueError(msg)
         self.depth = depth
+        if guidance_mode not in GUIDANCE_MODES:
+            msg = (
+                f"guidance_mode must be 'ratio' (the guidance shift as a share of each step's noise, our adaptation) "
+                f"or 'fixed_scale' (the AGDM paper's fixed s), got {guidance_mode!r}."
+            )
+            raise ValueError(msg)
+        self.guidance_mode = guidance_mode
         self.guidance_ratio = check_non_negative("guidance_ratio", guidance_ratio)
+        self.guidance_scale = check_non_negative("guidance_scale", guidance_scale)
+        self.guidance_to_noise: torch.Tensor | None = None
+        self._reported = False
         self.label_guidance = bool(label_guidance)
         trained = load_guidance(guidance)
         self.network: GuidanceNetworkModel = trained.model
@@ -170,6 +220,17 @@ class AGDM(DiffusionChainPurifier):
             log_guidance = log_guidance + log_probabilities.flatten(1).mean(dim=1)
         return log_guidance
 
+    @property
+    def strength(self) -> float:
+        """The strength of the mode in use: ``guidance_ratio`` or ``guidance_scale`` (0: no guidance)."""
+        return self.guidance_ratio if self.guidance_mode == "ratio" else self.guidance_scale
+
+    def shift(self, gradient: torch.Tensor, log_variance: torch.Tensor) -> torch.Tensor:
+        """``s_t Sigma g`` of one reverse step in the purifier's mode (module docstring)."""
+        if self.guidance_mode == "ratio":
+            return guidance_shift(gradient, log_variance, self.guidance_ratio)
+        return fixed_scale_shift(gradient, log_variance, self.guidance_scale)
+
     def respaced_chain(self, x: torch.Tensor, denoising_steps: int | None) -> torch.Tensor:
         """Eq. (7) to t*, then Alg. 1's guided reverse steps (respaced to ``denoising_steps`` when given); ``x`` (the
         input ``x'``) in [-1, 1]."""
@@ -177,6 +238,7 @@ class AGDM(DiffusionChainPurifier):
             x = x.clone() if x.is_inference() else x
             attacked = torch.is_grad_enabled() and x.requires_grad  # the attack differentiates the guidance too
             reference = self.reference(x)
+            ratios = []
 
             def guidance(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
                 with torch.enable_grad():
@@ -184,10 +246,33 @@ class AGDM(DiffusionChainPurifier):
                     log_guidance = self.log_guidance(reference, probe, t).sum()
                     return torch.autograd.grad(log_guidance, probe, create_graph=attacked)[0]
 
-            return guided_ddpm_purification(self.denoise, self.schedule, x, self.depth, guidance, self.guidance_ratio,
-                                            clip_denoised=self.clip_denoised,
-                                            denoising_steps=denoising_steps)  # fmt: skip
+            def measured_shift(gradient: torch.Tensor, log_variance: torch.Tensor) -> torch.Tensor:
+                shift = self.shift(gradient, log_variance)
+                ratios.append(guidance_to_noise(shift.detach(), log_variance.detach()))
+                return shift
+
+            purified = guided_ddpm_purification(self.denoise, self.schedule, x, self.depth, guidance,
+                                                measured_shift if self.strength else None,
+                                                clip_denoised=self.clip_denoised,
+                                                denoising_steps=denoising_steps)  # fmt: skip
+        self.guidance_to_noise = torch.stack(ratios) if ratios else None
+        self._report_guidance()
+        return purified
+
+    def _report_guidance(self) -> None:
+        """Log the guidance-to-noise ratios of the first guided purification, however small."""
+        if self._reported or self.guidance_to_noise is None:
+            return
+        self._reported = True
+        ratios = self.guidance_to_noise.double()
+        logger.info(
+            "AGDM(%s): the guidance moved each reverse step by %.2g to %.2g (median %.2g) of the step's noise%s.",
+            self.extra_repr(), ratios.min(), ratios.max(), ratios.median(),
+            " (inert: this is DiffPure's chain)" if ratios.max() < INERT_RATIO else "",
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
+        strength = (f"guidance_ratio={self.guidance_ratio}" if self.guidance_mode == "ratio"
+                    else f"guidance_scale={self.guidance_scale}")  # fmt: skip
         label = ", label_guidance=True" if self.label_guidance else ""
-        return f"depth={self.depth}, guidance_ratio={self.guidance_ratio}{label}"
+        return f"depth={self.depth}, {strength}{label}"

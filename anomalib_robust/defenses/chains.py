@@ -16,10 +16,11 @@ call, :data:`~anomalib_robust.models.adv_rad.reconstruction.Denoiser`) and a
 
   with ``abar_0 = 1``, so the last step returns ``x0_hat``; ``T* / stride`` U-Net evaluations.
 - :func:`guided_ddpm_purification` (AGDM paper, Lin et al., Alg. 1): DiffPure's chain with every reverse mean shifted
-  by a guidance gradient, ``x_{t-1} ~ N(mu + s_t Sigma g(x_t), Sigma)``, with ``Sigma`` the learned variance and the
-  scale ``s_t`` set at every step so that the shift is a given fraction of the step's noise
-  (:func:`guidance_shift`); the last step returns the shifted mean (no noise), as guided samplers do (Dhariwal &
-  Nichol, 2021). With ratio 0 it is :func:`ddpm_purification` draw for draw.
+  by a guidance gradient, ``x_{t-1} ~ N(mu + s_t Sigma g(x_t), Sigma)``, with ``Sigma`` the learned variance; the
+  shift is a :data:`GuidanceShift`: the AGDM paper's fixed scale (:func:`fixed_scale_shift`) or a scale ``s_t`` set at
+  every step so that the shift is a given fraction of the step's noise (:func:`guidance_shift`);
+  :func:`guidance_to_noise` measures either. The last step returns the shifted mean (no noise), as guided samplers
+  do (Dhariwal & Nichol, 2021). Without a shift it is :func:`ddpm_purification` draw for draw.
 
 Steps are counted as in the papers, 1..T (the U-Net is conditioned on ``step - 1``); level 0 returns the input. With
 ``clip_denoised`` both chains clamp every predicted ``x0_hat`` to [-1, 1] (as ``improved-diffusion``'s samplers; see
@@ -167,19 +168,45 @@ Guidance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``(x_t, t) -> g``: the gradient with respect to ``x_t`` of the log-guidance (AGDM paper, eq. 2-5)."""
 
 
+GuidanceShift = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``(g, log_variance) -> s_t Sigma g``: the shift of a guided reverse mean (AGDM paper, Alg. 1) from the guidance
+gradient ``g`` and the log of the step's learned variance ``Sigma``."""
+
+
+def step_noise_norm(log_variance: torch.Tensor) -> torch.Tensor:
+    """Per image, ``||sqrt(Sigma)||``: the norm of the step's noise ``sqrt(Sigma) z`` up to the draw of ``z``
+    (``E||z||^2`` is the pixel count)."""
+    return (0.5 * log_variance).exp().flatten(1).norm(dim=1)
+
+
+def guidance_to_noise(shift: torch.Tensor, log_variance: torch.Tensor) -> torch.Tensor:
+    """Per image, ``||shift|| / ||sqrt(Sigma)||``: how far a guidance shift moves a reverse step, in units of the
+    step's noise (:func:`step_noise_norm`)."""
+    return shift.flatten(1).norm(dim=1) / step_noise_norm(log_variance)
+
+
+def fixed_scale_shift(gradient: torch.Tensor, log_variance: torch.Tensor, scale: float) -> torch.Tensor:
+    """The AGDM paper's shift ``s Sigma g`` with a fixed scale ``s`` (Alg. 1; ``s = 1`` in sec. 5.1, a temperature
+    on ``p(x' | x_t)^s p(y | x_t)^s``, sec. 3.3).
+
+    How far it moves a step depends on the scale of the guidance network's gradient, which nothing ties to the
+    diffusion model's noise: measure it with :func:`guidance_to_noise`.
+    """
+    return scale * log_variance.exp() * gradient
+
+
 def guidance_shift(gradient: torch.Tensor, log_variance: torch.Tensor, ratio: float) -> torch.Tensor:
     """The shift ``s_t Sigma g`` of a guided reverse mean (AGDM paper, Alg. 1), with ``s_t`` chosen per image so that
-    ``||s_t Sigma g|| = ratio * ||sqrt(Sigma)||``, the norm of the step's noise ``sqrt(Sigma) z`` (up to the draw of
-    ``z``; ``E||z||^2`` is the pixel count); zero where ``g`` is.
+    ``||s_t Sigma g|| = ratio * ||sqrt(Sigma)||``, the norm of the step's noise (:func:`step_noise_norm`); zero where
+    ``g`` is.
 
-    The AGDM paper fixes ``s`` (1.0, sec. 5.1), so how far the guidance moves a step depends on the scale of the
-    guidance network's gradient, which nothing ties to the diffusion model's noise: a fixed ``s`` can leave the chain
-    untouched or drown it. ``ratio`` says how strong the guidance is in units of the step's own noise, whatever the
-    network; ``s_t = ratio * ||sqrt(Sigma)|| / ||Sigma g||``.
+    Our adaptation of the paper's fixed ``s`` (:func:`fixed_scale_shift`): a fixed ``s`` can leave the chain
+    untouched or drown it, depending on the guidance network's gradient scale. ``ratio`` says how strong the guidance
+    is in units of the step's own noise, whatever the network; ``s_t = ratio * ||sqrt(Sigma)|| / ||Sigma g||``.
     """
     shift = log_variance.exp() * gradient
-    noise = (0.5 * log_variance).exp().flatten(1).norm(dim=1)
-    scale = ratio * noise / shift.flatten(1).norm(dim=1).clamp_min(torch.finfo(shift.dtype).tiny)
+    norm = shift.flatten(1).norm(dim=1).clamp_min(torch.finfo(shift.dtype).tiny)
+    scale = ratio * step_noise_norm(log_variance) / norm
     return scale.view(-1, *([1] * (shift.ndim - 1))) * shift
 
 
@@ -189,7 +216,7 @@ def guided_ddpm_purification(
     x: torch.Tensor,
     level: int,
     guidance: Guidance,
-    ratio: float,
+    shift: GuidanceShift | None,
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     clip_denoised: bool = False,
@@ -197,11 +224,12 @@ def guided_ddpm_purification(
 ) -> torch.Tensor:
     """AGDM (AGDM paper, Alg. 1): diffuse ``x`` to step ``level`` (eq. 7), then reverse with guided means.
 
-    Each step ``t = level, ..., 1`` samples ``x_{t-1} ~ N(mu + s_t * Sigma * guidance(x_t, t), Sigma)``, where
-    ``mu, Sigma`` are the U-Net's reverse-step mean and learned variance and ``s_t`` makes the shift ``ratio`` times
-    the step's noise (:func:`guidance_shift`); the step to 0 returns the guided mean. The guidance sees ``t`` as the
-    U-Net does (``step - 1``). ``denoising_steps`` < ``level`` respaces the chain to that many guided steps, as
-    :func:`ddpm_purification` does (the surrogate process of Lee & Kim, ICCV 2023).
+    Each step ``t = level, ..., 1`` samples ``x_{t-1} ~ N(mu + shift(guidance(x_t, t), log Sigma), Sigma)``, where
+    ``mu, Sigma`` are the U-Net's reverse-step mean and learned variance and ``shift`` gives ``s_t Sigma g``
+    (:func:`fixed_scale_shift`, :func:`guidance_shift`); the step to 0 returns the guided mean. ``shift=None``: no
+    guidance (no guidance call). The guidance sees ``t`` as the U-Net does (``step - 1``). ``denoising_steps`` <
+    ``level`` respaces the chain to that many guided steps, as :func:`ddpm_purification` does (the surrogate process
+    of Lee & Kim, ICCV 2023).
     """
     check_level("level", level, schedule.num_timesteps)
     if level == 0:
@@ -220,10 +248,9 @@ def guided_ddpm_purification(
     def guided_step(xt: torch.Tensor, step: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         t = timesteps(step - 1)
         prediction = p_mean_variance(chain_schedule, denoiser(xt, t), xt, timesteps(index), clip_denoised)
-        if not ratio:
+        if shift is None:
             return prediction.mean, prediction.log_variance
-        shift = guidance_shift(guidance(xt, t), prediction.log_variance, ratio)
-        return prediction.mean + shift, prediction.log_variance
+        return prediction.mean + shift(guidance(xt, t), prediction.log_variance), prediction.log_variance
 
     xt = q_sample(schedule, x, timesteps(level - 1), noise)
     for index, step in zip(range(len(steps) - 1, 0, -1), steps[:-1], strict=True):

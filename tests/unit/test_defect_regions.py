@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from anomalib_robust.data.defects import MAX_AREA, MIN_AREA, add_small_defect, object_region
@@ -24,9 +25,39 @@ def test_object_region_is_the_object_on_a_dark_or_a_light_background(background:
     assert torch.equal(region, expected)
 
 
+def smooth_texture(channels: int, amplitude: float, mean: float = 128.0, seed: int = 0) -> torch.Tensor:
+    """A 32 x 32 ``uint8`` texture: white noise on an 8 x 8 grid upsampled bicubically, ``amplitude`` (of 255) per unit
+    of noise around ``mean``, drawn independently per channel (a colour texture for 3 channels)."""
+    noise = torch.randn(1, channels, 8, 8, generator=torch.Generator().manual_seed(seed))
+    smooth = F.interpolate(noise, size=(32, 32), mode="bicubic", align_corners=False)[0]
+    return (mean + amplitude * smooth).round().clamp(0, 255).to(torch.uint8)
+
+
 def test_object_region_of_a_texture_is_the_whole_image() -> None:
     texture = torch.randint(0, 256, (1, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     assert object_region(texture).all()
+
+
+@pytest.mark.parametrize(("channels", "amplitude"), [(1, 8.0), (3, 8.0), (3, 40.0)],
+                         ids=["low_contrast_gray", "low_contrast_colour", "colour"])  # fmt: skip
+def test_object_region_of_a_low_contrast_or_colour_texture_is_the_whole_image(channels: int, amplitude: float) -> None:
+    """A texture whose border varies little is not an object on a background: the whole image, never the scattered
+    pixels that happen to differ from the border's median (the rule before read them as the object, or found none)."""
+    for seed in range(5):
+        texture = smooth_texture(channels, amplitude, seed=seed)
+        assert object_region(texture).all(), seed
+
+
+def test_object_region_sees_a_colour_object_of_the_backgrounds_brightness() -> None:
+    """Colour counts: a red object on a gray background of the same channel mean is the object."""
+    image = torch.full((3, 32, 32), 100, dtype=torch.uint8)
+    image[:, 8:24, 12:20] = torch.tensor([200, 50, 50], dtype=torch.uint8)[:, None, None]
+    expected = torch.zeros(32, 32, dtype=torch.bool)
+    expected[8:24, 12:20] = True
+    assert torch.equal(object_region(image), expected)
+    assert not object_region(image.float().mean(0, keepdim=True).round().to(torch.uint8)).equal(expected)
+    with pytest.raises(ValueError, match=r"image must be a uint8 tensor \[C, H, W\]"):
+        object_region(image.float())
 
 
 def test_a_defect_stays_in_the_given_region_on_a_light_background() -> None:

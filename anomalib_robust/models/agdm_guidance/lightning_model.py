@@ -14,10 +14,12 @@ eps-ball (TRADES). Adapted to one-class anomaly detection, where the training im
   contrastive term would give features blind to the defects the detector must still find.
 - **Robust term: TRADES on the same images**, D = the squared distance of the spatial features that the guidance
   differentiates (:mod:`.loss`), weighted by ``robust_weight`` = lambda = 6 (the AGDM paper, sec. 5.1).
-- **Diffused inputs, step-conditioned network.** Alg. 1 evaluates f_phi on the samples ``x_t`` of the reverse chain,
-  so every training image is diffused to a random step in ``[0, max_noise_step]`` (default 70, the paper's t*) on the
-  AdvRAD diffusion model's noise schedule (``beta_schedule``, ``num_timesteps``; AdvRAD's defaults), and f_phi is
-  told the step.
+- **Diffused inputs, step-conditioned network, the pairs Alg. 1 compares.** Alg. 1 evaluates f_phi on the samples
+  ``x_t`` of the reverse chain, so every training image is diffused to a random step in ``[0, max_noise_step]``
+  (default 70, the paper's t*) on the AdvRAD diffusion model's noise schedule (``beta_schedule``,
+  ``num_timesteps``; AdvRAD's defaults), and f_phi is told the step. The classification term sees the diffused
+  images; the robust term compares their features with those of the perturbed image at step 0, as Alg. 1 compares
+  ``f_phi(x')`` with ``f_phi(x_t)`` (:mod:`.loss`).
 
 Checkpoints carry the network's architecture version
 (:data:`~anomalib_robust.models.agdm_guidance.torch_model.ARCHITECTURE`); loading one of the earlier two-logit,
@@ -151,24 +153,27 @@ class AGDMGuidance(CheckpointArchitectureMixin, ScoringStepsMixin, AnomalibModul
     def losses(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """The terms of eq. (6) on normal images in [0, 1] and their pseudo anomalies (module docstring).
 
-        A patch of the feature map is pseudo-anomalous where the pasted region overlaps it.
+        Classification: per patch, on the images diffused to a random step; a patch of the feature map is
+        pseudo-anomalous where the pasted region overlaps it. Robust term: D between those diffused images'
+        features and the features of the images perturbed by TRADES' inner maximum at step 0, the pair of Alg. 1
+        (:mod:`.loss`).
         """
-        anomalous = self.pseudo_anomalies.on_bright_foreground(images)
+        anomalous = self.pseudo_anomalies.on_object(images)
         inputs = torch.cat([images, anomalous])
         steps = torch.randint(0, self.hparams["max_noise_step"] + 1, (len(inputs),), device=images.device)
-        noise = torch.randn_like(inputs)
-
-        def embed(batch: torch.Tensor) -> torch.Tensor:
-            return self.model.features(diffuse(self.schedule, batch, steps, noise), steps)
-
-        features = embed(inputs)
+        clean = torch.zeros_like(steps)
+        features = self.model.features(diffuse(self.schedule, inputs, steps, torch.randn_like(inputs)), steps)
         logits = self.model.head(features)
         pasted = (inputs != torch.cat([images, images])).any(dim=1, keepdim=True).float()
         labels = F.adaptive_max_pool2d(pasted, logits.shape[-2:])[:, 0].long()
-        adversarial = trades_perturbation(embed, inputs, features, self.hparams["eps"],
+
+        def reference(batch: torch.Tensor) -> torch.Tensor:
+            return self.model.features(batch, clean)
+
+        adversarial = trades_perturbation(reference, inputs, features, self.hparams["eps"],
                                           self.hparams["attack_steps"], self.hparams["step_size"])  # fmt: skip
         losses = {"classification": F.cross_entropy(logits, labels),
-                  "consistency": consistency_divergence(features, embed(adversarial)).mean()}  # fmt: skip
+                  "consistency": consistency_divergence(reference(adversarial), features).mean()}  # fmt: skip
         losses["loss"] = losses["classification"] + self.hparams["robust_weight"] * losses["consistency"]
         return losses
 
@@ -191,15 +196,16 @@ class AGDMGuidance(CheckpointArchitectureMixin, ScoringStepsMixin, AnomalibModul
         """Refuse a checkpoint of another architecture version, naming what changed.
 
         Raises:
-            ValueError: for a checkpoint of the earlier network (version 1) or of an unknown version.
+            ValueError: for a checkpoint of an earlier network (versions 1 and 2) or of an unknown version.
         """
         version = checkpoint.get(ARCHITECTURE_KEY, 1)
         if version != ARCHITECTURE:
             msg = (
                 f"AGDMGuidance checkpoint has guidance-network architecture {version}, this version needs "
                 f"{ARCHITECTURE}: version 2 replaced the two-class classifier after global pooling (whose KL guidance "
-                "vanished) by per-patch logits and spatial features, conditioned on the diffusion step. Retrain it "
-                "with `anomalib train --model AGDMGuidance`."
+                "vanished) by per-patch logits and spatial features, conditioned on the diffusion step; version 3 "
+                "trains D on the pairs that the guidance compares (the input at step 0, its diffused copy at step t). "
+                "Retrain it with `anomalib train --model AGDMGuidance`."
             )
             raise ValueError(msg)
         super().on_load_checkpoint(checkpoint)

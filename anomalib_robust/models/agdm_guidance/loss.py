@@ -7,10 +7,15 @@ here D is the one the guidance uses, the squared distance of f_phi's spatial fea
 exactly what Alg. 1 differentiates. The inner maximum is TRADES' attack: a start 0.001-Gaussian close to ``x``, then
 sign-gradient steps on D, each projected onto the L_inf ball and the [0, 1] box.
 
-f_phi is evaluated in Alg. 1 on the diffused samples ``x_t`` (``t <= t*``), not on clean images, so the network
-sees its training images diffused to a random step ``t ~ U{0, ..., max_noise_step}`` with eq. (7) of the AGDM paper
-(``t = 0``: the clean image), and is told ``t``; the perturbation ``delta`` is added before the diffusion, where the
-attacker of the defended detector adds it, and the clean and perturbed images share the diffusion noise and step.
+Alg. 1 (with eq. 4) compares the input at step 0 with the sample at step t, ``D(f_phi(x'), f_phi(x_t))``, where
+``p(x' | x_t) ~ exp(-D)`` relates "adversarial and diffused clean images" (the AGDM paper, sec. 3.1). The robust
+term is trained on those pairs: an image ``x`` diffused to a random step ``t ~ U{0, ..., max_noise_step}`` with
+eq. (7) (``t = 0``: the clean image), f_phi told ``t``, against ``x + delta`` at step 0, ``delta`` maximising D in the
+eps-ball (:meth:`~anomalib_robust.models.agdm_guidance.AGDMGuidance.losses`). So D is small between an input and its
+own diffused copy, the pair the guidance pulls together, and at ``t = 0`` the term is eq. (6) itself. (A network
+trained only on same-step pairs, clean and perturbed images diffused with the same noise, gave D between an image at
+step 0 and its own copy at step t >= 35 as large as between two different clean images: its guidance did not point
+to the input.)
 """
 
 from collections.abc import Callable
@@ -43,8 +48,9 @@ def trades_perturbation(
     steps: int,
     step_size: float,
 ) -> torch.Tensor:
-    """TRADES' inner maximum of D(f(x), f(x + delta)) over the L_inf ball of radius ``eps`` (the images, detached);
-    ``embed`` maps images to f_phi's features, ``clean_features`` are those of ``images``."""
+    """TRADES' inner maximum of D(clean_features, embed(x + delta)) over the L_inf ball of radius ``eps`` around
+    ``images`` (detached); ``embed`` maps images to f_phi's features, ``clean_features`` are those of the clean images
+    (in training, of ``images`` diffused to their steps: the pair of Alg. 1)."""
     images, reference = images.detach(), clean_features.detach()
     adversarial = project(images + TRADES_START_STD * torch.randn_like(images), images, eps, "Linf")
     for _ in range(steps):

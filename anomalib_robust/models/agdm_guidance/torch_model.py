@@ -43,9 +43,10 @@ from torch import nn
 NORMAL, PSEUDO_ANOMALOUS = 0, 1
 """Class indices of the two per-patch logits."""
 
-ARCHITECTURE = 2
-"""Version of the network's architecture, saved in every checkpoint: 1 was the two-class classifier after global
-pooling, without the diffusion step; 2 is this one."""
+ARCHITECTURE = 3
+"""Version of the network (its architecture and what its D was trained on), saved in every checkpoint: 1 was the
+two-class classifier after global pooling, without the diffusion step; 2 is this network with D trained on same-step
+pairs; 3 is this one with D trained on the pairs Alg. 1 compares (:mod:`~anomalib_robust.models.agdm_guidance.loss`)."""
 
 
 def consistency_divergence(reference: torch.Tensor, features: torch.Tensor) -> torch.Tensor:

@@ -43,13 +43,12 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from anomalib_robust.data.defects import as_uint8, object_region
 from anomalib_robust.models.patch_guard.torch_model import patch_labels_from_mask
 
 LEVELS = ("light", "medium", "heavy")
 OFFICIAL_LEVEL_PROBABILITIES = (0.2, 0.2, 0.6)
 MAX_OPERATIONS = {"light": 1, "medium": 2, "heavy": 4}
-BRIGHT_FOREGROUND_LEVEL = 0.1
-"""Channel mean above which a pixel is foreground for :meth:`PseudoAnomalyGenerator.on_bright_foreground`."""
 
 
 class PseudoAnomalies(NamedTuple):
@@ -143,16 +142,17 @@ class PseudoAnomalyGenerator:
             torch.stack(outputs), masks_tensor, patch_labels_from_mask(masks_tensor, self.patch_size)
         )
 
-    def on_bright_foreground(self, images: torch.Tensor, level: float = BRIGHT_FOREGROUND_LEVEL) -> torch.Tensor:
-        """Pseudo-anomalous copies of ``images`` (any device), pasted where the channel mean exceeds ``level``.
+    def on_object(self, images: torch.Tensor) -> torch.Tensor:
+        """Pseudo-anomalous copies of ``images`` (any device), pasted on the object of each image.
 
-        For objects on a dark background (the embedded Fashion-MNIST): the background stays clean. An image with
-        too little foreground for a ``min_size`` box gets its pseudo anomaly anywhere. Runs on the CPU (with the
-        CPU generator, so the pseudo anomalies do not depend on the device of the images) and returns the images on
-        the input's device and dtype.
+        The object is :func:`~anomalib_robust.data.defects.object_region`, the region the synthetic defects of
+        AdvRAD's choice of k use: the pixels that differ from a flat border, dark or light (a garment on black, a
+        screw on a light table), or the whole image of a texture. An image with too little object for a
+        ``min_size`` box gets its pseudo anomaly anywhere. Runs on the CPU (with the CPU generator, so the pseudo
+        anomalies do not depend on the device of the images) and returns the images on the input's device and dtype.
         """
         cpu = images.detach().cpu()
-        foreground = cpu.mean(dim=1) > level
+        foreground = torch.stack([object_region(as_uint8(image)) for image in cpu])
         too_small = foreground.flatten(1).sum(dim=1) < self.min_size**2
         foreground[too_small] = True
         return self(cpu, foreground).images.to(images)

@@ -13,16 +13,21 @@ Adaptations to one-class anomaly detection (the paper trains a classifier's adap
 - **Pseudo anomalies.** An adapter trained on normal images only learns to "repair" real defects as well, and the
   detector then misses them (the AdvRAD paper, sec. 4.2). So every step also makes pseudo anomalies ``x_a`` of the
   batch with PatchGuard's foreground self-CutPaste generator (PatchGuard, Nafez et al., CVPR 2025, supplementary
-  sec. B; :class:`~anomalib_robust.models.patch_guard.pseudo_anomaly.PseudoAnomalyGenerator`) and attacks them with
-  Alg. 1 in the other score direction (``y = -1``: hide the defect), giving ``x^a_t``.
+  sec. B; :class:`~anomalib_robust.models.patch_guard.pseudo_anomaly.PseudoAnomalyGenerator`), pasted on the object
+  (:meth:`~anomalib_robust.models.patch_guard.pseudo_anomaly.PseudoAnomalyGenerator.on_object`: dark or light
+  background, or the whole image of a texture), and attacks them with Alg. 1 in the other score direction
+  (``y = -1``: hide the defect), giving ``x^a_t``.
 - **Task term.** The paper's ``CE(f~(x_t, t), y)`` covers every class; here it becomes two hinges on the detector's
   raw anomaly score ``A`` (:func:`~anomalib_robust.models.rap_adapter.process.score_hinge`), one per side. On normal
   images the attack raised the score (a false alarm), and the purified score must not stay above the clean image's;
   on pseudo anomalies the attack lowered it (a miss), and the purified score must not fall below the clean anomalous
   image's (the mirror hinge). Neither rewards going past the clean score: that would teach the adapter to make
   everything look normal, or everything anomalous. ``s`` (:attr:`score_scale`) is the spread (standard deviation) of
-  the clean normal scores of the first training batch, so a constant shift of the detector's score changes nothing
-  and ``task_weight`` means the same for detectors whose scores live on different scales. The default weight 0.1 is
+  the detector's raw scores of all the clean training images, a running estimate over one pass through the training
+  data when training starts (:meth:`RAPAdapter.fit_score_scale`), so a constant shift of the detector's score changes
+  nothing, ``task_weight`` means the same for detectors whose scores live on different scales, and the unit does not
+  depend on the first batch (one image has no spread). A degenerate scale (fewer than two images, or no spread) is
+  refused with an error. The default weight 0.1 is
   not tuned (Alg. 3 adds the cross-entropy with weight 1); sweep it with the ``task_weight`` argument
   (``benchmarks/rap_table.py --task-weights``).
 - **Identity term.** The adapter returns ``x_a`` itself from ``x^a_t``, defect included. ``identity_weight = 0``
@@ -55,7 +60,8 @@ import hashlib
 import importlib
 import inspect
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -223,8 +229,8 @@ class RAPAdapter(AnomalibModule):
         size = pseudo_anomaly_size or max(2, min(self.model.image_size) // 8)
         self.pseudo_anomalies = PseudoAnomalyGenerator(patch_size=size, seed=seed)
         self.register_buffer("score_scale", torch.zeros(()))
-        """Standard deviation of the detector's raw scores of the clean images of the first training batch (the task
-        term's unit; 0 until set, 1 when that batch has no spread)."""
+        """Standard deviation of the detector's raw scores of the clean training images (the task term's unit; 0
+        until :meth:`fit_score_scale` sets it)."""
 
     def save_hyperparameters(self, *args: Any, ignore: Sequence[str] | str | None = None, **kwargs: Any) -> None:
         """As Lightning's, without the detector (a checkpoint path is added back by ``__init__``)."""
@@ -259,14 +265,59 @@ class RAPAdapter(AnomalibModule):
         finally:
             self.model.train(was_training)
 
+    def fit_score_scale(self, batches: Iterable[torch.Tensor]) -> float:
+        """Set :attr:`score_scale` to the standard deviation of the detector's raw scores of the clean images in
+        ``batches`` (normal images in [0, 1] at the adapter's input size), a running estimate over the batches
+        (Chan et al.'s pairwise update of the mean and the sum of squares, in float64); return it.
+
+        Raises:
+            ValueError: when fewer than two images were scored, or their scores have no spread (a single image,
+                identical images, a constant detector): the task term would have no unit.
+        """
+        count, mean, squares = 0, torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        with torch.no_grad():
+            for images in batches:
+                scores = self._score(images.to(self.device)).double().flatten().cpu()
+                batch_mean, total = scores.mean(), count + scores.numel()
+                delta = batch_mean - mean
+                squares += (scores - batch_mean).square().sum() + delta.square() * count * scores.numel() / total
+                mean += delta * scores.numel() / total
+                count = total
+        spread = float((squares / (count - 1)).sqrt()) if count > 1 else 0.0
+        if not spread > 0 or not math.isfinite(spread):
+            msg = (
+                "RAPAdapter: the task term is in units of the spread of the detector's raw scores of the clean "
+                f"training images, but {count} training image(s) gave a spread of {spread:.3g}: train on at least two "
+                "images that the detector scores differently (one image, or identical ones, give no scale)."
+            )
+            raise ValueError(msg)
+        self.score_scale.fill_(spread)
+        return spread
+
+    def on_train_start(self) -> None:
+        """Measure the task term's unit over all the training images (one pass), unless a checkpoint restored it."""
+        if self.score_scale > 0:
+            return
+        transform = getattr(self.pre_processor, "transform", None)
+        batches = (transform(batch.image) if transform else batch.image for batch in self.trainer.train_dataloader)
+        spread = self.fit_score_scale(batches)
+        logger.info("RAPAdapter: the detector's raw scores of the clean training images spread by %.4g", spread)
+
     def losses(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The terms of Alg. 3's loss on a batch of normal images ``x_0`` in [0, 1] (see the module docstring)."""
+        """The terms of Alg. 3's loss on a batch of normal images ``x_0`` in [0, 1] (see the module docstring).
+
+        Raises:
+            RuntimeError: before the task term's unit is measured (:meth:`fit_score_scale`; ``Engine.fit`` does it).
+        """
+        if not self.score_scale > 0:
+            msg = (
+                "RAPAdapter.losses needs the task term's unit: train with Engine.fit (which measures it over the "
+                "training images first) or call fit_score_scale(<batches of training images>)."
+            )
+            raise RuntimeError(msg)
         t = torch.randint(1, self.model.steps + 1, (images.shape[0],), device=images.device)
         with torch.no_grad():
             clean_scores = self._score(images)
-        if not self.score_scale > 0:
-            spread = float(clean_scores.std()) if clean_scores.numel() > 1 else 0.0
-            self.score_scale.fill_(spread if spread > 0 else 1.0)
         estimate = self.model(self._attack(images, t, 1.0), t)
         losses = {"reconstruction": (estimate - images).abs().mean()}
         with unmasked_gradients():
@@ -274,7 +325,7 @@ class RAPAdapter(AnomalibModule):
         losses["task_normal"] = score_hinge(scores, clean_scores, 1.0, self.score_scale).mean()
         task = losses["task_normal"]
         if self.identity_weight > 0 or self.task_weight > 0:
-            anomalous = self.pseudo_anomalies.on_bright_foreground(images)
+            anomalous = self.pseudo_anomalies.on_object(images)
             recovered = self.model(self._attack(anomalous, t, -1.0), t)
             with torch.no_grad():
                 clean_anomalous_scores = self._score(anomalous)

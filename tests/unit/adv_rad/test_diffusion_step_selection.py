@@ -1,10 +1,12 @@
 """Choosing AdvRAD's k and s on held-out training images: the rule, the held-out data, ``set_inference``, and the
 whole choice on a model whose best k is known by construction."""
 
+import logging
 from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from anomalib.data import ImageBatch, ImageItem
 from torch import nn
 
@@ -12,17 +14,21 @@ from anomalib_robust import AdvRAD
 from anomalib_robust.callbacks import SelectDiffusionStep
 from anomalib_robust.callbacks.diffusion_step import choose_candidate, choose_diffusion_step
 from anomalib_robust.data import FashionMNIST
-from anomalib_robust.data.defects import MIN_AREA
+from anomalib_robust.data.defects import MIN_AREA, as_uint8, object_region
 from anomalib_robust.evaluation import RobustEvaluator
 from anomalib_robust.evaluation.metrics import rank_auroc
 from anomalib_robust.models.adv_rad.selection import (
-    DiffusionStepCandidate,
-    DiffusionStepChoice,
     CUTPASTE_MIN_SIDE,
     HELD_OUT_PERLIN,
+    TEXTURE_CONTRAST_SHARE,
+    DiffusionStepCandidate,
+    DiffusionStepChoice,
     HeldOutDefects,
     check_candidates,
+    gray_uint8,
     held_out_split,
+    paint_perlin,
+    texture_contrast,
 )
 
 
@@ -150,6 +156,24 @@ def test_held_out_defects_show_every_image_clean_and_with_each_kind_of_defect(tr
         HeldOutDefects(source, kinds=["scratch"])
 
 
+def test_perlin_defect_keeps_the_colours_of_a_colour_texture() -> None:
+    """On a colour texture (independent smooth noise per channel) the held-out Perlin defect keeps each pixel's colour:
+    the spread of the channels inside the mask stays as it was (gray paint made it 0), and the defect changes the
+    image by at least its minimum contrast and by at least half the texture's local contrast."""
+    noise = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    texture = (0.5 + 0.15 * F.interpolate(noise, size=(32, 32), mode="bicubic", align_corners=False)[0]).clamp(0, 1)
+    region = object_region(as_uint8(texture))
+    assert region.all(), "a texture: defects anywhere"
+    for seed in range(4):
+        painted, mask = paint_perlin(texture, region, seed)
+        spread_before, spread_after = texture.std(dim=0)[mask].mean(), painted.std(dim=0)[mask].mean()
+        assert spread_before > 0.05 and spread_after > 0.9 * spread_before, (spread_before, spread_after)
+        change = (painted - texture).abs().mean(0)[mask].mean()
+        texture_floor = TEXTURE_CONTRAST_SHARE * texture_contrast(gray_uint8(texture).float() / 255, region)
+        assert change >= max(HELD_OUT_PERLIN["min_contrast"], texture_floor) - 1 / 255
+        assert torch.equal(painted[:, ~mask], texture[:, ~mask])
+
+
 def test_choice_survives_a_plain_checkpoint_load(tmp_path) -> None:
     choice = DiffusionStepChoice(
         [_candidate(50, 0.8, 0.6), _candidate(100, 0.78, 0.7, s=3)], chosen=1, margin=0.03,
@@ -160,6 +184,20 @@ def test_choice_survives_a_plain_checkpoint_load(tmp_path) -> None:
     assert loaded == choice
     assert (loaded.diffusion_step, loaded.mean_filter_size) == (100, 3)
     assert "k = 100, mean filter 3" in loaded.summary()
+    earlier = {key: value for key, value in choice.to_dict().items() if key != "assumption"}
+    assert DiffusionStepChoice.from_dict(earlier) == choice, "checkpoints written before it made the same assumption"
+
+
+def test_the_choice_states_that_it_assumes_local_defects(caplog: pytest.LogCaptureFixture) -> None:
+    """Where the user sees the choice: the log line and the record (saved in checkpoints) name the assumption."""
+    choice = DiffusionStepChoice([_candidate(50, 0.8, 0.6)], chosen=0, margin=0.03, attack="EOT-4 PGD-5 Linf 2/255",
+                                 num_normal=20, num_defective=20)  # fmt: skip
+    assert "assumes local defects" in choice.to_dict()["assumption"]
+    trainer = SimpleNamespace(loggers=[], global_step=0, is_global_zero=False)
+    with caplog.at_level(logging.INFO):
+        SelectDiffusionStep._report(trainer, choice)
+    assert "SelectDiffusionStep: k = 50, mean filter 5" in caplog.text
+    assert "assumes local defects" in caplog.text and "prefer the paper's k = 100" in caplog.text
 
 
 def _batches(images: torch.Tensor, batch_size: int = 4) -> list[ImageBatch]:

@@ -175,12 +175,13 @@ def test_training_attacks_follow_the_defended_system(fitted: dict) -> None:
         expected = project(images + direction * model.step_size * defended.sign(), images, model.eps, "Linf")
         torch.testing.assert_close(adapter._attack(images, one_step, direction), expected)
 
-    anomalous = adapter.pseudo_anomalies.on_bright_foreground(images)
+    anomalous = adapter.pseudo_anomalies.on_object(images)
     attacked = adapter._attack(anomalous, torch.full_like(one_step, model.steps), -1.0)
     with torch.no_grad():
         before, after = _defended_score(padim, model, anomalous), _defended_score(padim, model, attacked)
     assert (after < before).all(), (before, after)
 
+    adapter.fit_score_scale([images])
     adapter.losses(images)["loss"].backward()
     assert all(parameter.grad is None for parameter in adapter.detector_model.parameters()), "the detector is frozen"
     assert adapter.model.unet.conv_out.weight.grad.abs().sum() > 0
@@ -200,7 +201,9 @@ def test_each_loss_hinge_is_zero_on_the_right_side_and_positive_on_the_wrong_sid
     """An adapter that brightens every image raises the purified scores of the mean-brightness detector above the
     clean ones: the normal hinge is positive and the pseudo-anomaly (mirror) hinge zero; one that darkens them the
     other way round. Each holds whatever the attack did, since the shift exceeds eps."""
-    losses = _shifting_adapter(fitted["padim"], shift).losses(fitted["batch"].image[:4])
+    adapter, images = _shifting_adapter(fitted["padim"], shift), fitted["batch"].image[:4]
+    adapter.fit_score_scale([images])
+    losses = adapter.losses(images)
     wrong, right = ("task_normal", "task_anomalous") if shift > 0 else ("task_anomalous", "task_normal")
     assert losses[right] == 0 and losses[wrong] > 0, losses
 
@@ -212,11 +215,45 @@ def test_loss_is_invariant_to_a_constant_shift_of_the_score(fitted: dict) -> Non
     reference, shifted = (_shifting_adapter(fitted["padim"], 0.3, offset=offset).double() for offset in (0.0, 100.0))
     terms = {}
     for name, adapter in (("reference", reference), ("shifted", shifted)):
+        adapter.fit_score_scale([images[:1], images[1:]])
         torch.manual_seed(0)
         terms[name] = {key: value.detach() for key, value in adapter.losses(images).items()}
     assert terms["reference"]["task_normal"] > 0
     torch.testing.assert_close(terms["shifted"], terms["reference"])
     torch.testing.assert_close(shifted.score_scale, reference.score_scale)
+
+
+def test_score_scale_is_the_spread_of_all_training_scores_from_a_single_image_first_batch(
+    fitted: dict, tmp_path: Path
+) -> None:
+    """Training with one image per batch: the task term's unit is the standard deviation of the detector's raw scores
+    of all 8 training images, measured when training starts (the first batch alone has no spread); batches of
+    uneven sizes give the same running estimate."""
+    padim = fitted["padim"]
+    datamodule = FashionMNIST(category=0, root="embedded", image_size=SIZE, num_train=8, num_test=8,
+                              train_batch_size=1, eval_batch_size=4)  # fmt: skip
+    datamodule.setup()
+    images = torch.cat([batch.image for batch in datamodule.train_dataloader()])
+    with torch.no_grad():
+        expected = detector_score(padim.pre_processor, padim.model, images).double().std()
+    adapter = RAPAdapter(detector=padim, **TINY)
+    Engine(default_root_dir=tmp_path, max_steps=1, limit_val_batches=0, logger=False, enable_progress_bar=False,
+           enable_model_summary=False).fit(adapter, datamodule=datamodule)  # fmt: skip
+    assert len(images) == 8 and expected > 0
+    torch.testing.assert_close(adapter.score_scale.double(), expected, rtol=1e-5, atol=0)
+    uneven = RAPAdapter(detector=padim, **TINY)
+    assert uneven.fit_score_scale([images[:1], images[1:6], images[6:]]) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_a_degenerate_score_scale_is_refused(fitted: dict) -> None:
+    adapter, image = RAPAdapter(detector=fitted["padim"], **TINY), fitted["batch"].image[:1]
+    with pytest.raises(RuntimeError, match="needs the task term's unit: train with Engine.fit"):
+        adapter.losses(image)
+    with pytest.raises(ValueError, match=r"but 1 training image\(s\) gave a spread of 0: train on at least two"):
+        adapter.fit_score_scale([image])
+    with pytest.raises(ValueError, match=r"but 3 training image\(s\) gave a spread of 0"):
+        adapter.fit_score_scale([image.expand(3, -1, -1, -1)])
+    assert adapter.score_scale == 0
 
 
 def test_full_gradients_match_finite_differences_and_bpda_is_the_identity(fitted: dict) -> None:

@@ -1,4 +1,5 @@
-"""Self-CutPaste pseudo anomalies: inside the foreground, labels consistent with masks, images changed only there."""
+"""Self-CutPaste pseudo anomalies: inside the foreground (the object on a dark or light background), labels consistent
+with masks, images changed only there."""
 
 import pytest
 import torch
@@ -43,6 +44,21 @@ def test_default_foreground_is_the_whole_image_and_boxes_respect_size_bounds() -
     rows = pseudo.masks.any(dim=2).sum(dim=1)
     columns = pseudo.masks.any(dim=1).sum(dim=1)
     assert (rows >= 4).all() and (rows <= 16).all() and (columns >= 4).all() and (columns <= 16).all()
+
+
+@pytest.mark.parametrize(("background", "value"), [(0.0, 0.7), (0.9, 0.3)], ids=["dark_background", "light_background"])
+def test_pseudo_anomalies_go_on_the_object_on_a_dark_or_a_light_background(background: float, value: float) -> None:
+    """``on_object`` (RAP's and AGDM's guidance network's pseudo anomalies) pastes on the object that the defect
+    makers of the choice of k find, whatever the background's brightness: on a light table the background is not
+    foreground (a channel-mean threshold made everything foreground there)."""
+    generator = torch.Generator().manual_seed(0)
+    _, disc = _object_images(batch=8)
+    texture = value + 0.15 * (torch.rand(8, 3, 32, 32, generator=generator) - 0.5)
+    images = torch.where(disc[:, None], texture, background + 0.01 * torch.rand(8, 3, 32, 32, generator=generator))
+    pasted = PseudoAnomalyGenerator(patch_size=4, seed=0).on_object(images)
+    changed = (pasted - images).abs().amax(dim=1) > 0
+    assert changed.flatten(1).any(dim=1).all(), "every image gets a pseudo anomaly"
+    assert not (changed & ~disc).any(), "only on the object"
 
 
 def test_tiny_foreground_uses_the_fallback_square() -> None:
