@@ -44,8 +44,11 @@ from purifier_setup import SIZE, fitted_padim, trained_guidance
 from purifier_table import attack_setting, cell, denoiser, points, print_table
 
 from anomalib_robust import RobustEval
+from anomalib_robust.attacks import DetectorScore
+from anomalib_robust.attacks.precision import native_bf16
 from anomalib_robust.data import CLASS_NAMES, FashionMNIST
-from anomalib_robust.defenses import AGDM, TMA, DiffPure
+from anomalib_robust.defenses import AGDM, TMA, DiffPure, Purified
+from anomalib_robust.evaluation.evaluator import DEFAULT_SURROGATE_STEPS, purifier_gradient_detectors
 from anomalib_robust.evaluation.metrics import paired_auroc_difference
 from anomalib_robust.evaluation.provenance import loaded_code_identity, loaded_code_key
 from anomalib_robust.evaluation.report import write_atomic
@@ -90,8 +93,17 @@ def cell_path(arguments: argparse.Namespace, system: str, gradients: str, attack
         "guidance_epochs": arguments.guidance_epochs, "tma_stride": arguments.tma_stride, "code": loaded_code_key(),
     }  # fmt: skip
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    path = arguments.cells / f"{cell_name(arguments, system, gradients, attack)}_{digest}.json"
+    if not path.exists() and arguments.any_code:
+        found = sorted(arguments.cells.glob(f"{cell_name(arguments, system, gradients, attack)}_*.json"))
+        return max(found, key=lambda other: other.stat().st_mtime) if found else path
+    return path
+
+
+def cell_name(arguments: argparse.Namespace, system: str, gradients: str, attack: tuple[int, int]) -> str:
+    """The readable part of a cell's file name."""
     name = f"{arguments.category}_{arguments.protocol}_{system}_{gradients}_pgd{attack[0]}_eot{attack[1]}"
-    return arguments.cells / f"{name.replace(' ', '').replace('*', '').replace('=', '')}_{digest}.json"
+    return name.replace(" ", "").replace("*", "").replace("=", "")
 
 
 def run_cell(arguments: argparse.Namespace, system: str, gradients: str, attack: tuple[int, int],
@@ -114,6 +126,32 @@ def weights(trained: dict) -> dict[str, str]:
     return {name: model_fingerprint(model)["weights"] for name, model in sorted(trained.items())}
 
 
+def gradient_timing(arguments: argparse.Namespace, trained: dict, images: torch.Tensor, labels: torch.Tensor) -> list[str]:
+    """Milliseconds per image of one EOT draw of the attack's gradient, per system, mode and precision, measured in
+    this process (ratios are what carries over to another CPU): a warm-up call, then the mean of three."""
+    rows = []
+    for system in arguments.systems:
+        for gradients in arguments.gradients:
+            for precision in arguments.timing_precisions:
+                defense = purifier(system, gradients, trained["adv_rad"], trained.get("guidance"), arguments.tma_stride)
+                model = Purified(trained["padim"], defense, visualizer=False)
+                mode = evaluator_arguments(gradients)
+                full = DetectorScore(model, eot_samples=1, stochastic=True, gradient_precision=precision)
+                (detector,) = purifier_gradient_detectors(full, defense, mode["purifier_gradients"],
+                                                          mode.get("surrogate_steps", DEFAULT_SURROGATE_STEPS))
+                with detector.prepared():
+                    detector.objective_and_gradient(images, labels)
+                    started = time.perf_counter()
+                    for _ in range(3):
+                        detector.objective_and_gradient(images, labels)
+                milliseconds = 1000 * (time.perf_counter() - started) / 3 / images.shape[0]
+                rows.append([system, gradients, precision, f"{milliseconds:.1f}"])
+    title = (f"One EOT draw of the attack's gradient, ms per image ({images.shape[0]} images, "
+             f"{torch.get_num_threads()} thread(s), CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+             f"native bf16: {native_bf16(torch.device('cpu'))})")  # fmt: skip
+    return print_table(title, ["system", "gradient", "precision", "ms / image"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--category", default="trouser", choices=CLASS_NAMES)
@@ -122,6 +160,9 @@ def main() -> None:
     parser.add_argument("--gradients", nargs="+", type=gradient_mode,
                         default=["full", "full-checkpointed", "surrogate-1", "surrogate-5", "bpda"])
     parser.add_argument("--attacks", nargs="+", type=attack_setting, default=[(10, 4)], help="STEPSxEOT")
+    parser.add_argument("--timing-images", type=int, default=0,
+                        help="also time one gradient per system, mode and precision on this many images (0: no)")
+    parser.add_argument("--timing-precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
     parser.add_argument("--eval-repeats", type=int, default=4)
     parser.add_argument("--max-samples", type=int, default=40)
     parser.add_argument("--num-train", type=int, default=200)
@@ -129,6 +170,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=60, help="AdvRAD (the denoiser) training epochs")
     parser.add_argument("--guidance-epochs", type=int, default=10, help="AGDM guidance network training epochs")
     parser.add_argument("--tma-stride", type=int, default=10)
+    parser.add_argument("--any-code", action="store_true",
+                        help="read a cell computed by other code where none of this code is kept (the table names the "
+                        "commit of every cell)")  # fmt: skip
     parser.add_argument("--runs", type=Path, default=Path("results/benchmarks/runs"), help="trained models")
     parser.add_argument("--cells", type=Path, default=Path("results/benchmarks/purifier_attack_cost"))
     parser.add_argument("--output", type=Path, default=Path("results/benchmarks/purifier_attack_cost.md"))
@@ -145,7 +189,8 @@ def main() -> None:
                     cells[system, gradients, attack] = json.loads(path.read_text())
                 else:
                     pending.append((system, gradients, attack, path))
-    if pending:
+    markdown = []
+    if pending or arguments.timing_images:
         torch.manual_seed(0)  # Padim right after the seed: the random-init backbone of purifier_table.py
         datamodule = FashionMNIST(category=arguments.category, protocol=arguments.protocol, image_size=SIZE,
                                   num_train=arguments.num_train, num_test=arguments.num_test,
@@ -157,6 +202,10 @@ def main() -> None:
             trained["guidance"] = trained_guidance(datamodule, path, arguments.guidance_epochs)[0]
         datamodule.setup()
         loader = datamodule.test_dataloader()
+        if arguments.timing_images:
+            batch = next(iter(datamodule.test_dataloader()))
+            chosen = torch.linspace(0, len(batch.image) - 1, arguments.timing_images).long()
+            markdown += gradient_timing(arguments, trained, batch.image[chosen], batch.gt_label[chosen])
         stale = [key for key, found in cells.items() if found["weights"] != weights(trained)]
         pending += [(*key, cell_path(arguments, *key)) for key in stale]  # trained again, not bit for bit: measure again
         for system, gradients, attack, path in pending:
@@ -167,7 +216,7 @@ def main() -> None:
             print(system, gradients, attack, found["standard"], found["robust"],
                   f"{found['core_seconds'] / 60:.1f} core min", flush=True)  # fmt: skip
     arguments.output.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(arguments.output, "\n".join(cost_table(arguments, cells)) + "\n")
+    write_atomic(arguments.output, "\n".join(markdown + cost_table(arguments, cells)) + "\n")
 
 
 def cost_table(arguments: argparse.Namespace, cells: dict) -> list[str]:
@@ -183,12 +232,13 @@ def cost_table(arguments: argparse.Namespace, cells: dict) -> list[str]:
                     scores = found["scores"]
                     difference = paired_auroc_difference(full["scores"]["robust"], scores["robust"], scores["labels"])
                     paired = points(difference)
+                commit = (found["code"]["git_commit"] or "?")[:7] + ("+" if found["code"]["git_dirty"] else "")
                 rows.append([system, f"PGD-{attack[0]} EOT-{attack[1]}", gradients, found["standard"], found["robust"],
-                             paired, f"{found['core_seconds'] / 60:.1f}"])  # fmt: skip
+                             paired, f"{found['core_seconds'] / 60:.1f}", commit])  # fmt: skip
     title = (f"{arguments.category} {arguments.protocol}, {arguments.max_samples} images, L_inf 2/255: robust image "
              "AUROC by how the attack differentiates the purifier, paired against the full gradient (points, 95 % "
              "interval; negative: stronger), and core minutes per cell")  # fmt: skip
-    header = ["system", "attack", "gradient", "standard", "robust", "robust - full", "core min"]
+    header = ["system", "attack", "gradient", "standard", "robust", "robust - full", "core min", "code"]
     return print_table(title, header, rows)
 
 

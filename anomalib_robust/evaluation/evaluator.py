@@ -302,18 +302,29 @@ class RobustEvaluator:
         """The scores the attacks differentiate: the detector, or one per purifier-gradient mode with a defense."""
         if self.defense is None:
             return [detector]
-        detectors = []
-        for mode in self.purifier_gradients:
-            if mode == "full":
-                detectors.append(detector)
-                continue
-            stage = {"model.purifier": None if mode == "bpda" else self._surrogate()}
-            path = {"bpda": stage} if mode == "bpda" else {"surrogates": stage}
-            detectors.append(DetectorScore(detector.detector, detector.eot_samples, max_batch=detector.max_batch,
-                                           stochastic=detector.stochastic,
-                                           gradient_precision=detector.gradient_precision, **path))  # fmt: skip
-        return detectors
+        return purifier_gradient_detectors(detector, self.defense, self.purifier_gradients, self.surrogate_steps)
 
-    def _surrogate(self) -> RespacedPurifier:
-        """The defense's chain respaced to ``surrogate_steps`` U-Net calls (at most its own)."""
-        return RespacedPurifier(self.defense, min(self.surrogate_steps, self.defense.unet_evaluations))
+
+def purifier_gradient_detectors(
+    detector: DetectorScore,
+    defense: DiffusionPurifier,
+    modes: Sequence[str],
+    surrogate_steps: int = DEFAULT_SURROGATE_STEPS,
+) -> list[DetectorScore]:
+    """One score per mode of :data:`PURIFIER_GRADIENT_MODES` for ``detector`` (a ``Purified`` system around
+    ``defense``): itself for ``"full"``, BPDA through the purifier, or the surrogate chain of ``surrogate_steps``
+    (at most the purifier's own) U-Net calls."""
+    detectors = []
+    for mode in modes:
+        if mode == "full":
+            detectors.append(detector)
+            continue
+        if mode == "bpda":
+            path = {"bpda": {"model.purifier": None}}
+        else:
+            surrogate = RespacedPurifier(defense, min(surrogate_steps, defense.unet_evaluations))
+            path = {"surrogates": {"model.purifier": surrogate}}
+        detectors.append(DetectorScore(detector.detector, detector.eot_samples, max_batch=detector.max_batch,
+                                       stochastic=detector.stochastic, gradient_precision=detector.gradient_precision,
+                                       **path))  # fmt: skip
+    return detectors
