@@ -16,7 +16,8 @@ chunk of ``k`` batched EOT draws counts ``k`` passes, :mod:`anomalib_robust.atta
 - AutoAttack: its members, plus the worst case over the clean image and them;
 - the deployed scoring of an image: one forward pass per repeat; the gradient checks
   (:mod:`~anomalib_robust.evaluation.gradient_check`, float64): one forward and backward pass, two forward passes per
-  direction, and two plus two per random sign step per checked image.
+  direction, and at each of three scales of the attack's step one plus two per random sign step per checked
+  image.
 
 A backward pass is counted as :data:`BACKWARD_COST` forward passes, and a float64 pass of the gradient check as
 :data:`FLOAT64_COST` float32 ones; "cost" below is forward-pass equivalents.
@@ -54,6 +55,7 @@ from rich.table import Table
 
 from anomalib_robust.attacks import APGD, PGD, Attack, AutoAttack, DetectorScore, Square
 from anomalib_robust.attacks.base import RESCORE_FACTOR
+from anomalib_robust.evaluation.gradient_check import STEP_SCALES
 from anomalib_robust.evaluation.report import AttackResult, format_eps
 from anomalib_robust.evaluation.sharding import evenly_spaced
 
@@ -158,9 +160,11 @@ def attack_queries(attack: Attack) -> int | None:
 
 def gradient_check_passes(images: int, directions: int, steps: int) -> Passes:
     """Passes of the gradient checks (:mod:`~anomalib_robust.evaluation.gradient_check`) on ``images`` images:
-    the gradient, two differences per direction (plus the gradient's), the base point, the attack's step and two
-    evaluations per random sign step."""
-    return Passes(forward=images * (1 + 2 * (directions + 1) + 2 + 2 * steps), backward=images)
+    the gradient, two differences per direction (plus the gradient's), the base point, and at each of the
+    :data:`~anomalib_robust.evaluation.gradient_check.STEP_SCALES` the attack's step and two evaluations per random
+    sign step."""
+    per_scale = 1 + 2 * steps
+    return Passes(forward=images * (1 + 2 * (directions + 1) + 1 + len(STEP_SCALES) * per_scale), backward=images)
 
 
 def gradient_check_cost(passes: Passes) -> float:

@@ -136,7 +136,7 @@ CONVERGENCE_FACTOR = 2
 """The convergence run has this many times the configured steps (and EOT draws, for a randomised detector)."""
 
 RANDOMNESS_CHECK_IMAGES = 8
-"""Test images scored twice to find undeclared noise (the first ones, the same on every rank)."""
+"""Test images scored repeatedly to find undeclared noise (the first ones, the same on every rank)."""
 
 
 def derive_seed(seed: int, *parts: object) -> int:
@@ -763,8 +763,9 @@ class RobustEvaluator:
         return images, labels
 
     def _detect_randomness(self, detector: DetectorScore, loaders: list[DataLoader], device: torch.device) -> None:
-        """Score the first :data:`RANDOMNESS_CHECK_IMAGES` test images twice: a detector whose scores differ is
-        evaluated as randomised (EOT, ``eval_repeats``) even if undeclared (:meth:`DetectorScore.detect_randomness`).
+        """Score the first :data:`RANDOMNESS_CHECK_IMAGES` test images under each seed of
+        :data:`~anomalib_robust.attacks.detector.RANDOMNESS_SEEDS`: a detector whose scores differ is evaluated as
+        randomised (EOT, ``eval_repeats``) even if undeclared (:meth:`DetectorScore.detect_randomness`).
 
         Without test images there is nothing to score; the single-class check names that error.
         """

@@ -14,6 +14,7 @@ from evaluation_toys import CountingModel, ToyDetector, ToyTestSet, loader
 from rich.console import Console
 from torch.utils.data import Dataset
 
+from anomalib_robust.attacks.detector import RANDOMNESS_SEEDS
 from anomalib_robust.evaluation import RobustEvaluator, RobustReport
 from anomalib_robust.evaluation import evaluator as evaluator_module
 from anomalib_robust.evaluation.budget import (
@@ -69,7 +70,8 @@ def _planned(report: object) -> tuple[Passes, Passes]:
 def test_planned_passes_equal_the_detector_calls_and_the_budget_holds(noise: float, settings: dict) -> None:
     report, model = _counted(noise, ToyTestSet(count=60), **settings)
     runs, gradient = _planned(report)
-    randomness_check = 0 if noise else 2 * min(RANDOMNESS_CHECK_IMAGES, report.num_samples)  # undeclared noise?
+    scorings = len(RANDOMNESS_SEEDS) * min(RANDOMNESS_CHECK_IMAGES, report.num_samples)
+    randomness_check = 0 if noise else scorings  # undeclared noise?
     assert (model.forward_images, model.backward_images) == (randomness_check + runs.forward + gradient.forward,
                                                              runs.backward + gradient.backward)  # fmt: skip
     planned_cost = report.num_samples * report.eval_repeats + report.configured_cost + report.sanity_cost
