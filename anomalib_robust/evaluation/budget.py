@@ -10,6 +10,8 @@ chunk of ``k`` batched EOT draws counts ``k`` passes, :mod:`anomalib_robust.atta
   (:meth:`~anomalib_robust.attacks.base.Attack.rescored_objective`);
 - PGD (AdvRAD paper, eq. 1-2): ``restarts x steps`` gradients, plus the clean and each final objective with
   ``select="best"``, or the re-scoring of each restart's final iterate with ``select="final"`` and ``restarts > 1``;
+  its random-sign baseline (:class:`~anomalib_robust.attacks.random_steps.RandomSteps`) the same with an objective
+  instead of each gradient (``"best"``) or nothing (``"final"``);
 - APGD (Croce & Hein, 2020, Alg. 1): ``steps`` gradients and one objective per restart, plus the worst case over the
   clean image and the restarts (:meth:`~anomalib_robust.attacks.base.Attack.worst_case`, one re-scoring each);
 - Square (Andriushchenko et al., 2020, Alg. 1): ``n_queries`` objectives per restart, plus the worst case;
@@ -55,6 +57,7 @@ from rich.table import Table
 
 from anomalib_robust.attacks import APGD, PGD, Attack, AutoAttack, DetectorScore, Square
 from anomalib_robust.attacks.base import RESCORE_FACTOR
+from anomalib_robust.attacks.random_steps import RandomSteps
 from anomalib_robust.evaluation.gradient_check import STEP_SCALES
 from anomalib_robust.evaluation.report import AttackResult, format_eps
 from anomalib_robust.evaluation.sharding import evenly_spaced
@@ -135,7 +138,10 @@ def attack_passes(attack: Attack) -> Passes:
         members = sum((attack_passes(member) for member in attack.attacks), Passes())
         return members + _worst_case(detector, len(attack.attacks))
     if isinstance(attack, PGD):
-        steps = attack.restarts * attack.steps * _gradient(detector)
+        step = _gradient(detector)
+        if isinstance(attack, RandomSteps):  # no gradient; an objective per iterate only to keep the best one
+            step = _objective(detector) if attack.selection == "best" else Passes()
+        steps = attack.restarts * attack.steps * step
         if attack.selection == "best":
             return steps + (1 + attack.restarts) * _objective(detector)
         rescoring = attack.restarts * _rescored(detector, attack.rescore_samples) if attack.restarts > 1 else Passes()

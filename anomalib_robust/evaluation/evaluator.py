@@ -55,6 +55,7 @@ from anomalib_robust.attacks import APGD, ATTACKS, PGD, Attack, DetectorScore, N
 from anomalib_robust.attacks.base import check_count, check_norm, check_positive
 from anomalib_robust.attacks.eot import check_max_batch
 from anomalib_robust.attacks.pgd import check_select
+from anomalib_robust.attacks.random_steps import RandomSteps
 from anomalib_robust.defenses import DiffusionPurifier, Purified
 from anomalib_robust.evaluation.budget import (
     DEFAULT_SANITY_BUDGET,
@@ -87,7 +88,7 @@ from anomalib_robust.evaluation.resume import (
     dataset_fingerprint,
     model_fingerprint,
 )
-from anomalib_robust.evaluation.sanity import Convergence, sanity_checks
+from anomalib_robust.evaluation.sanity import Convergence, LargeEps, sanity_checks
 from anomalib_robust.evaluation.sharding import (
     check_both_classes,
     cuda_devices,
@@ -231,7 +232,6 @@ class RobustEvaluator:
             queries shrink only to keep 16 images, and a pass then reads inconclusive). ``None``: full sanity runs
             (every image, the configured steps and queries).
         large_eps: radius of the "very large eps" check; ``None`` for 0.5 (L_inf) or ``0.5 * sqrt(C * H * W)`` (L_2).
-        near_zero: AUROC the very large eps must reach for the check to pass.
         tolerance: AUROC slack of the comparisons, on top of the noise of the repeats.
         max_samples: evaluate only ``max_samples`` evenly spaced images of each test dataloader.
         num_grid_images: images in the grid of clean vs adversarial examples (0 for none).
@@ -261,7 +261,6 @@ class RobustEvaluator:
         sanity_checks: bool = True,
         sanity_budget: float | None = DEFAULT_SANITY_BUDGET,
         large_eps: float | None = None,
-        near_zero: float = 0.1,
         tolerance: float = 0.02,
         max_samples: int | None = None,
         num_grid_images: int = 4,
@@ -304,7 +303,6 @@ class RobustEvaluator:
         self.sanity_checks = sanity_checks
         self.sanity_budget = check_sanity_budget(sanity_budget)
         self.large_eps = None if large_eps is None else check_positive("large_eps", large_eps)
-        self.near_zero = near_zero
         self.tolerance = tolerance
         self.max_samples = None if max_samples is None else check_count("max_samples", max_samples)
         self.num_grid_images = num_grid_images
@@ -395,8 +393,7 @@ class RobustEvaluator:
             report.sanity_images = max(int(group.subset.numel()) for group in groups)
             comparisons = _comparisons(configured, configured_scores, groups, self.eps[-1], self.seed)
             report.baselines = comparisons.pop("baselines")
-            report.checks = sanity_checks(report, self.near_zero, self.tolerance, gradient=gradient_checks,
-                                          **comparisons)  # fmt: skip
+            report.checks = sanity_checks(report, self.tolerance, gradient=gradient_checks, **comparisons)
             convergence = comparisons["convergence"]
             if convergence is not None:
                 paired = next(run for run in groups[0].runs if run.check == "convergence").pairs_with
@@ -517,7 +514,7 @@ class RobustEvaluator:
         PGD or APGD run at the largest eps, and the very-large-eps PGD without a random start) on whole batches,
         and Square at the largest eps, unless it is configured, on its own images."""
         largest, total = self.eps[-1], indices.numel()
-        paired = [self._large_eps_run(detector, loaders, total)]
+        paired = self._large_eps_runs(detector, loaders, total)
         convergence = self._convergence_run(detector, configured, largest, total)
         if convergence is not None:
             paired.insert(0, convergence)
@@ -582,19 +579,20 @@ class RobustEvaluator:
         run.check, run.pairs_with = "convergence", pairs_with
         return run
 
-    def _large_eps_run(self, detector: DetectorScore, loaders: list[DataLoader], total: int) -> _Run:
-        """PGD at a very large eps from the clean image (no random start: noise alone must not pass the check), with
-        :data:`LARGE_EPS_STEPS` steps within a budget, and at least as many without one."""
+    def _large_eps_runs(self, detector: DetectorScore, loaders: list[DataLoader], total: int) -> list[_Run]:
+        """PGD at a very large eps from the clean image, with :data:`LARGE_EPS_STEPS` steps within a budget (at least
+        as many without one), and random sign steps with the same budget (:class:`RandomSteps`), which it must beat."""
         steps = self.settings["steps"]
         steps = LARGE_EPS_STEPS if self.sanity_budget is not None else max(steps, LARGE_EPS_STEPS)
         eps = self._large_eps(detector, loaders)
-        run = self._make_run("pgd", eps, detector, total, total, steps=steps, random_start=False)
-        run.check = "large_eps"
-        return run
+        runs = [self._make_run(attack, eps, detector, total, total, steps=steps, random_start=False)
+                for attack in ("pgd", RandomSteps)]  # fmt: skip
+        runs[0].check, runs[1].check = "large_eps", "random_steps"
+        return runs
 
     def _make_run(
         self,
-        name: str,
+        name: str | type[Attack],
         eps: float,
         detector: DetectorScore,
         images: int,
@@ -888,8 +886,11 @@ def _comparisons(
             elif run.check == "square":
                 comparisons["square"], comparisons["square_conclusive"] = run.result, run.conclusive
                 comparisons["white_box"] = [result for _, result in on_group if result.eps == largest]
-            else:
-                comparisons[run.check] = run.result
+        large = {run.check: (run.result, scores) for run, scores in zip(group.runs, group.scores, strict=True)
+                 if run.check in ("large_eps", "random_steps") and scores is not None}  # fmt: skip
+        if len(large) == 2:
+            (gradient, gradient_scores), (random, random_scores) = large["large_eps"], large["random_steps"]
+            comparisons["large_eps"] = LargeEps.paired(gradient, random, gradient_scores, random_scores, group.labels)
     if comparisons["square"] is None:
         comparisons["square"] = next(
             (r.result for r in configured if r.result.attack.endswith("Square") and r.result.eps == largest

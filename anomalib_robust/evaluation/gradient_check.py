@@ -142,8 +142,11 @@ class GradientCheck:
         attack_step: predicted against actual change at the attack's step size ``alpha``.
         num_samples: images checked.
         relative_error: largest per-image relative error of the finite-difference check (``nan`` if not evaluated).
-        step_ratio: median over images of actual / predicted change along the attack's direction.
-        step_cosine: median over images of the cosine between predicted and actual changes over random sign steps.
+        step_ratio: median over images of actual / predicted change along the attack's direction, at ``alpha``.
+        step_cosine: median over images of the cosine between predicted and actual changes over random sign steps,
+            at ``alpha``.
+        scale_ratios: ``step_ratio`` at each of :data:`STEP_SCALES`.
+        scale_cosines: ``step_cosine`` at each of :data:`STEP_SCALES`.
     """
 
     finite_difference: Verdict
@@ -152,6 +155,8 @@ class GradientCheck:
     relative_error: float = math.nan
     step_ratio: float = math.nan
     step_cosine: float = math.nan
+    scale_ratios: tuple[float, ...] = ()
+    scale_cosines: tuple[float, ...] = ()
 
 
 def _percent(value: float) -> str:
@@ -353,26 +358,23 @@ def _scale_name(scale: float) -> str:
 
 
 def _attack_step_verdict(
-    ratios: torch.Tensor, cosines: torch.Tensor, alpha: float, steps: int
-) -> tuple[Verdict, float, float]:
-    """Per scale of :data:`STEP_SCALES` the median ratio and cosine over images; it passes only where every scale at
-    which the score moves passes (a phase of a high-frequency term can pass one scale, never all three). Returns
-    the verdict and the median ratio and cosine at ``alpha``."""
-    medians = [(_finite_median(ratio), _finite_median(cosine)) for ratio, cosine in zip(ratios, cosines, strict=True)]
+    medians: list[tuple[float, float]], images: int, alpha: float, steps: int
+) -> Verdict:
+    """From the median ratio and cosine over images at each scale of :data:`STEP_SCALES`: it passes only where every
+    scale at which the score moves passes (a phase of a high-frequency term can pass one scale, never all three)."""
     per_scale = ", ".join(
         f"{_scale_name(scale)}: ratio {ratio:.3g}, cosine {cosine:.3g}"
         for scale, (ratio, cosine) in zip(STEP_SCALES, medians, strict=True)
     )
     summary = (
         f"predicted vs actual change at the attack's step alpha = {alpha:.3g} and at {len(STEP_SCALES) - 1} other "
-        f"scales on {ratios.shape[1]} images, median ratio along the attack's direction (pass in "
+        f"scales on {images} images, median ratio along the attack's direction (pass in "
         f"[{MIN_STEP_RATIO:g}, {MAX_STEP_RATIO:g}]) and median cosine over {steps} random sign steps (pass >= "
         f"{MIN_STEP_COSINE:g}): {per_scale}"
     )
-    at_alpha = medians[STEP_SCALES.index(1.0)]
     moving = [(ratio, cosine) for ratio, cosine in medians if not (math.isnan(ratio) and math.isnan(cosine))]
     if not moving:
-        return Verdict(None, f"{summary}; not evaluated, the score does not change at these steps"), *at_alpha
+        return Verdict(None, f"{summary}; not evaluated, the score does not change at these steps")
     failed = [
         _scale_name(scale)
         for scale, (ratio, cosine) in zip(STEP_SCALES, medians, strict=True)
@@ -383,7 +385,7 @@ def _attack_step_verdict(
             f"; fails at {', '.join(failed)}: the gradient does not predict the score's change at the attack's scale "
             "(shattered, masked or high-frequency)"
         )
-    return Verdict(not failed, summary), *at_alpha
+    return Verdict(not failed, summary)
 
 
 def check_gradient(
@@ -459,5 +461,8 @@ def check_gradient(
         skipped = Verdict(None, "not evaluated: the score is not finite at the checked points")
         return GradientCheck(skipped, skipped, count)
     difference, error = _finite_difference_verdict(measured, num_directions)
-    step, ratio, cosine = _attack_step_verdict(measured.ratios, measured.cosines, alpha, num_steps)
-    return GradientCheck(difference, step, count, error, ratio, cosine)
+    medians = [_finite_median(ratio) for ratio in measured.ratios], [_finite_median(c) for c in measured.cosines]
+    step = _attack_step_verdict(list(zip(*medians, strict=True)), count, alpha, num_steps)
+    at_alpha = STEP_SCALES.index(1.0)
+    return GradientCheck(difference, step, count, error, medians[0][at_alpha], medians[1][at_alpha],
+                         tuple(medians[0]), tuple(medians[1]))  # fmt: skip

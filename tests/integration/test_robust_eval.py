@@ -77,7 +77,7 @@ def test_reports_logs_and_leaves_clean_metrics_unchanged(
     assert verdicts == {
         "AUROC does not increase with eps": True,
         "converged: more steps and draws change nothing": True,
-        "very large eps drives AUROC to near 0": True,
+        "very large eps: the gradient beats random sign steps": True,
         "black-box Square does not beat white-box attacks": None,  # the default budget leaves Square few queries
         "autograd matches finite differences": True,
         "the gradient predicts the change at the attack's step": True,

@@ -229,6 +229,6 @@ def test_more_steps_that_raise_auroc_are_a_broken_attack() -> None:
     more = AttackResult("PGD", "Linf", 0.01, steps=20, image_auroc=0.5, num_images=20, role="sanity")
     raised = Convergence(fewer, more, PairedDifference(0.2, 0.1, 0.3, 0.95))
     inside = Convergence(fewer, more, PairedDifference(0.01, -0.05, 0.08, 0.95))
-    (_, broken), (_, fine) = (sanity_checks(report, 0.1, 0.02, convergence=c) for c in (raised, inside))
+    (_, broken), (_, fine) = (sanity_checks(report, 0.02, convergence=c) for c in (raised, inside))
     assert broken.passed is False and "broken" in broken.detail
     assert fine.passed is True and raised.converged(0.02) and raised.broken(0.02)
