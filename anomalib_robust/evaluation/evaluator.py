@@ -88,7 +88,7 @@ from anomalib_robust.evaluation.resume import (
     dataset_fingerprint,
     model_fingerprint,
 )
-from anomalib_robust.evaluation.sanity import Convergence, LargeEps, sanity_checks
+from anomalib_robust.evaluation.sanity import BlackBox, Convergence, LargeEps, sanity_checks
 from anomalib_robust.evaluation.sharding import (
     check_both_classes,
     cuda_devices,
@@ -165,8 +165,6 @@ class _Run:
     """For a sanity run, the comparison it serves: ``"convergence"``, ``"large_eps"`` or ``"square"``."""
     pairs_with: int | None = None
     """For the convergence run, the number of the configured run whose seeds (random start, draws, scoring) it uses."""
-    conclusive: bool = True
-    """For the Square run, whether it had its configured queries (a pass with fewer is inconclusive)."""
 
 
 @dataclass
@@ -225,12 +223,12 @@ class RobustEvaluator:
         resolution: ``"model"`` (eps at the model's input size) or ``"native"`` (the test image's size).
         sanity_checks: also run the sanity checks (:mod:`~anomalib_robust.evaluation.sanity`): the convergence run
             (:data:`CONVERGENCE_FACTOR` times the steps, and the draws of a randomised detector), PGD at a very large
-            eps from the clean image, Square at the largest eps unless configured, and the gradient checks.
+            eps from the clean image against random sign steps with its budget, Square at the largest eps unless
+            configured, and the gradient checks.
         sanity_budget: the sanity checks may cost this multiple of the configured runs (attacks and scoring, in
             forward-pass equivalents; default 1.5): the paired runs then attack whole batches (at least one), the
-            very large eps with 10 steps, and Square fewer images with its configured queries and draws (its
-            queries shrink only to keep 16 images, and a pass then reads inconclusive). ``None``: full sanity runs
-            (every image, the configured steps and queries).
+            very large eps with 10 steps, and Square fewer images (at least 8) with its configured queries and
+            draws, always. ``None``: full sanity runs (every image, the configured steps and queries).
         large_eps: radius of the "very large eps" check; ``None`` for 0.5 (L_inf) or ``0.5 * sqrt(C * H * W)`` (L_2).
         tolerance: AUROC slack of the comparisons, on top of the noise of the repeats.
         max_samples: evaluate only ``max_samples`` evenly spaced images of each test dataloader.
@@ -519,7 +517,7 @@ class RobustEvaluator:
         if convergence is not None:
             paired.insert(0, convergence)
         with_square = all(attack.lower() != "square" for attack in self.attacks)
-        queries, restarts = self.settings["n_queries"], self.settings["restarts"]
+        queries, restarts = self.settings["n_queries"], self.settings["restarts"]  # Square's, never reduced
         square_images, paired_subset = total, indices
         if self.sanity_budget is not None:
             by_index = torch.full((int(indices.max()) + 1,), -1, dtype=torch.long)
@@ -538,14 +536,12 @@ class RobustEvaluator:
                     max(share, 0.0), paired_subset.numel(), per_image,
                 )  # fmt: skip
             if with_square:
-                fixed = square_passes(detector, 0, restarts).cost + repeats
-                per_query = square_passes(detector, 1, restarts).cost + repeats - fixed
                 rest = allowance - min(per_image * paired_subset.numel(), share)  # Square keeps at least its half
-                square_images, queries = fit_square(rest, total, per_query, fixed, queries)
+                square_images = fit_square(rest, total, square_passes(detector, queries, restarts).cost + repeats)
         groups = [_SanityGroup(paired, paired_subset)]
         if with_square:
             square = self._make_run("square", largest, detector, total, total, n_queries=queries)
-            square.check, square.conclusive = "square", queries >= self.settings["n_queries"]
+            square.check = "square"
             groups.append(_SanityGroup([square], stratified_subset(indices, labels, square_images)))
         for group in groups:
             for run in group.runs:
@@ -862,8 +858,8 @@ def _comparisons(
     image-score runs measured on each sanity group's images (``"baselines"``, what those runs are compared with).
 
     The convergence run is compared with the configured run it is paired with on the same images by a paired
-    bootstrap of the AUROC difference; Square with the configured gradient runs on Square's images (or, when Square is
-    configured, the configured runs on every image)."""
+    bootstrap of the AUROC difference; Square with the strongest configured gradient run on Square's images (or, when
+    Square is configured, on every image), paired the same way; the very-large-eps run with random sign steps."""
     total = int(gathered.labels.numel())
     baselines, comparisons = [], {"convergence": None, "large_eps": None, "square": None}
     for group in groups:
@@ -884,18 +880,21 @@ def _comparisons(
                     difference = paired_auroc_difference(paired, scores, group.labels, seed=seed)
                     comparisons["convergence"] = Convergence(fewer, run.result, difference)
             elif run.check == "square":
-                comparisons["square"], comparisons["square_conclusive"] = run.result, run.conclusive
-                comparisons["white_box"] = [result for _, result in on_group if result.eps == largest]
+                white_box = [(result, gathered.scores[number][in_group]) for number, result in on_group
+                             if result.eps == largest]  # fmt: skip
+                comparisons["square"] = BlackBox.paired(run.result, scores, white_box, group.labels, seed)
         large = {run.check: (run.result, scores) for run, scores in zip(group.runs, group.scores, strict=True)
                  if run.check in ("large_eps", "random_steps") and scores is not None}  # fmt: skip
         if len(large) == 2:
             (gradient, gradient_scores), (random, random_scores) = large["large_eps"], large["random_steps"]
             comparisons["large_eps"] = LargeEps.paired(gradient, random, gradient_scores, random_scores, group.labels)
-    if comparisons["square"] is None:
-        comparisons["square"] = next(
-            (r.result for r in configured if r.result.attack.endswith("Square") and r.result.eps == largest
-             and r.result.target == "score"), None,
-        )  # fmt: skip
+    if comparisons["square"] is None:  # Square configured: compared with the configured runs on every image
+        at_largest = [(run.result, scores) for run, scores in zip(configured, gathered.scores, strict=True)
+                      if run.result.status == "ok" and run.result.target == "score" and scores is not None
+                      and run.result.eps == largest]  # fmt: skip
+        square = next(((result, scores) for result, scores in at_largest if result.attack.endswith("Square")), None)
+        if square is not None:
+            comparisons["square"] = BlackBox.paired(*square, at_largest, gathered.labels, seed)
     comparisons["baselines"] = baselines
     return comparisons
 
