@@ -71,7 +71,7 @@ from anomalib_robust.evaluation.budget import (
     stratified_subset,
     whole_batches,
 )
-from anomalib_robust.evaluation.gradient_check import check_gradient
+from anomalib_robust.evaluation.gradient_check import STEP_SCALES, check_gradient
 from anomalib_robust.evaluation.metrics import mean_and_std, paired_auroc_difference, pixel_auroc, rank_auroc
 from anomalib_robust.evaluation.report import (
     AttackResult,
@@ -577,11 +577,16 @@ class RobustEvaluator:
 
     def _large_eps_runs(self, detector: DetectorScore, loaders: list[DataLoader], total: int) -> list[_Run]:
         """PGD at a very large eps from the clean image, with :data:`LARGE_EPS_STEPS` steps within a budget (at least
-        as many without one), and random sign steps with the same budget (:class:`RandomSteps`), which it must beat."""
+        as many without one), and random sign steps with the same budget (:class:`RandomSteps`), which it must beat.
+
+        Both step by the largest scale of the attack's step that the attack-step check verifies (2 alpha at the
+        largest eps): at PGD's default for the large eps (2.5 eps / steps, 0.125) healthy Padim and Fastflow left
+        every anomalous image where it was, no better than noise, while at 0.002 to 0.03 they lowered all of them."""
         steps = self.settings["steps"]
         steps = LARGE_EPS_STEPS if self.sanity_budget is not None else max(steps, LARGE_EPS_STEPS)
-        eps = self._large_eps(detector, loaders)
-        runs = [self._make_run(attack, eps, detector, total, total, steps=steps, random_start=False)
+        eps, largest = self._large_eps(detector, loaders), self.eps[-1]
+        alpha = max(STEP_SCALES) * (self.settings["alpha"] or min(largest, 2.5 * largest / self.settings["steps"]))
+        runs = [self._make_run(attack, eps, detector, total, total, steps=steps, alpha=alpha, random_start=False)
                 for attack in ("pgd", RandomSteps)]  # fmt: skip
         runs[0].check, runs[1].check = "large_eps", "random_steps"
         return runs

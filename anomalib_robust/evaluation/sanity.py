@@ -11,7 +11,9 @@ Each check is a test of the attack, shown in the suite to fail on a planted mask
   interval of the AUROC difference on the same images
   (:func:`~anomalib_robust.evaluation.metrics.paired_auroc_difference`) widened by ``tolerance``. An unconverged
   configured run is marked in the report;
-- **at a very large eps the gradient beats random sign steps**: PGD from the clean image (no random start) against
+- **at a very large eps the gradient beats random sign steps**: PGD from the clean image (no random start), stepping
+  by twice the attack's step size (the largest scale the attack-step check verifies; at a step of 0.125 healthy
+  detectors' gradients moved no anomalous score), against
   :class:`~anomalib_robust.attacks.random_steps.RandomSteps` with the same budget (eps, steps, step size, start and
   selection of the returned iterate), on the same images. At that radius noise alone moves every score, and keeping
   the best of several noisy iterates can drive AUROC to 0 with a useless gradient, so an absolute AUROC threshold

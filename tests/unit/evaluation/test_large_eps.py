@@ -30,10 +30,12 @@ def test_a_useful_gradient_beats_random_steps() -> None:
 
 
 def test_a_useless_gradient_fails_even_where_random_steps_reach_zero() -> None:
-    """A high-frequency term drowns the brightness signal: keeping the best of 11 noisy iterates takes AUROC to 0
-    with random steps alone, so an absolute threshold (AUROC <= 0.1) would pass noise; the gradient does no better."""
+    """A high-frequency term (w = 1e4) drowns the brightness signal: keeping the best of 11 noisy iterates takes AUROC
+    to 0 with random steps alone, so an absolute threshold (AUROC <= 0.1) would pass noise; the gradient does no
+    better. (For a separable term this depends on the phase of the step, sin(w alpha): at w = 3e3 the sign steps
+    happen to lower it coherently. The attack-step check flags every phase.)"""
     detector = ToyDetector()
-    detector.model = HighFrequencyModel()
+    detector.model = HighFrequencyModel(frequency=1e4)
     check, _, random = _large_eps_runs(detector)
     assert random.image_auroc <= 0.1
     assert check.passed is False, check.detail

@@ -210,7 +210,9 @@ def test_a_budget_too_small_runs_the_smallest_sanity_runs_and_warns(caplog: pyte
     square = next(result for result in report.results if result.attack.endswith("Square"))
     assert square.num_images == min(SQUARE_IMAGES, report.num_samples)
     assert report.sanity_cost / report.configured_cost > 1e-3
-    assert all(check.passed is not None for check in report.checks)
+    large_eps = next(check for check in report.checks if check.name.startswith("very large eps"))
+    assert large_eps.passed is not None or "anomalous images cannot reach that level" in large_eps.detail  # one batch
+    assert all(check.passed is not None for check in report.checks if check is not large_eps)
 
 
 def test_an_attack_that_has_not_converged_is_reported_as_such() -> None:
