@@ -162,7 +162,8 @@ class _Run:
     scores: list[torch.Tensor] = field(default_factory=list)
     maps: list[torch.Tensor] = field(default_factory=list)
     check: str = ""
-    """For a sanity run, the comparison it serves: ``"convergence"``, ``"large_eps"`` or ``"square"``."""
+    """For a sanity run, the comparison it serves: ``"convergence"``, ``"large_eps"`` (with ``"random_steps"``, its
+    baseline) or ``"square"``."""
     pairs_with: int | None = None
     """For the convergence run, the number of the configured run whose seeds (random start, draws, scoring) it uses."""
 
@@ -509,8 +510,8 @@ class RobustEvaluator:
     ) -> list["_SanityGroup"]:
         """The sanity runs and the test images they attack, fitted into ``sanity_budget`` (module
         :mod:`~anomalib_robust.evaluation.budget`): the paired runs (the convergence run, paired with the configured
-        PGD or APGD run at the largest eps, and the very-large-eps PGD without a random start) on whole batches,
-        and Square at the largest eps, unless it is configured, on its own images."""
+        PGD or APGD run at the largest eps, and the very-large-eps PGD without a random start with its random-sign
+        baseline) on whole batches, and Square at the largest eps, unless it is configured, on its own images."""
         largest, total = self.eps[-1], indices.numel()
         paired = self._large_eps_runs(detector, loaders, total)
         convergence = self._convergence_run(detector, configured, largest, total)
