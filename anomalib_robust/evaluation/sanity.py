@@ -17,10 +17,10 @@ Each check is a test of the attack, shown in the suite to fail on a planted mask
   :class:`~anomalib_robust.attacks.random_steps.RandomSteps` with the same budget (eps, steps, step size, start and
   selection of the returned iterate), on the same images. At that radius noise alone moves every score, and keeping
   the best of several noisy iterates can drive AUROC to 0 with a useless gradient, so an absolute AUROC threshold
-  passes noise (and failed AdvRAD at 10 steps, 0-16 %). AUROC saturates at 0, so the comparison is per image, on the
+  passes noise (and risks false alarms: AdvRAD measured 0-16 % at 10 steps). AUROC saturates at 0, so the comparison is per image, on the
   deployed scores (mean over repeats), and on the anomalous images only: noise raises any anomaly score, so on a
-  normal image random steps are a strong attack without a gradient (healthy Padim, Patchcore and Fastflow won on
-  about half of the images with both classes counted); lowering an anomalous image's score is what noise cannot do.
+  normal image random steps are a strong attack without a gradient (with both classes counted, healthy Padim,
+  Patchcore and Fastflow beat them on about half of the images, at a step of 0.125); lowering an anomalous image's score is what noise cannot do.
   The gradient must lower more anomalous scores below random steps' than a coin would, by a one-sided sign test at
   level :data:`LARGE_EPS_LEVEL`; with fewer than 5 anomalous images no result can reach it and the check reads
   inconclusive;
