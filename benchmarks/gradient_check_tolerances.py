@@ -23,7 +23,7 @@ from rich.table import Table
 
 from anomalib_robust.attacks import DetectorScore
 from anomalib_robust.evaluation.budget import stratified_subset
-from anomalib_robust.evaluation.gradient_check import check_gradient
+from anomalib_robust.evaluation.gradient_check import STEP_SCALES, check_gradient
 from anomalib_robust.evaluation.masking import MASKINGS, plant_masking
 from anomalib_robust.leaderboard.config import data_label, load_config, model_label
 from anomalib_robust.leaderboard.job import build_datamodule, build_model
@@ -73,7 +73,9 @@ def main() -> None:
         for kind in MASKINGS
     ]
     table = Table(title=f"Gradient checks on {args.category}, {len(labels)} test images ({int(labels.sum())} anomalous)")
-    for column in ("detector", "masking", "threat", "FD error", "FD", "step ratio", "step cosine", "step"):
+    scales = "/".join(f"{scale:g}" for scale in STEP_SCALES)
+    for column in ("detector", "masking", "threat", "FD error", "FD", f"step ratio at {scales} alpha",
+                   f"step cosine at {scales} alpha", "step"):  # fmt: skip
         table.add_column(column)
     marks = {True: "pass", False: "FAIL", None: "n/a"}
     for name, kind, model in cases:
@@ -83,7 +85,8 @@ def main() -> None:
             check = check_gradient(detector, inputs, labels, eps=eps, norm=norm)
             table.add_row(
                 name, kind or "-", f"{norm} {eps:.4g}", f"{check.relative_error:.2e}",
-                marks[check.finite_difference.passed], f"{check.step_ratio:.3g}", f"{check.step_cosine:.3g}",
+                marks[check.finite_difference.passed], " / ".join(f"{ratio:.3g}" for ratio in check.scale_ratios),
+                " / ".join(f"{cosine:.3g}" for cosine in check.scale_cosines),
                 marks[check.attack_step.passed],
             )  # fmt: skip
     Console().print(table)

@@ -10,10 +10,11 @@ images,
 - for the detectors named by ``--full``, the full sanity runs of earlier releases (``sanity_budget=None``: every
   image, Square with 500 queries x the attacker's EOT draws, the very large eps with all steps),
 
-and prints each one's ratio to the main PGD alone, next to the planned ratio (forward-pass equivalents). Detectors:
-AdvRAD's CPU preset (one-shot, initial weights with a zero normal error map: timing does not depend on training) and
-Padim (random-init ResNet-18, fitted on the training images), at 32 x 32 on the embedded Fashion-MNIST. Prints a
-table, never asserts.
+and prints each one's ratio to the main PGD alone, next to the planned ratio (forward-pass equivalents), and the
+Square sanity run: its images and queries, its planned cost over the configured runs', and its verdict. Detectors:
+AdvRAD's CPU preset (one-shot, initial weights with a zero normal error map: timing does not depend on training),
+PatchGuard's CPU preset (briefly trained) and Padim (random-init ResNet-18, fitted on the training images), at 32 x 32
+on the embedded Fashion-MNIST. Prints a table, never asserts.
 
 Example:
     $ nice -n 10 python benchmarks/sanity_budget.py --test-images 24 --budgets 2 --full Padim
@@ -29,24 +30,29 @@ from anomalib.models import Padim
 from rich.console import Console
 from rich.table import Table
 
-from anomalib_robust import AdvRAD
+from anomalib_robust import AdvRAD, PatchGuard
 from anomalib_robust.data import FashionMNIST
 from anomalib_robust.evaluation import RobustEvaluator, RobustReport
+from anomalib_robust.evaluation.budget import run_cost
 
 SIZE = 32
 """The AdvRAD CPU preset's image size."""
 
 
 def build(name: str, datamodule: FashionMNIST) -> torch.nn.Module:
-    """AdvRAD's CPU preset (initial weights, zero normal error map) or Padim fitted on the training images."""
+    """AdvRAD's CPU preset (initial weights, zero normal error map), PatchGuard's CPU preset trained for 20 steps, or
+    Padim fitted on the training images."""
     torch.manual_seed(0)
     if name == "AdvRAD":
         model = AdvRAD.cpu_preset(evaluator=False, visualizer=False)
         model.model.set_normal_error_map(torch.zeros_like(model.model.normal_error_map))
         return model
-    model = Padim(backbone="resnet18", pre_trained=False, pre_processor=Padim.configure_pre_processor((SIZE, SIZE)),
-                  evaluator=False, visualizer=False)  # fmt: skip
-    engine = Engine(logger=False, enable_progress_bar=False, enable_model_summary=False,
+    if name == "PatchGuard":
+        model = PatchGuard.cpu_preset(image_size=(SIZE, SIZE), evaluator=False, visualizer=False)
+    else:
+        model = Padim(backbone="resnet18", pre_trained=False, evaluator=False, visualizer=False,
+                      pre_processor=Padim.configure_pre_processor((SIZE, SIZE)))  # fmt: skip
+    engine = Engine(logger=False, enable_progress_bar=False, enable_model_summary=False, max_steps=20,
                     default_root_dir="results/benchmarks/sanity_budget")  # fmt: skip
     engine.fit(model, datamodule=datamodule)
     return model
@@ -66,7 +72,7 @@ def planned(report: RobustReport) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["AdvRAD", "Padim"], choices=["AdvRAD", "Padim"])
+    parser.add_argument("--models", nargs="+", default=["AdvRAD", "Padim"], choices=["AdvRAD", "PatchGuard", "Padim"])
     parser.add_argument("--test-images", type=int, default=24)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--budgets", nargs="*", type=float, default=[], help="more sanity budgets to time")
@@ -83,7 +89,7 @@ def main() -> None:
         caption_justify="left",
     )
     for column in ("detector", "run", "wall time (s)", "ratio", "planned ratio", "sanity images", "sanity budgets",
-                   "checks passed"):  # fmt: skip
+                   "Square (planned / configured)", "checks passed"):  # fmt: skip
         table.add_column(column, justify="left" if column in {"detector", "run", "sanity budgets"} else "right")
     runs = {"main PGD alone": {"sanity_checks": False}, "default (sanity_budget=1.5)": {}}
     runs |= {f"sanity_budget={budget:g}": {"sanity_budget": budget} for budget in args.budgets}
@@ -96,10 +102,17 @@ def main() -> None:
             base_seconds, base_cost = base_seconds or seconds, base_cost or planned(report)
             sanity = [result for result in report.results if result.role == "sanity"]
             passed = sum(check.passed is True for check in report.checks)
+            square = next((result for result in sanity if result.attack.endswith("Square")), None)
+            verdict = next((check.passed for check in report.checks if check.name.startswith("black-box")), None)
+            square_cell = "-" if square is None else (
+                f"{square.num_images} images x {square.queries} queries: "
+                f"{run_cost(square, report.eval_repeats) / report.configured_cost:.2f}x, "
+                f"{ {True: 'pass', False: 'FAIL', None: 'n/a'}[verdict]}"
+            )
             table.add_row(
                 name, label, f"{seconds:.1f}", f"{seconds / base_seconds:.2f}x", f"{planned(report) / base_cost:.2f}x",
                 "-" if report.sanity_images is None else f"{report.sanity_images}/{report.num_samples}",
-                "; ".join(f"{result.attack}: {result.budget}" for result in sanity) or "-",
+                "; ".join(f"{result.attack}: {result.budget}" for result in sanity) or "-", square_cell,
                 f"{passed}/{len(report.checks)}" if report.checks else "-",
             )  # fmt: skip
     table.caption = (

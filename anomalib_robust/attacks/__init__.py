@@ -28,8 +28,8 @@ ATTACKS: dict[str, type[Attack]] = {"pgd": PGD, "apgd": APGD, "square": Square, 
 """Attacks by the name used in configs (``RobustEval(attacks=["pgd", "square"])``)."""
 
 
-def build_attack(name: str, model: nn.Module, **settings: Any) -> Attack:
-    """Attack ``name`` (a key of :data:`ATTACKS`, case-insensitive) on ``model``.
+def build_attack(name: str | type[Attack], model: nn.Module, **settings: Any) -> Attack:
+    """Attack ``name`` (a key of :data:`ATTACKS`, case-insensitive, or an :class:`Attack` class) on ``model``.
 
     Settings the attack does not take (``n_queries`` for PGD, ``steps`` for Square) are ignored, so one settings
     dict can configure several attacks.
@@ -37,7 +37,7 @@ def build_attack(name: str, model: nn.Module, **settings: Any) -> Attack:
     Raises:
         ValueError: for an unknown name.
     """
-    attack_class = ATTACKS.get(name.lower().replace("-", "").replace("_", ""))
+    attack_class = name if isinstance(name, type) else ATTACKS.get(name.lower().replace("-", "").replace("_", ""))
     if attack_class is None:
         msg = f"Unknown attack {name!r}: expected one of {sorted(ATTACKS)}."
         raise ValueError(msg)

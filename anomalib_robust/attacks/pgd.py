@@ -169,6 +169,13 @@ class PGD(Attack):
     def _step(self, adversarial: torch.Tensor, images: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
         return project(ascent_step(adversarial, gradient, self.alpha, self.norm), images, self.eps, self.norm)
 
+    def _ascent(
+        self, adversarial: torch.Tensor, labels: torch.Tensor, with_objective: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The EOT objective at ``adversarial`` and the direction of the step: its EOT gradient (the objective comes
+        with the gradient, whether or not ``with_objective`` asks for it)."""
+        return self.detector.objective_and_gradient(adversarial, labels)
+
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Iterates of eq. (1) / (2) from each start; the point returned is chosen by ``select``."""
         if self.selection == "final":
@@ -182,7 +189,7 @@ class PGD(Attack):
         for _ in range(self.restarts):
             adversarial = self._start(images)
             for _ in range(self.steps):
-                objective, gradient = self.detector.objective_and_gradient(adversarial, labels)
+                objective, gradient = self._ascent(adversarial, labels)
                 best, best_objective = keep_worst_case(best, best_objective, adversarial, objective)
                 adversarial = self._step(adversarial, images, gradient)
             objective = self.detector.objective(adversarial, labels)
@@ -195,7 +202,7 @@ class PGD(Attack):
         for _ in range(self.restarts):
             adversarial = self._start(images)
             for _ in range(self.steps):
-                _, gradient = self.detector.objective_and_gradient(adversarial, labels)
+                _, gradient = self._ascent(adversarial, labels, with_objective=False)
                 adversarial = self._step(adversarial, images, gradient)
             finals.append(adversarial)
         if len(finals) == 1:

@@ -75,7 +75,6 @@ class RobustEval(Callback):
             whole batches, Square on fewer images with its configured queries and draws, the very large eps with 10
             steps); ``None`` for full sanity runs on every image. The report states each check's budget.
         large_eps: radius of the "very large eps" check; ``None`` for 0.5 (L_inf) or ``0.5 * sqrt(C * H * W)`` (L_2).
-        near_zero: AUROC the very large eps must reach for the check to pass.
         tolerance: AUROC slack of the comparisons, on top of the noise of the repeats.
         max_samples: evaluate only ``max_samples`` evenly spaced images of each test dataloader.
         plots: write the AUROC-vs-eps plot and the grid of clean vs adversarial images.
@@ -110,7 +109,6 @@ class RobustEval(Callback):
         sanity_checks: bool = True,
         sanity_budget: float | None = DEFAULT_SANITY_BUDGET,
         large_eps: float | None = None,
-        near_zero: float = 0.1,
         tolerance: float = 0.02,
         max_samples: int | None = None,
         plots: bool = True,
@@ -141,7 +139,6 @@ class RobustEval(Callback):
             sanity_checks=sanity_checks,
             sanity_budget=sanity_budget,
             large_eps=large_eps,
-            near_zero=near_zero,
             tolerance=tolerance,
             max_samples=max_samples,
             num_grid_images=num_grid_images if plots else 0,

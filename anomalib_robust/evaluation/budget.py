@@ -10,13 +10,16 @@ chunk of ``k`` batched EOT draws counts ``k`` passes, :mod:`anomalib_robust.atta
   (:meth:`~anomalib_robust.attacks.base.Attack.rescored_objective`);
 - PGD (AdvRAD paper, eq. 1-2): ``restarts x steps`` gradients, plus the clean and each final objective with
   ``select="best"``, or the re-scoring of each restart's final iterate with ``select="final"`` and ``restarts > 1``;
+  its random-sign baseline (:class:`~anomalib_robust.attacks.random_steps.RandomSteps`) the same with an objective
+  instead of each gradient (``"best"``) or nothing (``"final"``);
 - APGD (Croce & Hein, 2020, Alg. 1): ``steps`` gradients and one objective per restart, plus the worst case over the
   clean image and the restarts (:meth:`~anomalib_robust.attacks.base.Attack.worst_case`, one re-scoring each);
 - Square (Andriushchenko et al., 2020, Alg. 1): ``n_queries`` objectives per restart, plus the worst case;
 - AutoAttack: its members, plus the worst case over the clean image and them;
 - the deployed scoring of an image: one forward pass per repeat; the gradient checks
   (:mod:`~anomalib_robust.evaluation.gradient_check`, float64): one forward and backward pass, two forward passes per
-  direction, and two plus two per random sign step per checked image.
+  direction, and at each of three scales of the attack's step one plus two per random sign step per checked
+  image.
 
 A backward pass is counted as :data:`BACKWARD_COST` forward passes, and a float64 pass of the gradient check as
 :data:`FLOAT64_COST` float32 ones; "cost" below is forward-pass equivalents.
@@ -25,22 +28,23 @@ The sanity budget: the sanity runs but the convergence run (their attacks, their
 cost ``sanity_budget`` times the configured runs (attacks and scoring) on the whole test set. The convergence run
 (more steps and draws) attacks every image on top of it: its verdict backs the robust AUROC, and on a subset it could
 not see a drop of a few points (:mod:`~anomalib_robust.evaluation.convergence`). What is left after the gradient checks
-goes half to the very-large-eps run, half to Square (Square keeps its half when one batch of the very-large-eps run
-costs more than its half):
+goes half to the very-large-eps runs, half to Square (Square keeps its half when one batch of the very-large-eps runs
+costs more than their half):
 
-- the very-large-eps run attacks whole batches of the configured runs (:func:`whole_batches`); at least one batch,
-  over budget if need be;
+- the very-large-eps runs (PGD and its random-sign baseline) attack whole batches of the configured runs
+  (:func:`whole_batches`); at least one batch, over budget if need be;
 - Square attacks a stratified subset (:func:`stratified_subset`) with its configured queries and the attacker's EOT
-  draws; its images shrink first, then its queries, and then a pass is only "inconclusive" (:func:`fit_square`).
+  draws, always: only its images shrink, to no fewer than :data:`SQUARE_IMAGES` (:func:`fit_square`), so that its
+  verdict concludes at the default budget, over the budget if need be.
 
 Example:
     >>> from anomalib_robust.evaluation.budget import Passes, fit_square
     >>> (Passes(forward=10, backward=10) * 3).cost
     90.0
-    >>> fit_square(allowance=6000.0, total_images=60, per_query=1.0, fixed=3.0, queries=500)
-    (16, 372)
-    >>> fit_square(allowance=60000.0, total_images=60, per_query=1.0, fixed=3.0, queries=500)
-    (60, 500)
+    >>> fit_square(allowance=6000.0, total_images=60, per_image=503.0)
+    11
+    >>> fit_square(allowance=1000.0, total_images=60, per_image=503.0)
+    8
 """
 
 import logging
@@ -55,6 +59,8 @@ from rich.table import Table
 
 from anomalib_robust.attacks import APGD, PGD, Attack, AutoAttack, DetectorScore, Square
 from anomalib_robust.attacks.base import RESCORE_FACTOR
+from anomalib_robust.attacks.random_steps import RandomSteps
+from anomalib_robust.evaluation.gradient_check import STEP_SCALES
 from anomalib_robust.evaluation.report import AttackResult, format_eps
 from anomalib_robust.evaluation.sharding import evenly_spaced
 
@@ -72,11 +78,11 @@ DEFAULT_SANITY_BUDGET = 1.5
 about twice the cost of the configured run it is paired with (four times for a randomised detector, whose EOT draws
 double too), on every image (``benchmarks/sanity_budget.py``)."""
 
-MIN_SANITY_IMAGES = 16
-"""Fewest images of the Square sanity run (or the whole test set, if smaller): its queries shrink to keep them."""
-
-MIN_SQUARE_QUERIES = 10
-"""Fewest queries the budget leaves to the Square sanity run (or its configured queries, if fewer)."""
+SQUARE_IMAGES = 8
+"""Fewest images of the Square sanity run (or the whole test set, if smaller), stratified. Square always has its
+configured queries, so that a pass concludes and says on how many images and queries it was earned: at the default
+500 queries, 8 images cost about 4,000 forward passes (x the EOT draws), about a PGD-10 run on 120 test images, i.e.
+the configured runs again on a typical MVTec AD category."""
 
 
 @dataclass(frozen=True)
@@ -134,7 +140,10 @@ def attack_passes(attack: Attack) -> Passes:
         members = sum((attack_passes(member) for member in attack.attacks), Passes())
         return members + _worst_case(detector, len(attack.attacks))
     if isinstance(attack, PGD):
-        steps = attack.restarts * attack.steps * _gradient(detector)
+        step = _gradient(detector)
+        if isinstance(attack, RandomSteps):  # no gradient; an objective per iterate only to keep the best one
+            step = _objective(detector) if attack.selection == "best" else Passes()
+        steps = attack.restarts * attack.steps * step
         if attack.selection == "best":
             return steps + (1 + attack.restarts) * _objective(detector)
         rescoring = attack.restarts * _rescored(detector, attack.rescore_samples) if attack.restarts > 1 else Passes()
@@ -159,9 +168,11 @@ def attack_queries(attack: Attack) -> int | None:
 
 def gradient_check_passes(images: int, directions: int, steps: int) -> Passes:
     """Passes of the gradient checks (:mod:`~anomalib_robust.evaluation.gradient_check`) on ``images`` images:
-    the gradient, two differences per direction (plus the gradient's), the base point, the attack's step and two
-    evaluations per random sign step."""
-    return Passes(forward=images * (1 + 2 * (directions + 1) + 2 + 2 * steps), backward=images)
+    the gradient, two differences per direction (plus the gradient's), the base point, and at each of the
+    :data:`~anomalib_robust.evaluation.gradient_check.STEP_SCALES` the attack's step and two evaluations per random
+    sign step."""
+    per_scale = 1 + 2 * steps
+    return Passes(forward=images * (1 + 2 * (directions + 1) + 1 + len(STEP_SCALES) * per_scale), backward=images)
 
 
 def gradient_check_cost(passes: Passes) -> float:
@@ -202,20 +213,10 @@ def whole_batches(batches: list[list[int]], labels: torch.Tensor, size: int) -> 
     return torch.tensor(sorted(index for number in chosen for index in batches[number]), dtype=torch.long)
 
 
-def fit_square(allowance: float, total_images: int, per_query: float, fixed: float, queries: int) -> tuple[int, int]:
-    """Images and queries of the Square sanity run within ``allowance`` forward-pass equivalents.
-
-    Images shrink first, never the queries: as many images as the configured ``queries`` allow, down to
-    :data:`MIN_SANITY_IMAGES`. Only below that do the queries shrink (to no fewer than :data:`MIN_SQUARE_QUERIES`),
-    and the check then reports a pass as inconclusive (:func:`~anomalib_robust.evaluation.sanity.sanity_checks`).
-    ``per_query`` and ``fixed`` are Square's cost per image per query and per image (scoring included).
-    """
-    floor = min(total_images, MIN_SANITY_IMAGES)
-    images = min(total_images, math.floor(allowance / (per_query * queries + fixed)))
-    if images >= floor:
-        return images, queries
-    fitted = math.floor((allowance / floor - fixed) / per_query)
-    return floor, max(min(fitted, queries), min(queries, MIN_SQUARE_QUERIES))
+def fit_square(allowance: float, total_images: int, per_image: float) -> int:
+    """Images of the Square sanity run: as many as ``allowance`` forward-pass equivalents pay for at ``per_image``
+    (its configured queries and draws, and the scoring), at least :data:`SQUARE_IMAGES`, at most ``total_images``."""
+    return min(total_images, max(SQUARE_IMAGES, math.floor(max(allowance, 0.0) / per_image)))
 
 
 def stratified_subset(indices: torch.Tensor, labels: torch.Tensor, size: int) -> torch.Tensor:

@@ -33,8 +33,8 @@ attack, that of a map-target run the robust localisation.
 4. **the checks** (:mod:`~anomalib_robust.evaluation.sanity_wiring`): the randomness check before the attacks, the
    gradient checks after them, and the verdicts of :mod:`~anomalib_robust.evaluation.sanity`: the convergence run
    (more steps and draws, with the seeds of the configured run it is paired with) attacks every image, the
-   very-large-eps run whole batches of the test set, Square a stratified subset, and each comparison uses the
-   configured runs' scores on the same images.
+   very-large-eps run and its random-sign baseline whole batches of the test set, Square a stratified subset, and
+   each comparison is paired on the same images.
 
 Example:
     >>> from anomalib_robust.evaluation import RobustEvaluator
@@ -114,16 +114,15 @@ class RobustEvaluator:
         resolution: ``"model"`` (eps at the model's input size) or ``"native"`` (the test image's size).
         sanity_checks: also run the sanity checks (:mod:`~anomalib_robust.evaluation.sanity`): the convergence run
             (:data:`~anomalib_robust.evaluation.planning.CONVERGENCE_FACTOR` times the steps, and the draws of a
-            randomised detector, on every image), PGD at a very large eps from the clean image, Square at the largest
-            eps unless configured, and the gradient checks.
+            randomised detector, on every image), PGD at a very large eps from the clean image against random sign
+            steps with its budget, Square at the largest eps unless configured, and the gradient checks.
         sanity_budget: the sanity checks other than the convergence run may cost this multiple of the configured runs
-            (attacks and scoring, in forward-pass equivalents; default 1.5): the very-large-eps run then attacks whole
-            batches (at least one) with 10 steps, and Square fewer images with its configured queries and draws (its
-            queries shrink only to keep 16 images, and a pass then reads inconclusive). The convergence run attacks
+            (attacks and scoring, in forward-pass equivalents; default 1.5): the very-large-eps runs then attack whole
+            batches (at least one) with 10 steps, and Square fewer images (at least 8) with its configured queries
+            and draws, always. The convergence run attacks
             every image on top of it: its verdict backs the robust AUROC, so its power is not traded for budget.
             ``None``: full sanity runs (every image, the configured steps and queries).
         large_eps: radius of the "very large eps" check; ``None`` for 0.5 (L_inf) or ``0.5 * sqrt(C * H * W)`` (L_2).
-        near_zero: AUROC the very large eps must reach for the check to pass.
         tolerance: AUROC slack of the comparisons, on top of the noise of the repeats.
         max_samples: evaluate only ``max_samples`` evenly spaced images of each test dataloader.
         num_grid_images: images in the grid of clean vs adversarial examples (0 for none).
@@ -157,7 +156,6 @@ class RobustEvaluator:
         sanity_checks: bool = True,
         sanity_budget: float | None = DEFAULT_SANITY_BUDGET,
         large_eps: float | None = None,
-        near_zero: float = 0.1,
         tolerance: float = 0.02,
         max_samples: int | None = None,
         num_grid_images: int = 4,
@@ -202,7 +200,6 @@ class RobustEvaluator:
         self.sanity_checks = sanity_checks
         self.sanity_budget = check_sanity_budget(sanity_budget)
         self.large_eps = None if large_eps is None else check_positive("large_eps", large_eps)
-        self.near_zero = near_zero
         self.tolerance = tolerance
         self.max_samples = None if max_samples is None else check_count("max_samples", max_samples)
         self.num_grid_images = num_grid_images
@@ -276,7 +273,7 @@ class RobustEvaluator:
         report, gathered = assemble_report(detector, self.norm, self.resolution, repeats, clean, configured, groups)
         report.configured_cost, report.sanity_cost = plan.configured, plan.sanity
         if self.sanity_checks:
-            judge(report, configured, gathered, groups, gradient, near_zero=self.near_zero, tolerance=self.tolerance,
+            judge(report, configured, gathered, groups, gradient, tolerance=self.tolerance,
                   sanity_budget=self.sanity_budget, largest=self.eps[-1], seed=self.seed)  # fmt: skip
         if store is not None and rank == 0:  # every rank is past its attacks: the report's gather waited for them
             store.remove()

@@ -8,7 +8,8 @@ come after them, all but the convergence run fitted into ``sanity_budget`` (:mod
   steps, and its EOT draws for a randomised detector, with that run's seeds) attacks every image, on top of the
   budget: its verdict backs the robust AUROC, and it needs every image to see a drop of a few points
   (:mod:`~anomalib_robust.evaluation.convergence`);
-- PGD at a very large eps from the clean image attacks whole batches of the configured runs;
+- PGD at a very large eps from the clean image, and random sign steps with its budget (the baseline it must beat),
+  attack whole batches of the configured runs;
 - Square at the largest eps, unless it is configured, attacks a stratified subset with its configured queries.
 
 Every batch, run, phase and scoring repeat gets its own seed, derived from the evaluation's seed (:func:`derive_seed`),
@@ -29,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from anomalib_robust.attacks import APGD, PGD, Attack, DetectorScore, build_attack
+from anomalib_robust.attacks.random_steps import RandomSteps
 from anomalib_robust.evaluation.budget import (
     EvaluationPlan,
     Passes,
@@ -42,6 +44,7 @@ from anomalib_robust.evaluation.budget import (
     stratified_subset,
     whole_batches,
 )
+from anomalib_robust.evaluation.gradient_check import STEP_SCALES
 from anomalib_robust.evaluation.report import AttackResult, format_budget
 from anomalib_robust.evaluation.sharding import first_item
 
@@ -63,8 +66,10 @@ GRADIENT_CHECK_IMAGES = 8
 GRADIENT_CHECK_DIRECTIONS = 4
 """Random directions per image of the finite-difference check (plus the gradient's own)."""
 
-GRADIENT_CHECK_STEPS = 8
-"""Random sign steps per image of the attack-step check."""
+GRADIENT_CHECK_STEPS = 4
+"""Random sign steps per image of the attack-step check, at each of its three scales (healthy detectors' cosines are
+0.95 to 1.0 in every direction, so four give the median; eight per scale made the float64 check cost 5x a PGD-10
+run on 24 test images, beyond the whole sanity budget)."""
 
 CONVERGENCE_FACTOR = 2
 """The convergence run has this many times the configured steps (and EOT draws, for a randomised detector)."""
@@ -85,11 +90,10 @@ class Run:
     scores: list[torch.Tensor] = field(default_factory=list)
     maps: list[torch.Tensor] = field(default_factory=list)
     check: str = ""
-    """For a sanity run, the comparison it serves: ``"convergence"``, ``"large_eps"`` or ``"square"``."""
+    """For a sanity run, the comparison it serves: ``"convergence"``, ``"large_eps"`` (with ``"random_steps"``, its
+    baseline) or ``"square"``."""
     pairs_with: int | None = None
     """For the convergence run, the number of the configured run whose seeds (random start, draws, scoring) it uses."""
-    conclusive: bool = True
-    """For the Square run, whether it had its configured queries (a pass with fewer is inconclusive)."""
 
 
 @dataclass
@@ -158,38 +162,36 @@ class RunPlanner:
     ) -> list[SanityGroup]:
         """The sanity runs and the test images they attack: the convergence run, paired with the configured PGD or
         APGD run at the largest eps, on every image; within ``sanity_budget`` (module
-        :mod:`~anomalib_robust.evaluation.budget`) the very-large-eps PGD without a random start on whole batches, and
-        Square at the largest eps, unless it is configured, on its own images."""
+        :mod:`~anomalib_robust.evaluation.budget`) the very-large-eps PGD without a random start with its random-sign
+        baseline on whole batches, and Square at the largest eps, unless it is configured, on its own images."""
         largest, total = self.eps[-1], indices.numel()
-        large_eps = self._large_eps_run(detector, loaders, total)
+        large_eps = self._large_eps_runs(detector, loaders, total)
         with_square = all(attack.lower() != "square" for attack in self.attacks)
-        queries, restarts = self.settings["n_queries"], self.settings["restarts"]
+        queries, restarts = self.settings["n_queries"], self.settings["restarts"]  # Square's, never reduced
         square_images, large_eps_subset = total, indices
         if self.sanity_budget is not None:
             by_index = torch.full((int(indices.max()) + 1,), -1, dtype=torch.long)
             by_index[indices] = labels
             allowance = self.sanity_budget * sum(run_cost(run.result, repeats) for run in configured)
             allowance -= gradient_check_cost(gradient_check_plan(total))
-            per_image = run_cost(large_eps.result, repeats, images=1)
+            per_image = sum(run_cost(run.result, repeats, images=1) for run in large_eps)
             share = allowance / 2 if with_square else allowance
             large_eps_subset = whole_batches(batches, by_index, math.floor(max(share, 0.0) / per_image))
             if per_image * large_eps_subset.numel() > share:
                 logger.warning(
-                    "sanity_budget leaves %.0f forward-pass equivalents for the very-large-eps run, less than one "
+                    "sanity_budget leaves %.0f forward-pass equivalents for the very-large-eps runs, less than one "
                     "batch of it (%d images, about %.0f per image); it runs on that batch and exceeds the budget",
                     max(share, 0.0), large_eps_subset.numel(), per_image,
                 )  # fmt: skip
             if with_square:
-                fixed = square_passes(detector, 0, restarts).cost + repeats
-                per_query = square_passes(detector, 1, restarts).cost + repeats - fixed
                 rest = allowance - min(per_image * large_eps_subset.numel(), share)  # Square keeps at least its half
-                square_images, queries = fit_square(rest, total, per_query, fixed, queries)
+                square_images = fit_square(rest, total, square_passes(detector, queries, restarts).cost + repeats)
         convergence = self._convergence_run(detector, configured, largest, total)
         groups = [] if convergence is None else [SanityGroup([convergence], indices)]
-        groups.append(SanityGroup([large_eps], large_eps_subset))
+        groups.append(SanityGroup(large_eps, large_eps_subset))
         if with_square:
             square = self._make_run("square", largest, detector, total, total, n_queries=queries)
-            square.check, square.conclusive = "square", queries >= self.settings["n_queries"]
+            square.check = "square"
             groups.append(SanityGroup([square], stratified_subset(indices, labels, square_images)))
         for group in groups:
             for run in group.runs:
@@ -234,19 +236,25 @@ class RunPlanner:
         run.check, run.pairs_with = "convergence", pairs_with
         return run
 
-    def _large_eps_run(self, detector: DetectorScore, loaders: list[DataLoader], total: int) -> Run:
-        """PGD at a very large eps from the clean image (no random start: noise alone must not pass the check), with
-        :data:`LARGE_EPS_STEPS` steps within a budget, and at least as many without one."""
+    def _large_eps_runs(self, detector: DetectorScore, loaders: list[DataLoader], total: int) -> list[Run]:
+        """PGD at a very large eps from the clean image, with :data:`LARGE_EPS_STEPS` steps within a budget (at least
+        as many without one), and random sign steps with the same budget (:class:`RandomSteps`), which it must beat.
+
+        Both step by the largest scale of the attack's step that the attack-step check verifies (2 alpha at the
+        largest eps): at PGD's default for the large eps (2.5 eps / steps, 0.125) healthy Padim and Fastflow left
+        every anomalous image where it was, no better than noise, while at 0.002 to 0.03 they lowered all of them."""
         steps = self.settings["steps"]
         steps = LARGE_EPS_STEPS if self.sanity_budget is not None else max(steps, LARGE_EPS_STEPS)
-        eps = self._large_eps(detector, loaders)
-        run = self._make_run("pgd", eps, detector, total, total, steps=steps, random_start=False)
-        run.check = "large_eps"
-        return run
+        eps, largest = self._large_eps(detector, loaders), self.eps[-1]
+        alpha = max(STEP_SCALES) * (self.settings["alpha"] or min(largest, 2.5 * largest / self.settings["steps"]))
+        runs = [self._make_run(attack, eps, detector, total, total, steps=steps, alpha=alpha, random_start=False)
+                for attack in ("pgd", RandomSteps)]  # fmt: skip
+        runs[0].check, runs[1].check = "large_eps", "random_steps"
+        return runs
 
     def _make_run(
         self,
-        name: str,
+        name: str | type[Attack],
         eps: float,
         detector: DetectorScore,
         images: int,

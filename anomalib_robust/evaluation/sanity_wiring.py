@@ -1,11 +1,12 @@
 """The sanity checks wired into an evaluation: what each check is given, and where its verdict goes.
 
-Before attacking, the first :data:`RANDOMNESS_CHECK_IMAGES` test images are scored twice, so that undeclared noise is
-evaluated as randomness (EOT and repeats). After the attacks, the gradient checks
+Before attacking, the first :data:`RANDOMNESS_CHECK_IMAGES` test images are scored repeatedly, so that undeclared
+noise is evaluated as randomness (EOT and repeats). After the attacks, the gradient checks
 (:mod:`~anomalib_robust.evaluation.gradient_check`) run at the configured attack's random starts, and each sanity run
 is compared with the configured runs on its own images (:func:`~anomalib_robust.evaluation.sanity.sanity_checks`,
 Carlini et al., 2019, "On Evaluating Adversarial Robustness", sec. 5): the convergence run by a paired bootstrap of the
-AUROC difference with the configured run whose seeds it shares, Square with the white-box runs on Square's images.
+AUROC difference with the configured run whose seeds it shares, Square with the strongest white-box run on Square's
+images the same way, and the very-large-eps PGD with random sign steps with its budget, image by image.
 
 Example:
     >>> from anomalib_robust.evaluation.sanity_wiring import GRADIENT_CHECKS
@@ -31,10 +32,10 @@ from anomalib_robust.evaluation.planning import (
     SanityGroup,
 )
 from anomalib_robust.evaluation.report import AttackResult, RobustReport, SanityCheck, format_budget
-from anomalib_robust.evaluation.sanity import sanity_checks
+from anomalib_robust.evaluation.sanity import BlackBox, LargeEps, sanity_checks
 
 RANDOMNESS_CHECK_IMAGES = 8
-"""Test images scored twice to find undeclared noise (the first ones, the same on every rank)."""
+"""Test images scored repeatedly to find undeclared noise (the first ones, the same on every rank)."""
 
 GRADIENT_CHECKS = ("autograd matches finite differences", "the gradient predicts the change at the attack's step")
 """The names of the two gradient checks' verdicts."""
@@ -43,8 +44,9 @@ GRADIENT_CHECKS = ("autograd matches finite differences", "the gradient predicts
 def detect_randomness(
     detector: DetectorScore, loaders: list[DataLoader], device: torch.device, resolution: str
 ) -> None:
-    """Score the first :data:`RANDOMNESS_CHECK_IMAGES` test images twice: a detector whose scores differ is
-    evaluated as randomised (EOT, ``eval_repeats``) even if undeclared (:meth:`DetectorScore.detect_randomness`).
+    """Score the first :data:`RANDOMNESS_CHECK_IMAGES` test images under each seed of
+    :data:`~anomalib_robust.attacks.detector.RANDOMNESS_SEEDS`: a detector whose scores differ is evaluated as
+    randomised (EOT, ``eval_repeats``) even if undeclared (:meth:`DetectorScore.detect_randomness`).
 
     Without test images there is nothing to score; the single-class check names that error.
     """
@@ -94,13 +96,12 @@ def judge(
     groups: list[SanityGroup],
     gradient: list[SanityCheck],
     *,
-    near_zero: float,
     tolerance: float,
     sanity_budget: float | None,
     largest: float,
     seed: int,
 ) -> None:
-    """Write the sanity checks' verdicts into ``report`` (``near_zero`` and ``tolerance`` of
+    """Write the sanity checks' verdicts into ``report`` (``tolerance`` of
     :func:`~anomalib_robust.evaluation.sanity.sanity_checks`), with the ``sanity_budget`` and images they had and the
     baselines they compared with, and mark whether the configured run that the convergence run is paired with
     converged. ``largest`` is the largest eps, ``seed`` that of the paired bootstrap."""
@@ -108,7 +109,7 @@ def judge(
     report.sanity_images = max(int(group.subset.numel()) for group in groups)
     comparisons = _comparisons(configured, gathered, groups, largest, seed)
     report.baselines = comparisons.pop("baselines")
-    report.checks = sanity_checks(report, near_zero, tolerance, gradient=gradient, **comparisons)
+    report.checks = sanity_checks(report, tolerance, gradient=gradient, **comparisons)
     convergence = comparisons["convergence"]
     if convergence is not None:
         run = next(run for group in groups for run in group.runs if run.check == "convergence")
@@ -131,8 +132,8 @@ def _comparisons(
     image-score runs measured on each sanity group's images (``"baselines"``, what those runs are compared with).
 
     The convergence run is compared with the configured run it is paired with on the same images by a paired
-    bootstrap of the AUROC difference; Square with the configured gradient runs on Square's images (or, when Square is
-    configured, the configured runs on every image)."""
+    bootstrap of the AUROC difference; Square with the strongest configured gradient run on Square's images (or, when
+    Square is configured, on every image), paired the same way; the very-large-eps run with random sign steps."""
     total = int(gathered.labels.numel())
     baselines, comparisons = [], {"convergence": None, "large_eps": None, "square": None}
     for group in groups:
@@ -153,14 +154,20 @@ def _comparisons(
                     difference = paired_auroc_difference(paired, scores, group.labels, seed=seed)
                     comparisons["convergence"] = Convergence(fewer, run.result, difference)
             elif run.check == "square":
-                comparisons["square"], comparisons["square_conclusive"] = run.result, run.conclusive
-                comparisons["white_box"] = [result for _, result in on_group if result.eps == largest]
-            else:
-                comparisons[run.check] = run.result
-    if comparisons["square"] is None:
-        comparisons["square"] = next(
-            (r.result for r in configured if r.result.attack.endswith("Square") and r.result.eps == largest
-             and r.result.target == "score"), None,
-        )  # fmt: skip
+                white_box = [(result, gathered.scores[number][in_group]) for number, result in on_group
+                             if result.eps == largest]  # fmt: skip
+                comparisons["square"] = BlackBox.paired(run.result, scores, white_box, group.labels, seed)
+        large = {run.check: (run.result, scores) for run, scores in zip(group.runs, group.scores, strict=True)
+                 if run.check in ("large_eps", "random_steps") and scores is not None}  # fmt: skip
+        if len(large) == 2:
+            (gradient, gradient_scores), (random, random_scores) = large["large_eps"], large["random_steps"]
+            comparisons["large_eps"] = LargeEps.paired(gradient, random, gradient_scores, random_scores, group.labels)
+    if comparisons["square"] is None:  # Square configured: compared with the configured runs on every image
+        at_largest = [(run.result, scores) for run, scores in zip(configured, gathered.scores, strict=True)
+                      if run.result.status == "ok" and run.result.target == "score" and scores is not None
+                      and run.result.eps == largest]  # fmt: skip
+        square = next(((result, scores) for result, scores in at_largest if result.attack.endswith("Square")), None)
+        if square is not None:
+            comparisons["square"] = BlackBox.paired(*square, at_largest, gathered.labels, seed)
     comparisons["baselines"] = baselines
     return comparisons

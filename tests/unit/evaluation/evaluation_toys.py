@@ -30,6 +30,34 @@ class BrightnessModel(nn.Module):
         return InferenceBatch(pred_score=anomaly_map.mean(dim=(1, 2)), anomaly_map=anomaly_map)
 
 
+class HighFrequencyModel(BrightnessModel):
+    """:class:`BrightnessModel` plus ``mean(sin(frequency * x))``: a term that dominates the gradient and is noise at
+    any attack's scale, so a gradient attack does no better than random steps."""
+
+    def __init__(self, frequency: float = 3e3) -> None:
+        super().__init__()
+        self.frequency = frequency
+
+    def forward(self, images: torch.Tensor) -> InferenceBatch:
+        output = super().forward(images)
+        return output._replace(pred_score=output.pred_score + torch.sin(self.frequency * images).mean(dim=(1, 2, 3)))
+
+
+class PrivateNoiseModel(BrightnessModel):
+    """:class:`BrightnessModel` with noise drawn from its own ``torch.Generator``, which no reseeding of torch's global
+    RNG reaches; it does not declare ``stochastic``."""
+
+    def __init__(self, noise: float = 0.05) -> None:
+        super().__init__()
+        self.private_noise, self.stochastic = noise, False
+        self.generator = torch.Generator().manual_seed(0)
+
+    def forward(self, images: torch.Tensor) -> InferenceBatch:
+        output = super().forward(images)
+        noise = torch.randn(images.shape[0], generator=self.generator).to(images)
+        return output._replace(pred_score=output.pred_score + self.private_noise * noise)
+
+
 class CountingModel(BrightnessModel):
     """:class:`BrightnessModel` that counts the images of every forward pass, and of every backward pass through its
     input (a hook on the input tensor, so only gradients actually computed are counted)."""

@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 from anomalib.pre_processing import PreProcessor
-from evaluation_toys import SIZE, ToyDetector, ToyTestSet, loader
+from evaluation_toys import SIZE, PrivateNoiseModel, ToyDetector, ToyTestSet, loader
 from torchvision.transforms.v2 import Resize
 
 from anomalib_robust.evaluation import RobustEvaluator, derive_seed, rank_auroc
@@ -60,6 +60,19 @@ def test_undeclared_noise_is_evaluated_as_randomised(test_set: ToyTestSet, caplo
     assert "ToyDetector draws noise at inference" in caplog.text
     assert (report.eot_samples, report.eval_repeats) == (8, 3)
     assert report.clean_image_auroc_std > 0 and report.results[0].attack == "EOT-PGD"
+
+
+def test_a_private_generator_is_randomised_and_its_gradient_checks_are_not_evaluated(test_set: ToyTestSet) -> None:
+    """A healthy detector drawing from its own generator: found randomised, and since reseeding cannot reproduce its
+    score, both gradient checks read "not evaluated" with the reason (they failed it, error 1.0, before)."""
+    detector = ToyDetector()
+    detector.model = PrivateNoiseModel()
+    settings = {**QUICK, "sanity_checks": True, "eot_samples": 2, "eval_repeats": 2, "n_queries": 10}
+    report, _ = RobustEvaluator(**settings).evaluate(detector, [loader(test_set)])
+    assert report.eval_repeats == 2  # detected as randomised
+    gradient = [check for check in report.checks if check.name.startswith(("autograd", "the gradient predicts"))]
+    assert [check.passed for check in gradient] == [None, None]
+    assert all("does not reproduce" in check.detail for check in gradient)
 
 
 def test_evaluation_noise_never_equals_attack_noise(test_set: ToyTestSet) -> None:
