@@ -162,6 +162,7 @@ def main() -> None:
     parser.add_argument("--attacks", nargs="+", type=attack_setting, default=[(10, 4)], help="STEPSxEOT")
     parser.add_argument("--timing-images", type=int, default=0,
                         help="also time one gradient per system, mode and precision on this many images (0: no)")
+    parser.add_argument("--timing-only", action="store_true", help="only the gradient timing, no cells")
     parser.add_argument("--timing-precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
     parser.add_argument("--eval-repeats", type=int, default=4)
     parser.add_argument("--max-samples", type=int, default=40)
@@ -181,7 +182,7 @@ def main() -> None:
 
     cells = {}
     pending = []
-    for system in arguments.systems:
+    for system in [] if arguments.timing_only else arguments.systems:
         for attack in arguments.attacks:
             for gradients in arguments.gradients:
                 path = cell_path(arguments, system, gradients, attack)
@@ -216,7 +217,8 @@ def main() -> None:
             print(system, gradients, attack, found["standard"], found["robust"],
                   f"{found['core_seconds'] / 60:.1f} core min", flush=True)  # fmt: skip
     arguments.output.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(arguments.output, "\n".join(markdown + cost_table(arguments, cells)) + "\n")
+    tables = [] if arguments.timing_only else cost_table(arguments, cells)
+    write_atomic(arguments.output, "\n".join(markdown + tables) + "\n")
 
 
 def cost_table(arguments: argparse.Namespace, cells: dict) -> list[str]:
