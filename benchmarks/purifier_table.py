@@ -4,8 +4,9 @@ statistics that say which defense beats which.
 For every class and protocol: Padim (random-init ResNet-18) undefended, ``DiffPure(p) + Padim`` for every level p,
 ``TMA(T*) + Padim`` for every depth T* (``--tma-depths``; the TMA paper's 140 is its CIFAR-10 setting),
 ``RAP + Padim`` (the RAP paper, Alg. 2 in its one-step mode, the adapter trained here against the fitted Padim,
-:func:`purifier_setup.train_rap`), ``AGDM(t*) + Padim`` for every depth t* and guidance ratio (the AGDM paper, Alg. 1,
-each step's guidance shift over its noise, ``--agdm-ratios``; its guidance network trained here,
+:func:`purifier_setup.train_rap`), ``AGDM(t*) + Padim`` for every depth t* and guidance strength (the AGDM paper, Alg. 1: our
+normalised ratio of each step's guidance shift to its noise, ``--agdm-ratios``, and the paper's fixed scale s,
+``--agdm-scales``; its guidance network trained here,
 :func:`purifier_setup.trained_guidance`), and AdvRAD (CPU preset, one-shot), each as "robust (standard)" image AUROC in
 percent under L_inf PGD 2/255 with EOT (default PGD-50 with EOT-20, the AdvRAD paper's Table 10 draws), attacking
 through the purifier with full gradients (memory bounded by gradient checkpointing) and with BPDA (identity backward).
@@ -54,8 +55,9 @@ from rich.table import Table
 from anomalib_robust import AdvRAD, RobustEval
 from anomalib_robust.attacks import DetectorScore
 from anomalib_robust.data import CLASS_NAMES, FashionMNIST
-from anomalib_robust.defenses import AGDM, TMA, DiffPure, Purified
+from anomalib_robust.defenses import AGDM, TMA, DiffPure, DiffusionChainPurifier, Purified
 from anomalib_robust.defenses.agdm import GUIDANCE_RATIO
+from anomalib_robust.evaluation.evaluator import DEFAULT_SURROGATE_STEPS, PURIFIER_GRADIENT_MODES
 from anomalib_robust.evaluation.metrics import PairedDifference, paired_auroc_difference
 from anomalib_robust.evaluation.provenance import loaded_code_identity, loaded_code_key
 from anomalib_robust.evaluation.report import RobustReport, format_auroc, write_atomic
@@ -91,7 +93,8 @@ def cell(report: RobustReport) -> dict:
     repeats = report.eval_repeats
     formatted = {}
     for result in report.results:
-        name = "worst" if result.role == "worst_case" else "bpda" if result.attack.startswith("BPDA") else "full"
+        name = ("worst" if result.role == "worst_case" else "bpda" if result.attack.startswith("BPDA")
+                else "surrogate" if result.attack.startswith("Surrogate") else "full")  # fmt: skip
         formatted[name] = format_auroc(result.image_auroc, result.image_auroc_std, repeats)
     worst = [result for result in report.results if result.role == "worst_case"]
     (robust,) = worst or [result for result in report.results if result.role == "attack"]
@@ -100,6 +103,7 @@ def cell(report: RobustReport) -> dict:
         "standard": format_auroc(report.clean_image_auroc, report.clean_image_auroc_std, repeats),
         "full": formatted.get("full", "-"),
         "bpda": formatted.get("bpda", "-"),
+        "surrogate": formatted.get("surrogate", "-"),
         "robust": format_auroc(robust.image_auroc, robust.image_auroc_std, repeats),
         "scores": {"labels": scores.labels.tolist(), "clean": scores.clean.tolist(),
                    "robust": scores.attacked[robust.key].tolist()},
@@ -126,9 +130,17 @@ def main() -> None:
     parser.add_argument("--rap-steps", type=int, default=5, help="T of the adapter's forward process (Alg. 1)")
     parser.add_argument("--rap-seed", type=int, default=0)
     parser.add_argument("--agdm-depths", nargs="*", type=int, default=[70], help="AGDM t* (the AGDM paper's 70)")
-    parser.add_argument("--agdm-ratios", nargs="+", type=float, default=[GUIDANCE_RATIO],
+    parser.add_argument("--agdm-scales", nargs="*", type=float, default=[],
+                        help="the AGDM paper's fixed guidance scale s (guidance_mode='fixed_scale'; 1 in the paper), "
+                        "one column per value")  # fmt: skip
+    parser.add_argument("--agdm-ratios", nargs="*", type=float, default=[GUIDANCE_RATIO],
                         help="AGDM's guidance shift over the step's noise (sets s per step), one column per value")
     parser.add_argument("--guidance-epochs", type=int, default=10, help="AGDM guidance network training epochs")
+    parser.add_argument("--purifier-gradients", nargs="+", choices=PURIFIER_GRADIENT_MODES, default=["full", "bpda"],
+                        help="how the attack differentiates a purifier; a system's robust score is its worst case per "
+                        "image over these")  # fmt: skip
+    parser.add_argument("--surrogate-steps", type=int, default=DEFAULT_SURROGATE_STEPS,
+                        help="U-Net calls of the surrogate chain (Lee & Kim, ICCV 2023)")
     parser.add_argument("--full-max-level", type=int, default=50, help="longest chain attacked with full gradients")
     parser.add_argument("--steps", type=int, default=50, help="PGD steps of the reported attack")
     parser.add_argument("--eot-samples", type=int, default=20, help="the reported attack's EOT draws")
@@ -142,14 +154,19 @@ def main() -> None:
     parser.add_argument("--denoiser-root", type=Path, help="runs directory of benchmarks/adv_rad_quality.py")
     parser.add_argument("--epochs", type=int, default=60, help="AdvRAD training epochs when no checkpoint is found")
     parser.add_argument("--output", type=Path, default=Path("results/benchmarks/purifier_table.md"))
+    parser.add_argument("--cells", type=Path, help="where the finished cells are kept (default: the runs directory "
+                        "next to --output, where the trained models go)")  # fmt: skip
     arguments = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
     runs = arguments.output.parent / "runs"
     reported = (arguments.steps, arguments.eot_samples)
     rap = ["RAP"] if arguments.rap_epochs > 0 else []
-    agdm_names = {f"AGDM t*={depth} ratio={ratio:g}": (depth, ratio)
+    agdm_names = {f"AGDM t*={depth} ratio={ratio:g}": {"depth": depth, "guidance_ratio": ratio}
                   for depth in arguments.agdm_depths for ratio in arguments.agdm_ratios}  # fmt: skip
+    agdm_names |= {f"AGDM t*={depth} s={scale:g}": {"depth": depth, "guidance_mode": "fixed_scale",
+                                                    "guidance_scale": scale}
+                   for depth in arguments.agdm_depths for scale in arguments.agdm_scales}  # fmt: skip
     systems = ["Padim", *(f"DiffPure p={level}" for level in arguments.levels),
                *(f"TMA T*={depth}" for depth in arguments.tma_depths), *rap, *agdm_names, "AdvRAD"]  # fmt: skip
     cache_keys = {name: name.replace(" ", "").replace("*", "").replace("=", "") for name in systems}
@@ -157,6 +174,11 @@ def main() -> None:
         cache_keys["RAP"] += f"_T{arguments.rap_steps}_e{arguments.rap_epochs}_seed{arguments.rap_seed}"
     for name in agdm_names:
         cache_keys[name] += f"_g{arguments.guidance_epochs}_a{ARCHITECTURE}"
+    if arguments.purifier_gradients != ["full", "bpda"]:
+        modes = "-".join(arguments.purifier_gradients).replace("surrogate", f"surrogate{arguments.surrogate_steps}")
+        for name in systems:
+            if name not in ("Padim", "AdvRAD"):
+                cache_keys[name] += f"_{modes}"
     results: dict[tuple[str, str, tuple[int, int]], dict[str, dict]] = {}
     costs: dict[str, dict] = {}
     for category in arguments.classes:
@@ -168,7 +190,7 @@ def main() -> None:
                 row = results[category, protocol, attack] = {}
                 for name in systems:
                     key = f"{category}_{protocol}_{cache_keys[name]}_{attack_key(arguments, attack)}"
-                    path = runs / f"purifier_table_{key}.json"
+                    path = (arguments.cells or runs) / f"purifier_table_{key}.json"
                     cached = json.loads(path.read_text()) if path.exists() else {}
                     if "scores" in cached:  # a cell written before the per-image scores is measured again
                         row[name] = cached
@@ -194,9 +216,8 @@ def main() -> None:
                 if defense is None:
                     report = RobustEval(**settings).evaluate(adv_rad if name == "AdvRAD" else padim, loader)
                 else:
-                    full = defense.unet_evaluations <= arguments.full_max_level
-                    callback = RobustEval(defense=defense, purifier_gradients=["full", "bpda"] if full else ["bpda"],
-                                          **settings)  # fmt: skip
+                    callback = RobustEval(defense=defense, purifier_gradients=gradient_modes(arguments, defense),
+                                          surrogate_steps=arguments.surrogate_steps, **settings)  # fmt: skip
                     report = callback.evaluate(padim, loader)
                 row = results[category, protocol, attack]
                 row[name] = cell(report) | {"attack_seconds": time.perf_counter() - started,
@@ -220,6 +241,18 @@ def main() -> None:
     write_atomic(arguments.output, "\n".join(markdown) + "\n")
 
 
+def gradient_modes(arguments: argparse.Namespace, defense: object) -> list[str]:
+    """The purifier-gradient modes attacking ``defense``: ``--purifier-gradients`` less the full gradient through a
+    chain longer than ``--full-max-level`` U-Net calls (BPDA alone if nothing is left). RAP's one adapter call has no
+    chain to respace: the surrogate is its exact full gradient."""
+    modes = list(arguments.purifier_gradients)
+    if not isinstance(defense, DiffusionChainPurifier):
+        modes = list(dict.fromkeys("full" if mode == "surrogate" else mode for mode in modes))
+    too_long = defense.unet_evaluations > arguments.full_max_level
+    modes = [mode for mode in modes if not (mode == "full" and too_long)]
+    return modes or ["bpda"]
+
+
 def attack_key(arguments: argparse.Namespace, attack: tuple[int, int]) -> str:
     """What names a cell's attack, images and code in its cache file: a cell is reused only for the same attack,
     scorings, training images, test images and code (:func:`~anomalib_robust.evaluation.provenance.loaded_code_key`,
@@ -241,7 +274,7 @@ def evaluation_settings(arguments: argparse.Namespace, attack: tuple[int, int], 
 
 def defense_of(name: str, arguments: argparse.Namespace, adv_rad: AdvRAD, padim: torch.nn.Module,
                datamodule: FashionMNIST, runs: Path, category: str, trained: dict[str, object],
-               agdm_names: dict[str, tuple[int, float]]) -> tuple[object | None, float | None]:  # fmt: skip
+               agdm_names: dict[str, dict]) -> tuple[object | None, float | None]:  # fmt: skip
     """The purifier of the system called ``name`` (``None`` for Padim and AdvRAD) and the seconds this run spent
     training it (``None`` when nothing was trained for it). RAP's adapter and AGDM's guidance network are trained once
     per class, against the class's Padim and on its normal training images."""
@@ -259,8 +292,7 @@ def defense_of(name: str, arguments: argparse.Namespace, adv_rad: AdvRAD, padim:
             path = runs / f"agdm_guidance_v{ARCHITECTURE}_{category}_e{arguments.guidance_epochs}.ckpt"
             trained["guidance"] = trained_guidance(datamodule, path, arguments.guidance_epochs)
         network, seconds = trained["guidance"]
-        depth, ratio = agdm_names[name]
-        return AGDM(adv_rad, network, depth=depth, guidance_ratio=ratio), seconds
+        return AGDM(adv_rad, network, **agdm_names[name]), seconds
     return None, None
 
 
@@ -294,8 +326,9 @@ def auroc_tables(arguments: argparse.Namespace, systems: list[str],
     reported = (arguments.steps, arguments.eot_samples)
     for protocol in arguments.protocols:
         title = (f"Fashion-MNIST {protocol}: robust (standard) image AUROC, L_inf PGD 2/255, {arguments.steps} steps, "
-                 f"EOT {arguments.eot_samples}; robust is the worst case per image over full gradients and BPDA "
-                 "through the purifier, each given after it as full / BPDA")  # fmt: skip
+                 f"EOT {arguments.eot_samples}; a purified system's robust is the worst case per image over its "
+                 f"gradients through the purifier ({', '.join(arguments.purifier_gradients)}; surrogate: "
+                 f"{arguments.surrogate_steps} U-Net call(s)), given after it as full / BPDA where both ran")  # fmt: skip
         rows = []
         for category in arguments.classes:
             row = results[category, protocol, reported]
