@@ -154,6 +154,9 @@ def main() -> None:
     parser.add_argument("--denoiser-root", type=Path, help="runs directory of benchmarks/adv_rad_quality.py")
     parser.add_argument("--epochs", type=int, default=60, help="AdvRAD training epochs when no checkpoint is found")
     parser.add_argument("--output", type=Path, default=Path("results/benchmarks/purifier_table.md"))
+    parser.add_argument("--any-code", action="store_true",
+                        help="read a cell computed by other code where none of this code is kept (every cell records "
+                        "its commit and source digest)")  # fmt: skip
     parser.add_argument("--cells", type=Path, help="where the finished cells are kept (default: the runs directory "
                         "next to --output, where the trained models go)")  # fmt: skip
     arguments = parser.parse_args()
@@ -190,7 +193,7 @@ def main() -> None:
                 row = results[category, protocol, attack] = {}
                 for name in systems:
                     key = f"{category}_{protocol}_{cache_keys[name]}_{attack_key(arguments, attack)}"
-                    path = (arguments.cells or runs) / f"purifier_table_{key}.json"
+                    path = cell_file(arguments.cells or runs, key, arguments.any_code)
                     cached = json.loads(path.read_text()) if path.exists() else {}
                     if "scores" in cached:  # a cell written before the per-image scores is measured again
                         row[name] = cached
@@ -239,6 +242,16 @@ def main() -> None:
     markdown += cost_table(systems, costs)
     arguments.output.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(arguments.output, "\n".join(markdown) + "\n")
+
+
+def cell_file(directory: Path, key: str, any_code: bool) -> Path:
+    """The file of the cell called ``key``; with ``any_code``, where this code has none, the newest cell of the same
+    settings computed by other code."""
+    path = directory / f"purifier_table_{key}.json"
+    if any_code and not path.exists():
+        found = sorted(directory.glob(f"purifier_table_{key.rpartition('_code')[0]}_code*.json"))
+        return max(found, key=lambda other: other.stat().st_mtime) if found else path
+    return path
 
 
 def gradient_modes(arguments: argparse.Namespace, defense: object) -> list[str]:
