@@ -58,7 +58,7 @@ PAPER_DIFFUSION_STEP = 100
 
 def datamodule(args: argparse.Namespace, category: str, protocol: str) -> FashionMNIST | Folder:
     """The Fashion-MNIST datamodule of ``protocol`` (the training images are the same for both), or a texture's
-    (``brick``, ``grass``, ``gravel``: :mod:`anomalib_robust.data.texture`, whose anomalies are defects)."""
+    (``brick``, ``grass``, ``gravel``, ``moon``: :mod:`anomalib_robust.data.texture`, whose anomalies are defects)."""
     if category in TEXTURES:
         if protocol != "defect":
             msg = f"--protocol: the {category} texture has the defect protocol only, got {protocol!r}"
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", type=Path, help="a trained AdvRAD checkpoint; without it the CPU preset is trained")
     parser.add_argument("--category", nargs="+", default=["trouser"],
-                        help="Fashion-MNIST classes or textures (brick, grass, gravel); one with --ckpt")  # fmt: skip
+                        help="Fashion-MNIST classes or textures (brick, grass, gravel, moon); one with --ckpt")  # fmt: skip
     parser.add_argument("--protocol", nargs="+", default=["defect"], choices=["defect", "semantic"])
     parser.add_argument("--num-train", type=int, default=200)
     parser.add_argument("--num-test", type=int, default=100, help="test and validation images together")

@@ -2,8 +2,8 @@
 
 Industrial inspection data is mostly of this kind (MVTec AD's carpet, grid, leather, tile and wood): a surface with no
 background, and defects that are small changes of it. :func:`write_texture_dataset` crops a 512 x 512 photograph of
-brick, grass or gravel (``skimage.data``, installed with anomalib; nothing is downloaded) into small images and writes
-them as an anomalib folder data set:
+brick, grass, gravel or the moon's cratered surface (``skimage.data``, installed with anomalib; nothing is downloaded)
+into small images and writes them as an anomalib folder data set:
 
 - training images (``train/good``) from the top three quarters of the photograph, test images (``test/good`` and
   ``test/defect``) from the bottom quarter, so that no test pixel was seen in training;
@@ -34,8 +34,9 @@ from skimage import data as skimage_data
 
 from anomalib_robust.data.defects import add_small_defect
 
-TEXTURES = ("brick", "grass", "gravel")
-"""The 512 x 512 grayscale texture photographs of ``skimage.data``."""
+TEXTURES = ("brick", "grass", "gravel", "moon")
+"""The 512 x 512 grayscale surface photographs of ``skimage.data``: three textures and the moon's craters (a surface
+that set none of the project's defaults)."""
 
 TRAIN_ROWS = 0.75
 """The fraction of the photograph's rows, from the top, that training crops come from; test crops come from the rest."""
