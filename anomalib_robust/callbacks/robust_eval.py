@@ -15,7 +15,8 @@ score-direction attacks (AdvRAD paper, sec. 3) and
 With ``defense`` (DiffPure, TMA) the evaluated system is the purifier in front of the tested detector, attacked with
 full gradients through the whole chain and with BPDA, as ``purifier_gradients`` selects. Under DDP every rank attacks
 its share of the test batches, scores are gathered before AUROC, and rank 0 prints and writes; the numbers equal a
-single-process run.
+single-process run. A single-process run on a CPU (memory-bank models such as Padim test on one device) shards its
+batches the same way over ``processes`` spawned processes (``--callbacks.init_args.processes 2``).
 
 Example:
     >>> from anomalib.engine import Engine
@@ -89,6 +90,9 @@ class RobustEval(Callback):
             the hardware computes bf16 natively); the reported scores stay fp32.
         resume_dir: keep every attacked batch's scores there as they are computed, so that an interrupted test run
             again with the same settings and checkpoint resumes where it stopped; ``None`` keeps nothing.
+        processes: in a single-process run of a CPU model, shard the test batches over this many spawned processes
+            (each with its share of the threads), as DDP shards them over ranks; the numbers equal one process's.
+            Ignored, with a warning, under DDP and on an accelerator.
     """
 
     def __init__(
@@ -120,6 +124,7 @@ class RobustEval(Callback):
         surrogate_steps: int = DEFAULT_SURROGATE_STEPS,
         gradient_precision: str = "fp32",
         resume_dir: str | Path | None = None,
+        processes: int = 1,
     ) -> None:
         super().__init__()
         self.evaluator = RobustEvaluator(
@@ -148,6 +153,7 @@ class RobustEval(Callback):
             surrogate_steps=surrogate_steps,
             gradient_precision=gradient_precision,
             resume_dir=resume_dir,
+            processes=processes,
         )
         self.plots = plots
         self.output_dir = output_dir

@@ -28,7 +28,9 @@ attack, that of a map-target run the robust localisation.
    planned cost (logged before attacking, with an estimate of the wall time after the first batch) and the seeds;
 2. **execution** (:mod:`~anomalib_robust.evaluation.execution`): the attack passes over this rank's batches and the
    deployed scoring; with ``resume_dir`` every attacked batch is kept as it is computed, and an interrupted evaluation
-   resumes with the same numbers (:mod:`~anomalib_robust.evaluation.resume`);
+   resumes with the same numbers (:mod:`~anomalib_robust.evaluation.resume`); with ``processes`` a single-process
+   caller on a CPU shards the batches over that many spawned processes as DDP shards them over ranks
+   (:mod:`~anomalib_robust.evaluation.processes`);
 3. **the report** (:mod:`~anomalib_robust.evaluation.assembly`): every rank's scores gathered, every AUROC computed;
 4. **the checks** (:mod:`~anomalib_robust.evaluation.sanity_wiring`): the randomness check before the attacks, the
    gradient checks after them, and the verdicts of :mod:`~anomalib_robust.evaluation.sanity`: the convergence run
@@ -42,11 +44,12 @@ Example:
     >>> report, _ = evaluator.evaluate(model, [datamodule.test_dataloader()])  # doctest: +SKIP
 """
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import distributed, nn
 from torch.utils.data import DataLoader
 
 from anomalib_robust.attacks import ATTACKS, DetectorScore
@@ -59,10 +62,13 @@ from anomalib_robust.evaluation.assembly import assemble_report
 from anomalib_robust.evaluation.budget import DEFAULT_SANITY_BUDGET, check_sanity_budget, stratified_subset
 from anomalib_robust.evaluation.execution import AttackPasses, gathered_test_set, open_store, synchronise_status
 from anomalib_robust.evaluation.planning import GRADIENT_CHECK_IMAGES, RunPlanner
+from anomalib_robust.evaluation.processes import evaluate_in_processes
 from anomalib_robust.evaluation.report import RobustReport
 from anomalib_robust.evaluation.resume import BatchStore, check_resume_dir
 from anomalib_robust.evaluation.sanity_wiring import detect_randomness, gradient_checks, judge
 from anomalib_robust.evaluation.sharding import check_both_classes, cuda_devices, rank_shards, test_batches
+
+logger = logging.getLogger(__name__)
 
 PURIFIER_GRADIENTS = ("full", "bpda")
 """How attacks differentiate through a defense's purifier by default: the whole chain, and BPDA with the identity
@@ -136,6 +142,10 @@ class RobustEvaluator:
         resume_dir: keep every attacked batch's scores in this directory as soon as they are computed, so that an
             interrupted evaluation run again with the same settings and model resumes, with the same numbers
             (:mod:`~anomalib_robust.evaluation.resume`); removed once the report is built. ``None``: nothing is kept.
+        processes: shard the test batches of a single-process evaluation of a CPU model over this many spawned
+            processes, each with its share of the threads (:mod:`~anomalib_robust.evaluation.processes`); the numbers
+            equal one process's. Ignored, with a warning, inside a distributed run (its ranks shard already) and for
+            a model on an accelerator.
     """
 
     def __init__(
@@ -165,6 +175,7 @@ class RobustEvaluator:
         surrogate_steps: int = DEFAULT_SURROGATE_STEPS,
         gradient_precision: str = "fp32",
         resume_dir: str | Path | None = None,
+        processes: int = 1,
     ) -> None:
         self.attacks = [attacks] if isinstance(attacks, str) else list(attacks)
         if not self.attacks:
@@ -216,6 +227,7 @@ class RobustEvaluator:
         self.surrogate_steps = check_count("surrogate_steps", surrogate_steps)
         self.gradient_precision = check_gradient_precision(gradient_precision)
         self.resume_dir = check_resume_dir(resume_dir)
+        self.processes = check_count("processes", processes)
 
     def evaluate(
         self,
@@ -230,8 +242,27 @@ class RobustEvaluator:
         The configured runs attack every selected test image, then the sanity runs attack their subset. Returns the
         report (identical on every rank) and the arguments of
         :func:`~anomalib_robust.evaluation.plots.plot_adversarial_grid` for the first batch (``None`` on ranks
-        without batches, or when there is no grid).
+        without batches, or when there is no grid). With ``processes > 1`` a single-process call on a CPU model runs
+        as that many ranks in spawned processes and returns rank 0's.
         """
+        if self.processes > 1:
+            device = next(model.parameters(), torch.empty(0)).device
+            distributed_run = world_size > 1 or (distributed.is_available() and distributed.is_initialized())
+            if not distributed_run and device.type == "cpu":
+                return evaluate_in_processes(self._evaluate, model, loaders, self.processes, show_progress)
+            where = "in a distributed run (its ranks shard the batches)" if distributed_run else f"on {device}"
+            logger.warning("RobustEval: processes=%d is ignored %s: evaluating in this process", self.processes, where)
+        return self._evaluate(model, loaders, rank, world_size, show_progress)
+
+    def _evaluate(
+        self,
+        model: nn.Module,
+        loaders: Sequence[DataLoader],
+        rank: int,
+        world_size: int,
+        show_progress: bool,
+    ) -> tuple[RobustReport, dict | None]:
+        """This rank's part of :meth:`evaluate`."""
         if self.defense is not None:
             model = Purified(model, self.defense, visualizer=False).to(model.device)
         detector = DetectorScore(model, eot_samples=self.eot_samples, max_batch=self.max_batch,
