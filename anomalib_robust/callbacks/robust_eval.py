@@ -12,8 +12,9 @@ score-direction attacks (AdvRAD paper, sec. 3) and
 - writes ``report.json``, ``report.csv``, ``auroc_vs_eps.png`` and ``adversarial_examples.png`` to
   ``<default_root_dir>/robust_eval/<norm>/`` (``robust_eval/<defense>/<norm>/`` with a defense).
 
-With ``defense`` (DiffPure, TMA) the evaluated system is the purifier in front of the tested detector, attacked with
-full gradients through the whole chain and with BPDA, as ``purifier_gradients`` selects. Under DDP every rank attacks
+With ``defense`` (DiffPure, TMA, AGDM, RAP) the evaluated system is the purifier in front of the tested detector,
+attacked through the purifier as ``purifier_gradients`` selects (by default as measured strongest for that defense:
+the chain respaced to 5 U-Net calls for DiffPure and TMA, full gradients and BPDA for AGDM and RAP). Under DDP every rank attacks
 its share of the test batches, scores are gathered before AUROC, and rank 0 prints and writes; the numbers equal a
 single-process run. A single-process run on a CPU (memory-bank models such as Padim test on one device) shards its
 batches the same way over ``processes`` spawned processes (``--callbacks.init_args.processes 2``).
@@ -45,7 +46,6 @@ from anomalib_robust.evaluation.budget import DEFAULT_SANITY_BUDGET
 from anomalib_robust.evaluation.evaluator import (
     DEFAULT_EVAL_REPEATS,
     DEFAULT_SURROGATE_STEPS,
-    PURIFIER_GRADIENTS,
     RobustEvaluator,
 )
 from anomalib_robust.evaluation.plots import plot_adversarial_grid, plot_auroc_vs_eps
@@ -84,7 +84,9 @@ class RobustEval(Callback):
         seed: root of every seed of the evaluation; the global RNG is restored afterwards.
         defense: a diffusion purifier (DiffPure, TMA) in front of the tested detector; ``None`` for the detector.
         purifier_gradients: with a defense, ``"full"`` gradients through the purifier, ``"bpda"``, the ``"surrogate"``
-            chain respaced to ``surrogate_steps`` U-Net calls (Lee & Kim, ICCV 2023), or several.
+            chain respaced to ``surrogate_steps`` U-Net calls (Lee & Kim, ICCV 2023), or several; ``None``: the
+            defense's ``attack_gradients`` (the surrogate for DiffPure and TMA, full gradients and BPDA for the
+            others).
         surrogate_steps: U-Net calls of the surrogate chain.
         gradient_precision: ``"fp32"``, ``"bf16"`` or ``"auto"`` (bf16 autocast of the attacks' gradient passes where
             the hardware computes bf16 natively); the reported scores stay fp32.
@@ -120,7 +122,7 @@ class RobustEval(Callback):
         output_dir: str | Path | None = None,
         seed: int = 0,
         defense: DiffusionPurifier | None = None,
-        purifier_gradients: Sequence[str] = PURIFIER_GRADIENTS,
+        purifier_gradients: Sequence[str] | None = None,
         surrogate_steps: int = DEFAULT_SURROGATE_STEPS,
         gradient_precision: str = "fp32",
         resume_dir: str | Path | None = None,

@@ -70,11 +70,7 @@ from anomalib_robust.evaluation.sharding import check_both_classes, cuda_devices
 
 logger = logging.getLogger(__name__)
 
-PURIFIER_GRADIENTS = ("full", "bpda")
-"""How attacks differentiate through a defense's purifier by default: the whole chain, and BPDA with the identity
-backward (each a configured run; the report's worst case is taken per image over them)."""
-
-PURIFIER_GRADIENT_MODES = (*PURIFIER_GRADIENTS, "surrogate")
+PURIFIER_GRADIENT_MODES = ("full", "bpda", "surrogate")
 """Every mode of ``purifier_gradients``: ``"surrogate"`` differentiates the purifier's chain respaced to
 ``surrogate_steps`` U-Net calls (the surrogate process of Lee & Kim, ICCV 2023;
 :class:`~anomalib_robust.defenses.purifiers.RespacedPurifier`), while the system is scored with its real chain."""
@@ -135,7 +131,9 @@ class RobustEvaluator:
         seed: root of every seed of the evaluation; the global RNG is restored afterwards.
         defense: a diffusion purifier (DiffPure, TMA) put in front of the detector; ``None`` evaluates the detector.
         purifier_gradients: with a defense, attack through the purifier with ``"full"`` gradients, ``"bpda"``, the
-            ``"surrogate"`` chain, or several (:data:`PURIFIER_GRADIENT_MODES`); each is a configured run.
+            ``"surrogate"`` chain, or several (:data:`PURIFIER_GRADIENT_MODES`); each is a configured run. ``None``
+            (default): the defense's ``attack_gradients``, the modes measured strongest for it (the surrogate for
+            DiffPure and TMA, full gradients and BPDA for the others).
         surrogate_steps: U-Net calls of the surrogate chain, capped at the purifier's own.
         gradient_precision: ``"fp32"`` (default), ``"bf16"`` or ``"auto"`` (bf16 where the hardware has it): the
             autocast of the attacks' gradient passes (:mod:`~anomalib_robust.attacks.precision`); scores stay fp32.
@@ -171,7 +169,7 @@ class RobustEvaluator:
         num_grid_images: int = 4,
         seed: int = 0,
         defense: DiffusionPurifier | None = None,
-        purifier_gradients: str | Sequence[str] = PURIFIER_GRADIENTS,
+        purifier_gradients: str | Sequence[str] | None = None,
         surrogate_steps: int = DEFAULT_SURROGATE_STEPS,
         gradient_precision: str = "fp32",
         resume_dir: str | Path | None = None,
@@ -219,6 +217,8 @@ class RobustEvaluator:
             msg = f"defense must be a DiffusionPurifier (DiffPure, TMA) or None, got {type(defense).__name__}."
             raise TypeError(msg)
         self.defense = defense
+        if purifier_gradients is None:
+            purifier_gradients = list(defense.attack_gradients) if defense is not None else ["full"]
         self.purifier_gradients = [purifier_gradients] if isinstance(purifier_gradients, str) else purifier_gradients
         modes = PURIFIER_GRADIENT_MODES
         if not self.purifier_gradients or any(mode not in modes for mode in self.purifier_gradients):

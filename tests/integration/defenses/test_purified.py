@@ -115,6 +115,20 @@ def test_robust_eval_attacks_through_the_purifier_with_full_gradients_bpda_and_t
     assert padim.pre_processor is pre_processor and padim.training == training, "the tested detector is untouched"
 
 
+def test_each_defense_is_attacked_by_its_measured_default(fitted: dict) -> None:
+    """Without ``purifier_gradients``: DiffPure and TMA through the surrogate chain (measured at least as strong as
+    the full gradient), AGDM with full gradients and BPDA (nothing cheaper measured); an explicit choice wins."""
+    adv_rad = fitted["adv_rad"]
+    guidance = AGDMGuidance(image_size=(SIZE, SIZE), base_channels=8, num_levels=2, num_timesteps=100,
+                            max_noise_step=5)  # fmt: skip
+    defaults = {type(defense).__name__: RobustEval(defense=defense).evaluator.purifier_gradients
+                for defense in (DiffPure(adv_rad, level=3), TMA(adv_rad, depth=10, stride=5),
+                                AGDM(adv_rad, guidance, depth=5))}  # fmt: skip
+    assert defaults == {"DiffPure": ["surrogate"], "TMA": ["surrogate"], "AGDM": ["full", "bpda"]}
+    chosen = RobustEval(defense=DiffPure(adv_rad, level=3), purifier_gradients="full")
+    assert chosen.evaluator.purifier_gradients == ["full"]
+
+
 def test_robust_eval_defense_arguments() -> None:
     with pytest.raises(TypeError, match="defense must be a DiffusionPurifier"):
         RobustEval(defense=torch.nn.Identity())
@@ -143,7 +157,7 @@ def test_cli_with_the_diffpure_config(fitted: dict, tmp_path: Path, anomalib_cli
     )  # fmt: skip
     assert "Robust evaluation of DiffPure(level=3)+Padim" in output
     report = json.loads(next(tmp_path.rglob("robust_eval/diffpure_level_3_padim/linf/report.json")).read_text())
-    assert [result["attack"] for result in report["results"]] == ["EOT-PGD", "BPDA+EOT-PGD", "Worst case"]
+    assert [result["attack"] for result in report["results"]] == ["Surrogate-3+EOT-PGD"]  # DiffPure's measured default
 
 
 def test_cli_trains_agdm_guidance_and_evaluates_with_the_agdm_config(
