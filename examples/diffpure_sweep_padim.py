@@ -10,7 +10,8 @@ script reproduces that sweep on the embedded Fashion-MNIST data:
 3. trains AGDM's guidance network (``AGDMGuidance.cpu_preset()``, ``--guidance-epochs``) on the same images;
 4. evaluates ``RobustEval(defense=DiffPure(denoiser, level=p))`` for every ``--levels`` p, TMA, AGDM at every
    ``--agdm-depths`` t* (the AGDM paper, Alg. 1), and AdvRAD, under L_inf PGD with EOT, attacking through the
-   purifier with full gradients and with BPDA (identity backward);
+   purifier as measured strongest for each defense (its ``attack_gradients``: the 5-call surrogate chain for DiffPure
+   and TMA, full gradients and BPDA, worst case per image, for AGDM);
 5. prints one table; each run's report.json and plots are under ``<results>/robust_eval/<defense>/linf/`` (and
    ``<results>/{Padim,AdvRAD}/robust_eval/linf/`` for the undefended detectors).
 
@@ -90,17 +91,18 @@ def main(argv: list[str] | None = None) -> None:
     reports.append(RobustEval(**settings).evaluate(adv_rad, datamodule.test_dataloader(), args.results / "AdvRAD"))
 
     table = Table(title=f"Image AUROC (%) under L_inf PGD 2/255, {args.steps} steps, EOT {args.eot_samples}")
-    for column in ("System", "U-Net calls / image", "Standard", "Robust (full gradients)", "Robust (BPDA)"):
-        table.add_column(column, justify="left" if column == "System" else "right")
+    for column in ("System", "U-Net calls / image", "Standard", "Robust", "Attack"):
+        table.add_column(column, justify="left" if column in ("System", "Attack") else "right")
     calls = ["-", *(str(defense.unet_evaluations) for defense in defenses), "1"]
     for report, unet_calls in zip(reports, calls, strict=True):
-        robust = {result.attack.startswith("BPDA"): result.image_auroc for result in report.results}
+        attacks = [result for result in report.results if result.role == "attack"]
+        worst = [result for result in report.results if result.role == "worst_case"]
         table.add_row(
             report.model,
             unet_calls,
             f"{100 * report.clean_image_auroc:.1f}",
-            f"{100 * robust[False]:.1f}",
-            f"{100 * robust[True]:.1f}" if True in robust else "-",
+            f"{100 * (worst or attacks)[0].image_auroc:.1f}",
+            ", ".join(result.attack for result in attacks) + (" (worst case per image)" if worst else ""),
         )
     Console(width=160).print(table)
 

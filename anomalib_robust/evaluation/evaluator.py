@@ -341,10 +341,11 @@ def purifier_gradient_detectors(
 ) -> list[DetectorScore]:
     """One score per mode of :data:`PURIFIER_GRADIENT_MODES` for ``detector`` (a ``Purified`` system around
     ``defense``): itself for ``"full"``, BPDA through the purifier, or the surrogate chain of ``surrogate_steps``
-    (at most the purifier's own) U-Net calls."""
+    (at most the purifier's own) U-Net calls; a chain of no calls (DiffPure at level 0, the identity) has nothing to
+    respace, so its surrogate is its exact gradient."""
     detectors = []
     for mode in modes:
-        if mode == "full":
+        if mode == "full" or (mode == "surrogate" and defense.unet_evaluations == 0):
             detectors.append(detector)
             continue
         if mode == "bpda":
