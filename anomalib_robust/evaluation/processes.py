@@ -1,9 +1,10 @@
 """One evaluation sharded over several processes on one CPU, as a DDP run shards it over ranks.
 
 A robust evaluation on a CPU spends its time in small convolutions (a 32 x 32 U-Net of a purifier, forward and
-backward, over a few images and EOT draws at a time), which scale poorly over threads: one process with two threads is
-far from twice as fast as one thread. Processes scale with the cores instead, and an evaluation already knows how to
-split into independent parts: under torch.distributed each rank attacks every ``world_size``-th test batch, every
+backward, over a few images and EOT draws at a time), which do not scale fully over threads (1.5x on two cores,
+docs/benchmarks.md, "Both cores"). Processes can, once their start (importing torch and anomalib) is paid: on runs of
+under a minute two processes were still slower than two threads, so measure before choosing them. An evaluation
+already knows how to split into independent parts: under torch.distributed each rank attacks every ``world_size``-th test batch, every
 batch and run has its own seeds, and the scores are gathered before the AUROC
 (:mod:`~anomalib_robust.evaluation.sharding`), so the report equals a single-process run's. This module gives a
 single-process caller (the Python API, or ``RobustEval`` in a Lightning run on one device, which memory-bank models
